@@ -1,0 +1,482 @@
+"""Per-step training-time overhead of ``vanishing`` versus other gradient monitors.
+
+Run from the repository root::
+
+    python bench/overhead.py                        # every model and variant
+    python bench/overhead.py --models mlp --variants plain,vanishing-params,vanishing-all
+    python bench/overhead.py --rounds 7 --steps 30 --json overhead.json
+
+The comparison tools (wandb, tensorboard, cockpit) live in a separate environment,
+``bench/.venv-compare`` (see ``bench/README.md``); run the script with
+``bench/.venv-compare/bin/python bench/overhead.py`` to get their rows. Any variant whose
+imports or set-up fail is skipped with a one-line reason, so the script also runs in the
+project's own environment.
+
+Method: for each model, every variant gets a fresh model built from the same seed, its own
+optimizer and the same fixed batch. All variants of a model live in the same process and are
+timed in interleaved rounds (round-robin, the order rotated each round), after a warm-up.
+Each timed step is ``zero_grad; loss = lf(model(x), y); backward; step`` plus whatever the
+tool does. The table reports the median and the mean of the per-step times over all rounds;
+the ratio is the variant's median over the plain loop's median. The mean also carries the
+periodic costs (file flushes) that the median hides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SEED = 0
+
+VARIANTS: dict[str, str] = {
+    "plain": "plain",
+    "vanishing-params": "vanishing (gradients+updates)",
+    "vanishing-all": "vanishing (all statistics)",
+    "wandb": "wandb.watch (gradients, log_freq=1)",
+    "tensorboard": "tensorboard (add_histogram grads)",
+    "cockpit": "cockpit (economy)",
+}
+MODELS = ("mlp", "transformer")
+
+
+class Skip(Exception):
+    """A variant cannot run here; the message says why."""
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class Task:
+    """A model family, its optimizer and one fixed batch."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    make_opt: Callable[[nn.Module], torch.optim.Optimizer]
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(SEED)
+        model = self.build()
+        model.train()
+        return model, self.make_opt(model)
+
+
+def _mlp() -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(20):
+        layers += [nn.Linear(256, 256), nn.Sigmoid()]
+    layers.append(nn.Linear(256, 10))
+    return nn.Sequential(*layers)
+
+
+class MeanPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def _transformer() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(
+        d_model=128, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True
+    )
+    encoder = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    return nn.Sequential(encoder, MeanPool(), nn.Linear(128, 10))
+
+
+def make_task(name: str) -> Task:
+    gen = torch.Generator().manual_seed(SEED + 1)
+    if name == "mlp":
+        x = torch.randn(128, 256, generator=gen)
+        y = torch.randint(0, 10, (128,), generator=gen)
+        return Task(name, _mlp, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), x, y)
+    if name == "transformer":
+        x = torch.randn(32, 32, 128, generator=gen)  # batch 32, seq len 32, d_model 128
+        y = torch.randint(0, 10, (32,), generator=gen)
+        return Task(name, _transformer, lambda m: torch.optim.Adam(m.parameters()), x, y)
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+# ------------------------------------------------------------------------ variants
+
+
+@dataclass
+class Runner:
+    """One variant, set up and ready: ``step()`` runs one timed training step."""
+
+    key: str
+    step: Callable[[], None]
+    close: Callable[[], None] = lambda: None
+    rounds: int | None = None  # None: every round
+    steps: int | None = None  # None: the common --steps
+    warmup: int | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def plain_step(model, opt, lf, x, y) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        loss = lf(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def setup_plain(task: Task, tmp: Path, args) -> Runner:
+    model, opt = task.fresh()
+    return Runner("plain", plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y))
+
+
+def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
+    try:
+        import vanishing
+    except Exception as exc:  # any import failure means "skip"
+        raise Skip(f"import vanishing failed: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(vanishing, "watch"):
+        raise Skip("vanishing has no watch() (package not built yet?)")
+    model, opt = task.fresh()
+    mon = vanishing.watch(model, optimizer=opt, stats=stats, run_dir=tmp / key)
+    stack = contextlib.ExitStack()
+    stack.enter_context(mon)
+    step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
+    return Runner(key, step, close=stack.close)
+
+
+def setup_vanishing_params(task: Task, tmp: Path, args) -> Runner:
+    return _vanishing_runner("vanishing-params", "parameters", task, tmp)
+
+
+def setup_vanishing_all(task: Task, tmp: Path, args) -> Runner:
+    return _vanishing_runner("vanishing-all", "all", task, tmp)
+
+
+def setup_wandb(task: Task, tmp: Path, args) -> Runner:
+    # Offline, quiet, and every file wandb writes kept under the temp dir.
+    wdir = tmp / "wandb"
+    wdir.mkdir(parents=True, exist_ok=True)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        os.environ[var] = str(wdir)
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off")
+    try:
+        import wandb
+    except ImportError as exc:
+        raise Skip(f"import wandb failed: {exc}") from exc
+    run = wandb.init(
+        mode="offline",
+        dir=str(wdir),
+        project="vanishing-bench",
+        name=f"overhead-{task.name}",
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+    )
+    model, opt = task.fresh()
+    # wandb.watch registers a tensor hook on every parameter; with log_freq=1 each hook
+    # fires on every backward and computes a 64-bin histogram (min, max, histc, .tolist())
+    # that it sends to the wandb service process as a partial history row.
+    run.watch(model, log="gradients", log_freq=1)
+    lf = nn.CrossEntropyLoss()
+    inner = plain_step(model, opt, lf, task.x, task.y)
+
+    def step() -> None:
+        loss = inner()
+        # Commit the row, so each step's histograms are written out rather than merged
+        # into one pending row (this is how wandb.watch is used in a real loop).
+        run.log({"loss": loss.item()})
+
+    def close() -> None:
+        run.unwatch(model)
+        run.finish()
+
+    return Runner("wandb", step, close=close)
+
+
+def setup_tensorboard(task: Task, tmp: Path, args) -> Runner:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise Skip(f"import torch.utils.tensorboard failed: {exc}") from exc
+    writer = SummaryWriter(log_dir=str(tmp / "tensorboard"))
+    model, opt = task.fresh()
+    lf = nn.CrossEntropyLoss()
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    counter = [0]
+
+    def step() -> None:
+        opt.zero_grad()
+        loss = lf(model(task.x), task.y)
+        loss.backward()
+        for name, p in params:
+            writer.add_histogram(f"grad/{name}", p.grad, counter[0])
+        opt.step()
+        counter[0] += 1
+
+    return Runner("tensorboard", step, close=writer.close)
+
+
+def setup_cockpit(task: Task, tmp: Path, args) -> Runner:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pkg_resources deprecation, from cockpit
+            from backpack import extend
+            from cockpit import Cockpit
+            from cockpit.utils.configuration import configuration
+    except ImportError as exc:
+        raise Skip(f"import cockpit/backpack failed: {exc}") from exc
+    model, opt = task.fresh()
+    unsupported = sorted(
+        {type(m).__name__ for m in model.modules() if isinstance(m, UNSUPPORTED_BY_BACKPACK)}
+    )
+    if unsupported:
+        raise Skip(
+            "BackPACK has no per-sample-gradient extension for "
+            + ", ".join(unsupported)
+            + " (cockpit's economy quantities need one)"
+        )
+    model = extend(model)
+    lf = extend(nn.CrossEntropyLoss(reduction="mean"))
+    individual_lf = nn.CrossEntropyLoss(reduction="none")
+    ck = Cockpit(model.parameters(), quantities=configuration("economy"))
+    global_step = [0]
+
+    def step() -> None:
+        opt.zero_grad()
+        out = model(task.x)
+        loss = lf(out, task.y)
+        losses = individual_lf(out, task.y)
+        info = {
+            "batch_size": task.x.shape[0],
+            "individual_losses": losses,
+            "loss": loss,
+            "optimizer": opt,
+        }
+        with ck(global_step[0], info=info):
+            loss.backward(create_graph=ck.create_graph(global_step[0]))
+        opt.step()
+        global_step[0] += 1
+
+    return Runner("cockpit", step, rounds=args.cockpit_rounds, steps=args.cockpit_steps, warmup=1)
+
+
+# Modules with parameters for which BackPACK 1.7 has no BatchGrad extension: Cockpit's
+# per-sample quantities (GradHist1d, the tests) then fail inside backward().
+UNSUPPORTED_BY_BACKPACK = (nn.LayerNorm, nn.MultiheadAttention)
+
+
+SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
+    "plain": setup_plain,
+    "vanishing-params": setup_vanishing_params,
+    "vanishing-all": setup_vanishing_all,
+    "wandb": setup_wandb,
+    "tensorboard": setup_tensorboard,
+    "cockpit": setup_cockpit,
+}
+
+
+# ------------------------------------------------------------------------- driver
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def bench_model(task: Task, keys: list[str], tmp: Path, args) -> list[dict]:
+    runners: list[Runner] = []
+    rows: list[dict] = []
+    try:
+        for key in keys:
+            try:
+                runner = SETUPS[key](task, tmp, args)
+            except Skip as exc:
+                print(f"skip {task.name} / {key}: {exc}", flush=True)
+                rows.append(_row(task.name, key, skipped=str(exc)))
+                continue
+            except Exception as exc:  # report it and go on with the rest
+                print(f"skip {task.name} / {key}: set-up failed: {_first_line(exc)}", flush=True)
+                rows.append(_row(task.name, key, skipped=f"set-up failed: {_first_line(exc)}"))
+                continue
+            try:
+                for _ in range(args.warmup if runner.warmup is None else runner.warmup):
+                    runner.step()
+            except Exception as exc:
+                print(f"skip {task.name} / {key}: warm-up failed: {_first_line(exc)}", flush=True)
+                rows.append(_row(task.name, key, skipped=f"warm-up failed: {_first_line(exc)}"))
+                _close(runner)
+                continue
+            runners.append(runner)
+
+        for r in range(args.rounds):
+            shift = r % max(len(runners), 1)
+            for runner in runners[shift:] + runners[:shift]:
+                if not _takes_part(runner, r, args.rounds):
+                    continue
+                for _ in range(runner.steps or args.steps):
+                    t0 = time.perf_counter()
+                    runner.step()
+                    runner.times.append(time.perf_counter() - t0)
+            print(f"  {task.name}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        for runner in runners:
+            _close(runner)
+
+    plain = next((r for r in runners if r.key == "plain"), None)
+    base = statistics.median(plain.times) if plain and plain.times else None
+    for runner in runners:
+        med = statistics.median(runner.times)
+        rows.append(
+            _row(
+                task.name,
+                runner.key,
+                median_ms=med * 1e3,
+                mean_ms=statistics.fmean(runner.times) * 1e3,
+                ratio=med / base if base else None,
+                n_steps=len(runner.times),
+            )
+        )
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted(rows, key=lambda row: order[row["key"]])
+
+
+def _takes_part(runner: Runner, r: int, rounds: int) -> bool:
+    """Runners with fewer rounds than the rest take part in rounds spread evenly."""
+    if runner.rounds is None or runner.rounds >= rounds:
+        return True
+    picked = {round(i * (rounds - 1) / max(runner.rounds - 1, 1)) for i in range(runner.rounds)}
+    return r in picked
+
+
+def _close(runner: Runner) -> None:
+    try:
+        runner.close()
+    except Exception as exc:
+        print(f"warning: closing {runner.key} failed: {_first_line(exc)}", file=sys.stderr)
+
+
+def _row(model: str, key: str, **values) -> dict:
+    row = {
+        "model": model,
+        "key": key,
+        "variant": VARIANTS[key],
+        "median_ms": None,
+        "mean_ms": None,
+        "ratio": None,
+        "n_steps": 0,
+        "skipped": None,
+    }
+    row.update(values)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("model", "variant", "median ms/step", "mean ms/step", "x plain", "steps")
+    lines = []
+    for row in rows:
+        if row["skipped"]:
+            lines.append((row["model"], row["variant"], "skipped", "", "", ""))
+            continue
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "n/a"
+        lines.append(
+            (
+                row["model"],
+                row["variant"],
+                f"{row['median_ms']:.2f}",
+                f"{row['mean_ms']:.2f}",
+                ratio,
+                str(row["n_steps"]),
+            )
+        )
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=False)]
+    align = ["<", "<", ">", ">", ">", ">"]
+
+    def fmt(cells) -> str:
+        return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths, strict=False))
+
+    print(fmt(head))
+    print("  ".join("-" * w for w in widths))
+    for line in lines:
+        print(fmt(line))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma list: mlp,transformer")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list from: {', '.join(VARIANTS)} (plain is always added)",
+    )
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (default 5)")
+    p.add_argument("--cockpit-rounds", type=int, default=3, help="rounds for cockpit (3)")
+    p.add_argument("--cockpit-steps", type=int, default=3, help="steps per round, cockpit (3)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in args.model_list:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    keys = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for k in keys:
+        if k not in VARIANTS:
+            p.error(f"unknown variant {k!r}; choose from {', '.join(VARIANTS)}")
+    args.keys = ["plain"] + [k for k in dict.fromkeys(keys) if k != "plain"]
+    if min(args.rounds, args.steps, args.cockpit_rounds, args.cockpit_steps) < 1:
+        p.error("--rounds, --steps, --cockpit-rounds and --cockpit-steps must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"python {platform.python_version()}, {platform.machine()}; "
+        f"{args.rounds} rounds x {args.steps} steps "
+        f"(cockpit {args.cockpit_rounds} x {args.cockpit_steps})",
+        flush=True,
+    )
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="vanishing-bench-") as tmp:
+        for name in args.model_list:
+            task = make_task(name)
+            model_tmp = Path(tmp) / name
+            model_tmp.mkdir()
+            rows += bench_model(task, args.keys, model_tmp, args)
+            gc.collect()
+    print()
+    print_table(rows)
+    if args.json:
+        meta = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "cockpit_rounds": args.cockpit_rounds,
+            "cockpit_steps": args.cockpit_steps,
+        }
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What to hook and how: thin adapters that feed the pure statistics into a monitor's buffer."""

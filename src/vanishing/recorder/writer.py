@@ -1,0 +1,64 @@
+"""Append flushed blocks to a run directory as Parquet part files, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vanishing.recorder.schema import MANIFEST, PART_FORMAT, TABLES
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never a torn file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunWriter:
+    """Owns a run directory: writes the manifest and numbered part files for each table."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        if (self.run_dir / MANIFEST).exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run (manifest.json exists); "
+                "pass a new run_dir so that nothing recorded is overwritten"
+            )
+        for table in TABLES:
+            (self.run_dir / table).mkdir(parents=True, exist_ok=True)
+        self.next_part = 0
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        data = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
+        atomic_write_bytes(self.run_dir / MANIFEST, data)
+
+    def write_block(self, tables: dict[str, Any]) -> None:
+        """Write one flush: a part per table (pyarrow.Table), ``steps`` last."""
+        import pyarrow.parquet as pq
+
+        name = PART_FORMAT.format(self.next_part)
+        for table in TABLES:
+            t = tables.get(table)
+            if t is None or t.num_rows == 0:
+                continue
+            path = self.run_dir / table / name
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + name, suffix=".tmp")
+            os.close(fd)
+            try:
+                pq.write_table(t, tmp, compression="zstd")
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        self.next_part += 1

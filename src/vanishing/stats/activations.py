@@ -1,0 +1,260 @@
+"""Activation statistics: output moments, mean derivative, saturation and dead units.
+
+Each supported activation has a derivative ``phi'(z)`` computed in closed form from its input
+``z`` and/or output ``y`` (no autograd), and a known maximum ``max |phi'|``:
+
+=============  ===========================================  ===============
+kind           phi'(z)                                       max |phi'|
+=============  ===========================================  ===============
+sigmoid        y (1 - y)                                     1/4
+tanh           1 - y^2                                       1
+softsign       (1 - |y|)^2 = 1 / (1 + |z|)^2                 1
+hardtanh       1 if min < z < max else 0                     1
+relu           1 if z > 0 else 0                             1
+relu6          1 if 0 < z < 6 else 0                         1
+leaky_relu     1 if z > 0 else a                             max(1, |a|)
+prelu          1 if z > 0 else a (per channel)               max(1, |a|)
+elu            1 if z > 0 else y + alpha                     max(1, alpha)
+selu           s if z > 0 else y + s alpha                   s alpha
+gelu           Phi(z) + z phi(z)  (or the tanh form)         1.1289 (1.1290)
+silu           sigmoid(z) (1 + z (1 - sigmoid(z)))           1.0998
+=============  ===========================================  ===============
+
+*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails). It is defined for the
+activations that have a flat tail (sigmoid, tanh, softsign, hardtanh, relu6, elu, selu, gelu,
+silu) and NaN for the piecewise-linear ReLU family, whose zero side is counted as *dead* instead.
+A *dead unit* is a unit (a feature, or a channel of a convolutional map) whose input is <= 0 for
+every example of the batch, so that it is off for all of them; defined for relu, relu6,
+leaky_relu, prelu, elu and selu, NaN for the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATION_KINDS",
+    "SATURATION_THRESHOLD",
+    "activation_kind",
+    "activation_stats",
+    "derivative",
+    "max_derivative",
+    "STAT_NAMES",
+]
+
+#: A unit is saturated when ``|phi'(z)|`` is below this fraction of the activation's maximum.
+SATURATION_THRESHOLD = 0.05
+
+#: The statistics :func:`activation_stats` returns, in order.
+STAT_NAMES = ("act_mean", "act_std", "act_deriv_mean", "act_saturated", "act_dead")
+
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+_MODULE_KINDS: dict[type, str] = {
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Softsign: "softsign",
+    nn.ReLU6: "relu6",  # before Hardtanh: ReLU6 subclasses it
+    nn.Hardtanh: "hardtanh",
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+}
+ACTIVATION_KINDS: tuple[str, ...] = tuple(_MODULE_KINDS.values())
+_HAS_TAIL = {"sigmoid", "tanh", "softsign", "hardtanh", "relu6", "elu", "selu", "gelu", "silu"}
+_HAS_OFF_SIDE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu"}
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The activation kind of a module (``"sigmoid"``, ``"relu"``, ...), or None.
+
+    Example:
+        >>> from torch import nn
+        >>> from vanishing.stats import activation_kind
+        >>> activation_kind(nn.Tanh()), activation_kind(nn.Linear(2, 2))
+        ('tanh', None)
+    """
+    for cls in type(module).__mro__:
+        kind = _MODULE_KINDS.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _params(module: nn.Module) -> dict:
+    return {
+        "negative_slope": getattr(module, "negative_slope", 0.01),
+        "alpha": getattr(module, "alpha", 1.0),
+        "min_val": getattr(module, "min_val", -1.0),
+        "max_val": getattr(module, "max_val", 1.0),
+        "approximate": getattr(module, "approximate", "none"),
+        "weight": getattr(module, "weight", None),
+    }
+
+
+def max_derivative(kind: str, module: nn.Module | None = None) -> float:
+    """The largest ``|phi'(z)|`` of an activation (the saturation threshold is 5% of it).
+
+    Example:
+        >>> from vanishing.stats.activations import max_derivative
+        >>> max_derivative("sigmoid"), max_derivative("tanh")
+        (0.25, 1.0)
+    """
+    p = _params(module) if module is not None else _params(nn.Identity())
+    if kind == "sigmoid":
+        return 0.25
+    if kind in ("tanh", "softsign", "hardtanh", "relu", "relu6"):
+        return 1.0
+    if kind == "leaky_relu":
+        return max(1.0, abs(p["negative_slope"]))
+    if kind == "prelu":
+        w = p["weight"]
+        # host sync: at most once per layer, when the manifest is written
+        return 1.0 if w is None else max(1.0, float(w.detach().abs().max()))
+    if kind == "elu":
+        return max(1.0, p["alpha"])
+    if kind == "selu":
+        return _SELU_SCALE * _SELU_ALPHA
+    if kind == "gelu":
+        return 1.1289761 if p["approximate"] == "none" else 1.1290463
+    if kind == "silu":
+        return 1.0998393
+    raise ValueError(f"unknown activation kind {kind!r}; expected one of {ACTIVATION_KINDS}")
+
+
+def derivative(
+    kind: str,
+    z: Tensor | None,
+    y: Tensor | None,
+    *,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    min_val: float = -1.0,
+    max_val: float = 1.0,
+    approximate: str = "none",
+    weight: Tensor | None = None,
+) -> Tensor | None:
+    """``phi'(z)`` elementwise, from the input ``z`` and/or the output ``y`` of the activation.
+
+    Returns None when the inputs it needs are missing (e.g. the input of an in-place SiLU was
+    overwritten).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats import derivative
+        >>> z = torch.tensor([0.0, 2.0])
+        >>> derivative("sigmoid", z, torch.sigmoid(z)).tolist()[0], derivative("relu", z, None).tolist()
+        (0.25, [0.0, 1.0])
+    """
+    if kind == "sigmoid":
+        s = y if y is not None else torch.sigmoid(z)
+        return s * (1 - s)
+    if kind == "tanh":
+        t = y if y is not None else torch.tanh(z)
+        return 1 - t * t
+    if kind == "softsign":
+        if y is not None:
+            return (1 - y.abs()).square()
+        return (1 + z.abs()).reciprocal().square()
+    x = z if z is not None else y  # the sign of the output is the sign of the input below
+    if kind == "hardtanh":
+        return ((x > min_val) & (x < max_val)).to(x.dtype)
+    if kind == "relu":
+        return (x > 0).to(x.dtype)
+    if kind == "relu6":
+        if z is None:
+            return ((y > 0) & (y < 6)).to(y.dtype)
+        return ((z > 0) & (z < 6)).to(z.dtype)
+    if kind == "leaky_relu":
+        return torch.where(x > 0, 1.0, negative_slope).to(x.dtype)
+    if kind == "prelu":
+        if z is None or weight is None:
+            return None
+        a = weight.detach()
+        if a.numel() > 1 and z.dim() >= 2:
+            a = a.view([1, -1] + [1] * (z.dim() - 2))
+        return torch.where(z > 0, torch.ones_like(z), a.to(z.dtype).expand_as(z))
+    if kind == "elu":
+        if y is None:
+            return torch.where(z > 0, 1.0, alpha * torch.exp(z)).to(z.dtype)
+        return torch.where(y > 0, 1.0, y + alpha).to(y.dtype)
+    if kind == "selu":
+        if y is None:
+            return torch.where(z > 0, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA * torch.exp(z))
+        return torch.where(y > 0, _SELU_SCALE, y + _SELU_SCALE * _SELU_ALPHA).to(y.dtype)
+    if kind == "gelu":
+        if z is None:
+            return None
+        if approximate == "tanh":
+            c = math.sqrt(2.0 / math.pi)
+            u = c * (z + 0.044715 * z.pow(3))
+            t = torch.tanh(u)
+            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return cdf + z * pdf
+    if kind == "silu":
+        if z is None:
+            return None
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    raise ValueError(f"unknown activation kind {kind!r}; expected one of {ACTIVATION_KINDS}")
+
+
+def activation_stats(
+    kind: str,
+    z: Tensor | None,
+    y: Tensor,
+    *,
+    unit_dim: int = -1,
+    max_deriv: float | None = None,
+    **params,
+) -> Tensor:
+    """Statistics of one activation call, as a float64 vector in :data:`STAT_NAMES` order.
+
+    ``[mean(y), std(y), mean(phi'(z)), saturated fraction, dead fraction]`` where the saturated
+    fraction is the share of entries with ``|phi'(z)| < 0.05 * max|phi'|`` and the dead fraction
+    the share of units (indices along ``unit_dim``; the first axis is the batch) whose input is
+    ``<= 0`` for every example. Entries that do not apply to ``kind``, or that cannot be computed
+    from the tensors given, are NaN. Everything stays on the tensors' device.
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats import activation_stats
+        >>> z = torch.tensor([[-1.0, 2.0], [-3.0, 4.0]])
+        >>> activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[2:]
+        [0.5, nan, 0.5]
+    """
+    yd = y.detach()
+    zd = z.detach() if z is not None else None
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=yd.device)
+    yf = yd.to(torch.float64) if yd.dtype != torch.float32 else yd
+    mean = yf.mean().to(torch.float64)
+    std = yf.std().to(torch.float64) if yf.numel() > 1 else nan
+    d = derivative(kind, zd, yd, **params)
+    if d is None:
+        deriv_mean, saturated = nan, nan
+    else:
+        deriv_mean = d.mean(dtype=torch.float32).to(torch.float64)
+        if kind in _HAS_TAIL:
+            limit = SATURATION_THRESHOLD * (max_deriv if max_deriv is not None else max_derivative(kind))
+            saturated = (d.abs() < limit).mean(dtype=torch.float32).to(torch.float64)
+        else:
+            saturated = nan
+    if kind in _HAS_OFF_SIDE and yd.dim() >= 2:
+        x = zd if zd is not None else yd
+        active = x > 0
+        dim = unit_dim % x.dim()
+        other = [i for i in range(x.dim()) if i != dim]
+        ever_active = active.amax(dim=other) if other else active
+        dead = (~ever_active).mean(dtype=torch.float32).to(torch.float64)
+    else:
+        dead = nan
+    return torch.stack([mean, std, deriv_mean, saturated, dead])

@@ -1,0 +1,148 @@
+"""Norms of many tensors at once, robust to the float32 range.
+
+A squared L2 norm underflows in float32 once the entries fall below ~1e-19 and overflows above
+~1e19: exactly the regimes of vanishing and exploding gradients. ``l2_norms`` therefore returns
+float64 norms and recomputes in float64 any norm that came out as 0 or non-finite.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["l2_norms", "nonfinite_counts", "temporal_profile", "MAX_TIME_POINTS"]
+
+#: The temporal gradient profile of a recurrent layer keeps at most this many time steps.
+MAX_TIME_POINTS = 64
+
+
+def l2_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each tensor, ``||t||_2 = sqrt(sum_i t_i^2)``, as one float64 vector.
+
+    On a GPU every norm is accumulated in float64 (one fused kernel, no host sync). On the CPU the
+    fast float32 kernel is used and only the norms that under- or overflowed (0 or non-finite)
+    are recomputed in float64.
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats import l2_norms
+        >>> l2_norms([torch.tensor([3.0, 4.0]), torch.full((4,), 1e-30)]).tolist()
+        [5.0, 2e-30]
+    """
+    if len(tensors) == 0:
+        return torch.empty(0, dtype=torch.float64)
+    device = tensors[0].device
+    if device.type != "cpu":
+        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    norms = torch.empty(len(tensors), dtype=torch.float64)
+    for dtype, idx in by_dtype.items():
+        group = [tensors[i] for i in idx]
+        kwargs = {} if dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
+        values = torch.stack(torch._foreach_norm(group, 2, **kwargs)).to(torch.float64)
+        if len(idx) == len(tensors):
+            norms = values
+        else:
+            norms[idx] = values
+    suspicious = (norms == 0) | ~torch.isfinite(norms)
+    if suspicious.any():  # host sync: CPU tensors only, where it costs nothing
+        for i in suspicious.nonzero().flatten().tolist():  # host sync: CPU only
+            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
+
+
+def nonfinite_counts(tensors: Sequence[Tensor], norms: Tensor | None = None) -> Tensor:
+    """Number of NaN or infinite entries in each tensor, as a float64 vector.
+
+    ``norms`` (from :func:`l2_norms`) lets the CPU path skip every tensor whose norm is finite:
+    a finite float64 norm proves that all of its entries are finite. On a GPU the count is
+    computed for all tensors with two fused kernels (``0 * x`` is NaN exactly where ``x`` is not
+    finite; its L0 norm counts those entries) and no host sync.
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats import nonfinite_counts
+        >>> nonfinite_counts([torch.tensor([1.0, float("nan"), float("inf")]), torch.ones(3)]).tolist()
+        [2.0, 0.0]
+    """
+    if len(tensors) == 0:
+        return torch.empty(0, dtype=torch.float64)
+    device = tensors[0].device
+    if device.type != "cpu":
+        zeroed = torch._foreach_mul(list(tensors), 0.0)
+        return torch.stack(torch._foreach_norm(zeroed, 0, dtype=torch.float64))
+    counts = torch.zeros(len(tensors), dtype=torch.float64)
+    if norms is None:
+        candidates = range(len(tensors))
+    else:
+        bad = ~torch.isfinite(norms)
+        if not bad.any():  # host sync: CPU tensors only, where it costs nothing
+            return counts
+        candidates = bad.nonzero().flatten().tolist()  # host sync: CPU only
+    for i in candidates:
+        counts[i] = (~torch.isfinite(tensors[i])).sum()
+    return counts
+
+
+def temporal_profile(
+    grad: Tensor,
+    *,
+    time_dim: int = 0,
+    batch_sizes: Tensor | None = None,
+    max_points: int = MAX_TIME_POINTS,
+) -> tuple[Tensor, int]:
+    """Norm of a sequence gradient at each time step, ``||g_t||_2`` over batch and features.
+
+    ``grad`` is either a padded sequence tensor whose time axis is ``time_dim`` or, when
+    ``batch_sizes`` is given, the ``data`` of a ``PackedSequence`` (time-major, ``batch_sizes[t]``
+    rows for step ``t``). Returns ``(profile, T)``: ``profile`` holds float64 norms at the time steps
+    :func:`time_points` ``(T, max_points)`` picks (all steps when ``T <= max_points``, else evenly
+    spaced ones including the first and last), padded with NaN to ``max_points``.
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats import temporal_profile
+        >>> g = torch.zeros(3, 2, 4); g[0] = 1.0; g[2, 0, 0] = 3.0
+        >>> profile, T = temporal_profile(g, time_dim=0, max_points=4)
+        >>> T, profile.tolist()[:3]
+        (3, [2.8284271247461903, 0.0, 3.0])
+    """
+    g = grad.detach()
+    if batch_sizes is not None:
+        lengths = batch_sizes.tolist()  # host sync: batch_sizes of a PackedSequence live on the CPU
+        sq = g.to(torch.float64).pow(2).reshape(g.shape[0], -1).sum(dim=1)
+        per_step = torch.stack([chunk.sum() for chunk in sq.split(lengths)]).sqrt()
+    else:
+        g = g.movedim(time_dim, 0)
+        per_step = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float64)
+    T = per_step.shape[0]
+    out = torch.full((max_points,), float("nan"), dtype=torch.float64, device=g.device)
+    if T <= max_points:
+        out[:T] = per_step
+    else:
+        out.copy_(per_step[_time_index(T, max_points, g.device)])
+    return out, T
+
+
+@functools.lru_cache(maxsize=256)
+def _time_index(T: int, max_points: int, device: torch.device) -> Tensor:
+    # Cached so that no host-to-device copy happens on every backward pass.
+    return torch.tensor(time_points(T, max_points), device=device)
+
+
+def time_points(T: int, max_points: int = MAX_TIME_POINTS) -> list[int]:
+    """The time steps a temporal profile of a length-``T`` sequence keeps (first and last included).
+
+    Example:
+        >>> from vanishing.stats.norms import time_points
+        >>> time_points(5), time_points(100, 4)
+        ([0, 1, 2, 3, 4], [0, 33, 66, 99])
+    """
+    if T <= max_points:
+        return list(range(T))
+    return [round(i * (T - 1) / (max_points - 1)) for i in range(max_points)]
