@@ -228,8 +228,9 @@ class Monitor:
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
         root = self._root
-        self._handles.append(root.register_forward_pre_hook(self._guard(self._on_forward_start)))
-        self._handles.append(root.register_forward_hook(self._guard(self._on_forward_end)))
+        for entry in _entry_modules(root):
+            self._handles.append(entry.register_forward_pre_hook(self._guard(self._on_forward_start)))
+            self._handles.append(entry.register_forward_hook(self._guard(self._on_forward_end)))
         for name, module in root.named_modules():
             h = module.register_forward_pre_hook(
                 functools.partial(self._discover, name, module)
@@ -308,8 +309,6 @@ class Monitor:
             self._recording = self._schedule(self.step)
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._order_final:
-            self._finish_discovery()
         if torch.is_grad_enabled():
             self._forward_seen = True
 
@@ -423,6 +422,8 @@ class Monitor:
         if self._broken is not None or self._closed:
             return
         try:
+            if not self._order_final:
+                self._finish_discovery()  # every forward of the first step has run by now
             self._forward_seen = False
             self._pending_backward += 1
             if self._recording:
@@ -484,7 +485,7 @@ class Monitor:
         else:
             params = [r.param.detach() for r in rows]
             torch._foreach_sub_(self._snapshot, params)  # snapshot now holds old - new
-            self._update = (rows, l2_norms(self._snapshot))
+            self._update = (rows, l2_norms(self._snapshot, exact_tiny=False))
         self._finalize_step()
 
     def _measure_gradients(self, *, unscale: bool) -> None:
@@ -696,7 +697,8 @@ class Monitor:
             for h in self._handles + self._discovery_handles:
                 h.remove()
             self._handles.clear()
-            self._discovery_handles.clear()
+            if not self._order_final:
+                self._finish_discovery()
             _backward_probe.remove_listener(self)
             if getattr(self._root, _WATCHED_ATTR, None) is not None:
                 delattr(self._root, _WATCHED_ATTR)
@@ -739,6 +741,17 @@ class Monitor:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<vanishing.Monitor {state} step={self.step} run_dir={str(self.run_dir)!r}>"
+
+
+def _entry_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules a forward pass enters through: the root, or for a container without a forward
+    of its own (``nn.ModuleDict``, ``nn.ModuleList``) its children, recursively."""
+    if type(root).forward is not nn.Module.forward:
+        return [root]
+    entries: list[nn.Module] = []
+    for child in root.children():
+        entries.extend(_entry_modules(child))
+    return entries
 
 
 def _is_packed(x: Any) -> bool:

@@ -19,12 +19,14 @@ __all__ = ["l2_norms", "nonfinite_counts", "temporal_profile", "MAX_TIME_POINTS"
 MAX_TIME_POINTS = 64
 
 
-def l2_norms(tensors: Sequence[Tensor]) -> Tensor:
+def l2_norms(tensors: Sequence[Tensor], *, exact_tiny: bool = True) -> Tensor:
     """L2 norm of each tensor, ``||t||_2 = sqrt(sum_i t_i^2)``, as one float64 vector.
 
     On a GPU every norm is accumulated in float64 (one fused kernel, no host sync). On the CPU the
-    fast float32 kernel is used and only the norms that under- or overflowed (0 or non-finite)
-    are recomputed in float64.
+    fast float32 kernel is used and only the norms that under- or overflowed are recomputed in
+    float64: the non-finite ones, and (with ``exact_tiny``, the default) the zero ones whose
+    tensor is not all zeros. Pass ``exact_tiny=False`` when entries cannot be below ~1e-19 unless
+    they are exactly 0 (e.g. differences of float32 weights of ordinary size).
 
     Example:
         >>> import torch
@@ -49,10 +51,15 @@ def l2_norms(tensors: Sequence[Tensor]) -> Tensor:
             norms = values
         else:
             norms[idx] = values
-    suspicious = (norms == 0) | ~torch.isfinite(norms)
+    suspicious = ~torch.isfinite(norms)
+    if exact_tiny:
+        suspicious |= norms == 0
     if suspicious.any():  # host sync: CPU tensors only, where it costs nothing
         for i in suspicious.nonzero().flatten().tolist():  # host sync: CPU only
-            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+            t = tensors[i]
+            if norms[i] == 0 and not t.any():  # host sync: CPU only; an all-zero tensor
+                continue
+            norms[i] = torch.linalg.vector_norm(t, dtype=torch.float64)
     return norms
 
 

@@ -1,0 +1,36 @@
+"""Small models and loops shared by the tests."""
+
+import torch
+from torch import nn
+
+
+def mlp(depth=4, width=8, act=nn.Sigmoid, d_in=5, d_out=3):
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), act()]
+        d = width
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+def train(model, opt, steps=5, *, batch=16, d_in=5, n_classes=3, seed=1, accumulate=1):
+    """A plain loop; returns the losses (as Python floats) of each micro-batch."""
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(accumulate):
+            x = torch.randn(batch, d_in, generator=g)
+            y = torch.randint(0, n_classes, (batch,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+        opt.step()
+    return losses
+
+
+def row(run, step, layer, param):
+    df = run.metrics
+    sel = df[(df.step == step) & (df.layer == layer) & (df.param == param)]
+    assert len(sel) == 1, (step, layer, param, len(sel))
+    return sel.iloc[0]

@@ -1,0 +1,176 @@
+"""The pure statistics against independent computations (float64 brute force, autograd)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vanishing.stats import activation_stats, derivative, l2_norms, nonfinite_counts, temporal_profile
+from vanishing.stats.activations import ACTIVATION_KINDS, max_derivative
+from vanishing.stats.norms import time_points
+
+
+def brute_norm(t):
+    return math.sqrt(sum(float(v) ** 2 for v in t.double().flatten()))
+
+
+def test_l2_norms_match_float64_brute_force():
+    ts = [torch.randn(7, 5), torch.randn(3), torch.zeros(4), torch.randn(2, 2, 2) * 1e3]
+    got = l2_norms(ts)
+    assert got.dtype == torch.float64
+    for g, t in zip(got.tolist(), ts):
+        assert g == pytest.approx(brute_norm(t), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-40, 1e25])
+def test_l2_norms_survive_float32_under_and_overflow(scale):
+    t = torch.full((100,), scale, dtype=torch.float32)
+    expected = float(t.double()[0]) * 10.0  # sqrt(100 x^2), with x as float32 stores it
+    assert l2_norms([t, torch.ones(4)]).tolist() == pytest.approx([expected, 2.0], rel=1e-6)
+
+
+def test_l2_norms_mixed_dtypes_and_empty():
+    ts = [torch.ones(4, dtype=torch.float16), torch.ones(9, dtype=torch.float64), torch.ones(1)]
+    assert l2_norms(ts).tolist() == pytest.approx([2.0, 3.0, 1.0])
+    assert l2_norms([]).numel() == 0
+
+
+def test_l2_norms_keep_nan_and_inf():
+    got = l2_norms([torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0])])
+    assert math.isnan(got[0]) and math.isinf(got[1])
+
+
+def test_nonfinite_counts():
+    a = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    b = torch.randn(10)
+    assert nonfinite_counts([a, b]).tolist() == [3.0, 0.0]
+    assert nonfinite_counts([a, b], l2_norms([a, b])).tolist() == [3.0, 0.0]
+    # a finite tensor whose float32 norm overflows has no non-finite entry
+    big = torch.full((10,), 1e30)
+    assert nonfinite_counts([big], torch.tensor([float("inf")])).tolist() == [0.0]
+
+
+def test_temporal_profile_padded_time_major_and_batch_first():
+    g = torch.randn(9, 3, 4)  # (T, B, F)
+    profile, T = temporal_profile(g, time_dim=0)
+    assert T == 9
+    expected = [brute_norm(g[t]) for t in range(9)]
+    assert profile[:9].tolist() == pytest.approx(expected)
+    assert torch.isnan(profile[9:]).all()
+    profile_bf, _ = temporal_profile(g.transpose(0, 1), time_dim=1)
+    assert profile_bf[:9].tolist() == pytest.approx(expected)
+
+
+def test_temporal_profile_downsamples_keeping_first_and_last():
+    g = torch.randn(200, 2, 3)
+    profile, T = temporal_profile(g, time_dim=0, max_points=64)
+    pts = time_points(200, 64)
+    assert len(pts) == 64 and pts[0] == 0 and pts[-1] == 199
+    assert profile.tolist() == pytest.approx([brute_norm(g[t]) for t in pts])
+
+
+def test_temporal_profile_packed_sequence():
+    seqs = [torch.randn(5, 3), torch.randn(3, 3), torch.randn(2, 3)]
+    packed = nn.utils.rnn.pack_sequence(seqs)
+    profile, T = temporal_profile(packed.data, batch_sizes=packed.batch_sizes)
+    assert T == 5
+    expected = [
+        math.sqrt(sum(brute_norm(s[t]) ** 2 for s in seqs if t < len(s))) for t in range(5)
+    ]
+    assert profile[:5].tolist() == pytest.approx(expected)
+
+
+_MODULES = {
+    "sigmoid": nn.Sigmoid(),
+    "tanh": nn.Tanh(),
+    "softsign": nn.Softsign(),
+    "hardtanh": nn.Hardtanh(-0.5, 0.7),
+    "relu": nn.ReLU(),
+    "relu6": nn.ReLU6(),
+    "leaky_relu": nn.LeakyReLU(0.2),
+    "prelu": nn.PReLU(3, init=0.3),
+    "elu": nn.ELU(alpha=0.7),
+    "selu": nn.SELU(),
+    "gelu": nn.GELU(),
+    "silu": nn.SiLU(),
+}
+
+
+def _kwargs(kind, module):
+    from vanishing.stats.activations import _params
+
+    p = _params(module)
+    return {k: v for k, v in p.items() if v is not None}
+
+
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_derivative_matches_autograd(kind):
+    module = _MODULES[kind]
+    z = (torch.randn(64, 3, dtype=torch.float64) * 3).requires_grad_(True)
+    z.data[z.data.abs() < 1e-3] = 0.5  # stay off the kinks
+    module = module.double()
+    y = module(z)
+    (expected,) = torch.autograd.grad(y.sum(), z)
+    got = derivative(kind, z.detach(), y.detach(), **_kwargs(kind, module))
+    torch.testing.assert_close(got.to(torch.float64), expected, rtol=1e-6, atol=1e-9)
+    if kind not in ("prelu", "gelu", "silu"):  # these need the input
+        got_y = derivative(kind, None, y.detach(), **_kwargs(kind, module))
+        torch.testing.assert_close(got_y.to(torch.float64), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_max_derivative_is_the_sup_over_a_fine_grid(kind):
+    module = _MODULES[kind].double()
+    z = torch.linspace(-12, 12, 200001, dtype=torch.float64).unsqueeze(1).repeat(1, 3)
+    z.requires_grad_(True)
+    (d,) = torch.autograd.grad(module(z).sum(), z)
+    assert max_derivative(kind, module) == pytest.approx(float(d.abs().max()), rel=1e-4)
+
+
+def test_sigmoid_derivative_bound_is_a_quarter():
+    z = torch.randn(10000) * 5
+    d = derivative("sigmoid", z, torch.sigmoid(z))
+    assert float(d.max()) <= 0.25
+
+
+def test_activation_stats_by_brute_force():
+    z = torch.randn(50, 20) * 4
+    y = torch.sigmoid(z)
+    mean, std, dmean, sat, dead = activation_stats("sigmoid", z, y).tolist()
+    ys = [float(v) for v in y.flatten()]
+    m = sum(ys) / len(ys)
+    assert mean == pytest.approx(m)
+    assert std == pytest.approx(math.sqrt(sum((v - m) ** 2 for v in ys) / (len(ys) - 1)))
+    ds = [v * (1 - v) for v in ys]
+    assert dmean == pytest.approx(sum(ds) / len(ds), rel=1e-5)
+    assert sat == pytest.approx(sum(d < 0.05 * 0.25 for d in ds) / len(ds))
+    assert math.isnan(dead)  # not a ReLU-like activation
+
+
+def test_dead_units_count_units_off_for_every_example():
+    z = torch.randn(32, 10)
+    z[:, 3] = -torch.rand(32) - 0.1  # unit 3 never active
+    z[:, 7] = -1.0  # unit 7 never active
+    z[0, 5] = -1.0  # unit 5 sometimes active: not dead
+    _, _, dmean, sat, dead = activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()
+    assert dead == pytest.approx(2 / 10)
+    assert math.isnan(sat)
+    assert dmean == pytest.approx(float((z > 0).double().mean()))
+
+
+def test_dead_units_of_a_conv_map_are_channels():
+    z = torch.randn(4, 6, 5, 5)
+    z[:, 2] = -1.0
+    stats = activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()
+    assert stats[4] == pytest.approx(1 / 6)
+
+
+def test_inplace_activation_without_input_still_measured():
+    z = torch.randn(8, 4)
+    y = torch.tanh(z)
+    assert activation_stats("tanh", None, y).tolist()[2] == pytest.approx(
+        float((1 - y * y).mean()), rel=1e-6
+    )
+    # GELU needs its input: without it the derivative is unknown, never made up
+    assert math.isnan(activation_stats("gelu", None, y).tolist()[2])
