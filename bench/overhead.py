@@ -16,9 +16,12 @@ Method: for each model, every variant gets a fresh model built from the same see
 optimizer and the same fixed batch. All variants of a model live in the same process and are
 timed in interleaved rounds (round-robin, the order rotated each round), after a warm-up.
 Each timed step is ``zero_grad; loss = lf(model(x), y); backward; step`` plus whatever the
-tool does. The table reports the median and the mean of the per-step times over all rounds;
-the ratio is the variant's median over the plain loop's median. The mean also carries the
-periodic costs (file flushes) that the median hides.
+tool does. Each block of steps ends with a flush of the tool's writer (where it has one)
+and a pause (``--settle``), so that one tool's background work does not land on the next
+variant's steps. The table reports the median per-step time over all rounds, and the ratio
+of that median to the plain loop's; the mean is the blocks' wall time, flushes included,
+over their steps, so it also carries the periodic costs that the median hides. The JSON
+adds the 90th percentile and the maximum.
 """
 
 from __future__ import annotations
@@ -122,10 +125,12 @@ class Runner:
     key: str
     step: Callable[[], None]
     close: Callable[[], None] = lambda: None
+    drain: Callable[[], None] = lambda: None  # push buffered output out, end of each block
     rounds: int | None = None  # None: every round
     steps: int | None = None  # None: the common --steps
     warmup: int | None = None
     times: list[float] = field(default_factory=list)
+    block_time: float = 0.0  # wall time of all blocks, drains included
 
 
 def plain_step(model, opt, lf, x, y) -> Callable[[], torch.Tensor]:
@@ -156,7 +161,7 @@ def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
     stack = contextlib.ExitStack()
     stack.enter_context(mon)
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
-    return Runner(key, step, close=stack.close)
+    return Runner(key, step, close=stack.close, drain=getattr(mon, "flush", lambda: None))
 
 
 def setup_vanishing_params(task: Task, tmp: Path, args) -> Runner:
@@ -226,7 +231,7 @@ def setup_tensorboard(task: Task, tmp: Path, args) -> Runner:
         opt.step()
         counter[0] += 1
 
-    return Runner("tensorboard", step, close=writer.close)
+    return Runner("tensorboard", step, close=writer.close, drain=writer.flush)
 
 
 def setup_cockpit(task: Task, tmp: Path, args) -> Runner:
@@ -326,10 +331,16 @@ def bench_model(task: Task, keys: list[str], tmp: Path, args) -> list[dict]:
             for runner in runners[shift:] + runners[:shift]:
                 if not _takes_part(runner, r, args.rounds):
                     continue
+                start = time.perf_counter()
                 for _ in range(runner.steps or args.steps):
                     t0 = time.perf_counter()
                     runner.step()
                     runner.times.append(time.perf_counter() - t0)
+                runner.drain()
+                runner.block_time += time.perf_counter() - start
+                # Let background work (writer threads, wandb's service process) finish
+                # before the next variant's block, rather than slowing that one down.
+                time.sleep(args.settle)
             print(f"  {task.name}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         for runner in runners:
@@ -344,7 +355,11 @@ def bench_model(task: Task, keys: list[str], tmp: Path, args) -> list[dict]:
                 task.name,
                 runner.key,
                 median_ms=med * 1e3,
-                mean_ms=statistics.fmean(runner.times) * 1e3,
+                mean_ms=runner.block_time / len(runner.times) * 1e3,
+                p90_ms=statistics.quantiles(runner.times, n=10)[-1] * 1e3
+                if len(runner.times) > 1
+                else med * 1e3,
+                max_ms=max(runner.times) * 1e3,
                 ratio=med / base if base else None,
                 n_steps=len(runner.times),
             )
@@ -375,6 +390,8 @@ def _row(model: str, key: str, **values) -> dict:
         "variant": VARIANTS[key],
         "median_ms": None,
         "mean_ms": None,
+        "p90_ms": None,
+        "max_ms": None,
         "ratio": None,
         "n_steps": 0,
         "skipped": None,
@@ -426,6 +443,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (default 5)")
     p.add_argument("--cockpit-rounds", type=int, default=3, help="rounds for cockpit (3)")
     p.add_argument("--cockpit-steps", type=int, default=3, help="steps per round, cockpit (3)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="seconds of pause after each block, for background work to finish (0.5)",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -451,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(cockpit {args.cockpit_rounds} x {args.cockpit_steps})",
         flush=True,
     )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(
+            f"warning: load average {load:.1f} before start; other processes on this "
+            "machine will make the timings noisy",
+            flush=True,
+        )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="vanishing-bench-") as tmp:
         for name in args.model_list:

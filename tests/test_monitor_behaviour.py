@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from helpers import mlp, row, train
 from torch import nn
 
 import vanishing
+from helpers import mlp, row, train
 from vanishing.monitor import WatchError
 
 
@@ -19,8 +19,15 @@ def _state(model):
 def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path, stats):
     def make():
         torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16),
-                          nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+        m = nn.Sequential(
+            nn.Linear(5, 16),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(16, 16),
+            nn.BatchNorm1d(16),
+            nn.Tanh(),
+            nn.Linear(16, 3),
+        )
         return m, torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1)
 
     m1, o1 = make()
@@ -93,7 +100,10 @@ def test_close_removes_every_hook_and_is_idempotent(run_dir):
 def test_hooks_are_removed_when_training_raises(run_dir):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(RuntimeError, match="boom"), vanishing.watch(model, optimizer=opt, run_dir=run_dir):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        vanishing.watch(model, optimizer=opt, run_dir=run_dir),
+    ):
         train(model, opt, steps=3)
         raise RuntimeError("boom")
     assert _hook_count(model) == 0
@@ -128,7 +138,9 @@ def test_bad_input_gives_one_clear_error(run_dir, args, kwargs, match):
 def test_optimizer_that_does_not_hold_the_model_is_an_error(run_dir):
     other = nn.Linear(3, 3)
     with pytest.raises(WatchError, match="holds none of the model's parameters"):
-        vanishing.watch(mlp(), optimizer=torch.optim.SGD(other.parameters(), lr=0.1), run_dir=run_dir)
+        vanishing.watch(
+            mlp(), optimizer=torch.optim.SGD(other.parameters(), lr=0.1), run_dir=run_dir
+        )
 
 
 def test_existing_run_is_never_overwritten(run_dir):
@@ -181,7 +193,9 @@ def test_gradient_accumulation_gives_one_record_per_optimizer_step(run_dir):
     assert run.steps.step.tolist() == [0]
     assert run.steps.n_backward[0] == 3
     assert run.steps.loss[0] == pytest.approx(sum(losses), rel=1e-6)
-    assert row(run, 0, "0", "weight").grad_norm == pytest.approx(twin[0].weight.grad.norm().item(), rel=1e-6)
+    assert row(run, 0, "0", "weight").grad_norm == pytest.approx(
+        twin[0].weight.grad.norm().item(), rel=1e-6
+    )
 
 
 def test_without_optimizer_each_backward_is_a_step(run_dir):
@@ -193,7 +207,9 @@ def test_without_optimizer_each_backward_is_a_step(run_dir):
     assert run.steps.step.tolist() == [0, 1, 2]
     assert run.metrics.update_norm.isna().all()
     # grads accumulate (never zeroed): step 2 sees the sum of three backward passes
-    assert row(run, 2, "0", "weight").grad_norm == pytest.approx(model[0].weight.grad.norm().item(), rel=1e-6)
+    assert row(run, 2, "0", "weight").grad_norm == pytest.approx(
+        model[0].weight.grad.norm().item(), rel=1e-6
+    )
 
 
 def test_frozen_and_unused_parameters(run_dir):
@@ -242,11 +258,15 @@ def test_tied_parameters_are_counted_once(run_dir):
 
     model = Tied()
     with vanishing.watch(model, run_dir=run_dir):
-        nn.functional.cross_entropy(model(torch.tensor([1, 2, 3])), torch.tensor([3, 2, 1])).backward()
+        nn.functional.cross_entropy(
+            model(torch.tensor([1, 2, 3])), torch.tensor([3, 2, 1])
+        ).backward()
     run = vanishing.load_run(run_dir)
     weights = run.metrics[(run.metrics.param == "weight")]
     assert sorted(weights.layer) == ["emb", "mid"]  # the shared weight appears once, at emb
-    assert row(run, 0, "emb", "weight").grad_norm == pytest.approx(model.emb.weight.grad.norm().item(), rel=1e-6)
+    assert row(run, 0, "emb", "weight").grad_norm == pytest.approx(
+        model.emb.weight.grad.norm().item(), rel=1e-6
+    )
     info = {layer["name"]: layer for layer in run.layer_info}
     assert info["emb"]["params"][0]["shared_with"] == ["out.weight"]
 
@@ -273,4 +293,6 @@ def test_module_called_several_times_per_forward(run_dir):
     r = row(run, 0, "block", "")
     expected = (outs[0].grad.norm().item() + outs[1].grad.norm().item()) / 2
     assert r.error_norm == pytest.approx(expected, rel=1e-6)  # mean over the two calls
-    assert row(run, 0, "block", "weight").grad_norm == pytest.approx(block.weight.grad.norm().item(), rel=1e-6)
+    assert row(run, 0, "block", "weight").grad_norm == pytest.approx(
+        block.weight.grad.norm().item(), rel=1e-6
+    )

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from helpers import mlp, row, train
 from torch import nn
 
 import vanishing
+from helpers import mlp, row
 
 
 def test_gradient_weight_and_update_norms_match_brute_force(run_dir):
@@ -18,7 +18,9 @@ def test_gradient_weight_and_update_norms_match_brute_force(run_dir):
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
+    batches = [
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)
+    ]
     expected = []  # per step: {name: (grad, weight, update)} from the un-watched twin
     for x, y in batches:
         twin_opt.zero_grad()
@@ -30,8 +32,11 @@ def test_gradient_weight_and_update_norms_match_brute_force(run_dir):
             (
                 loss.item(),
                 {
-                    n: (p.grad.double().norm().item(), before[n].double().norm().item(),
-                        (p.detach() - before[n]).double().norm().item())
+                    n: (
+                        p.grad.double().norm().item(),
+                        before[n].double().norm().item(),
+                        (p.detach() - before[n]).double().norm().item(),
+                    )
                     for n, p in twin.named_parameters()
                 },
             )
@@ -112,7 +117,11 @@ def test_error_signal_is_the_gradient_at_each_layer_output(run_dir):
         return hook
 
     twin = copy.deepcopy(model)
-    handles = [m.register_forward_hook(keep(n)) for n, m in twin.named_modules() if isinstance(m, nn.Linear)]
+    handles = [
+        m.register_forward_hook(keep(n))
+        for n, m in twin.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     nn.functional.cross_entropy(twin(x), y).backward()
     for h in handles:
         h.remove()
@@ -120,12 +129,20 @@ def test_error_signal_is_the_gradient_at_each_layer_output(run_dir):
         nn.functional.cross_entropy(model(x), y).backward()
     run = vanishing.load_run(run_dir)
     for name, out in outs.items():
-        assert row(run, 0, name, "").error_norm == pytest.approx(out.grad.double().norm().item(), rel=1e-6)
+        assert row(run, 0, name, "").error_norm == pytest.approx(
+            out.grad.double().norm().item(), rel=1e-6
+        )
 
 
 @pytest.mark.parametrize(
     "act,kind",
-    [(nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.ELU, "elu")],
+    [
+        (nn.Sigmoid, "sigmoid"),
+        (nn.Tanh, "tanh"),
+        (nn.ReLU, "relu"),
+        (nn.GELU, "gelu"),
+        (nn.ELU, "elu"),
+    ],
 )
 def test_activation_statistics_match_autograd_derivatives(run_dir, act, kind):
     torch.manual_seed(0)

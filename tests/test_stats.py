@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from vanishing.stats import activation_stats, derivative, l2_norms, nonfinite_counts, temporal_profile
+from vanishing.stats import (
+    activation_stats,
+    derivative,
+    l2_norms,
+    nonfinite_counts,
+    temporal_profile,
+)
 from vanishing.stats.activations import ACTIVATION_KINDS, max_derivative
 from vanishing.stats.norms import time_points
 
@@ -75,9 +81,7 @@ def test_temporal_profile_packed_sequence():
     packed = nn.utils.rnn.pack_sequence(seqs)
     profile, T = temporal_profile(packed.data, batch_sizes=packed.batch_sizes)
     assert T == 5
-    expected = [
-        math.sqrt(sum(brute_norm(s[t]) ** 2 for s in seqs if t < len(s))) for t in range(5)
-    ]
+    expected = [math.sqrt(sum(brute_norm(s[t]) ** 2 for s in seqs if t < len(s))) for t in range(5)]
     assert profile[:5].tolist() == pytest.approx(expected)
 
 

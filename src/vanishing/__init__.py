@@ -27,7 +27,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from vanishing.monitor import Monitor, WatchError, watch
+    from vanishing.monitor import Monitor, WatchError, watch  # noqa: F401
     from vanishing.recorder.reader import Run, load_run
 
 

@@ -68,9 +68,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
             "DistributedDataParallel",
             "DataParallel",
             "FullyShardedDataParallel",
-        ) and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
+        ) and isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
             continue
         break
@@ -229,12 +227,12 @@ class Monitor:
     def _attach(self) -> None:
         root = self._root
         for entry in _entry_modules(root):
-            self._handles.append(entry.register_forward_pre_hook(self._guard(self._on_forward_start)))
+            self._handles.append(
+                entry.register_forward_pre_hook(self._guard(self._on_forward_start))
+            )
             self._handles.append(entry.register_forward_hook(self._guard(self._on_forward_end)))
         for name, module in root.named_modules():
-            h = module.register_forward_pre_hook(
-                functools.partial(self._discover, name, module)
-            )
+            h = module.register_forward_pre_hook(functools.partial(self._discover, name, module))
             self._discovery_handles.append(h)
         if self._stats == "all":
             for row in self._modules:
@@ -367,7 +365,9 @@ class Monitor:
         )
         self._pending_act.append((row.index, vec))
 
-    def _on_layer_output(self, row: _ModuleRow, module: nn.Module, args: tuple, output: Any) -> None:
+    def _on_layer_output(
+        self, row: _ModuleRow, module: nn.Module, args: tuple, output: Any
+    ) -> None:
         if not (self._recording and torch.is_grad_enabled()):
             return
         out = output[0] if isinstance(output, (tuple, list)) and output else output
@@ -414,7 +414,11 @@ class Monitor:
     # backward / optimizer ---------------------------------------------------
     def _unscale(self, value: Tensor) -> Tensor:
         scaler = self._scaler
-        if scaler is not None and scaler.is_enabled() and getattr(scaler, "_scale", None) is not None:
+        if (
+            scaler is not None
+            and scaler.is_enabled()
+            and getattr(scaler, "_scale", None) is not None
+        ):
             return value / scaler._scale.to(torch.float64)
         return value
 
@@ -682,7 +686,10 @@ class Monitor:
         tables = block_to_tables(
             block,
             host_rows,
-            params=[(labels[p.index][0], labels[p.index][1], depth.get(labels[p.index][0], -1)) for p in self._params],
+            params=[
+                (labels[p.index][0], labels[p.index][1], depth.get(labels[p.index][0], -1))
+                for p in self._params
+            ],
             modules=[(r.name, depth.get(r.name, -1)) for r in self._modules],
             recurrent=[r.name for r in self._rnn_rows],
             columns=(self._col_param, self._col_module, self._col_time),
@@ -711,13 +718,17 @@ class Monitor:
         try:
             self._writer.write_manifest(self._manifest())
         except Exception as e:  # noqa: BLE001
-            warnings.warn(f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2
+            )
 
     def _flush_quietly(self) -> None:
         try:
             self.flush()
         except Exception as e:  # noqa: BLE001 - reported, never raised over a training error
-            warnings.warn(f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2
+            )
 
     def diagnose(self):
         """The diagnosis of everything recorded so far (flushes first).

@@ -78,7 +78,9 @@ def resolve_schedule(every: int | str | Schedule) -> Schedule:
     if isinstance(every, str):
         if every == "log":
             return log_spaced()
-        raise ValueError(f"every must be a positive int, 'log' or a step -> bool callable, got {every!r}")
+        raise ValueError(
+            f"every must be a positive int, 'log' or a step -> bool callable, got {every!r}"
+        )
     if callable(every):
         return every
     return every_k(every)

@@ -244,7 +244,9 @@ def activation_stats(
     else:
         deriv_mean = d.mean(dtype=torch.float32).to(torch.float64)
         if kind in _HAS_TAIL:
-            limit = SATURATION_THRESHOLD * (max_deriv if max_deriv is not None else max_derivative(kind))
+            limit = SATURATION_THRESHOLD * (
+                max_deriv if max_deriv is not None else max_derivative(kind)
+            )
             saturated = (d.abs() < limit).mean(dtype=torch.float32).to(torch.float64)
         else:
             saturated = nan

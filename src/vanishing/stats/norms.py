@@ -31,8 +31,9 @@ def l2_norms(tensors: Sequence[Tensor], *, exact_tiny: bool = True) -> Tensor:
     Example:
         >>> import torch
         >>> from vanishing.stats import l2_norms
-        >>> l2_norms([torch.tensor([3.0, 4.0]), torch.full((4,), 1e-30)]).tolist()
-        [5.0, 2e-30]
+        >>> norms = l2_norms([torch.tensor([3.0, 4.0]), torch.full((4,), 1e-30)])
+        >>> norms[0].item(), f"{norms[1].item():.3g}"   # float32 would have said 0.0
+        (5.0, '2e-30')
     """
     if len(tensors) == 0:
         return torch.empty(0, dtype=torch.float64)
@@ -129,7 +130,7 @@ def temporal_profile(
         per_step = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float64)
     T = per_step.shape[0]
     out = torch.full((max_points,), float("nan"), dtype=torch.float64, device=g.device)
-    if T <= max_points:
+    if max_points >= T:
         out[:T] = per_step
     else:
         out.copy_(per_step[_time_index(T, max_points, g.device)])
@@ -150,6 +151,6 @@ def time_points(T: int, max_points: int = MAX_TIME_POINTS) -> list[int]:
         >>> time_points(5), time_points(100, 4)
         ([0, 1, 2, 3, 4], [0, 33, 66, 99])
     """
-    if T <= max_points:
+    if max_points >= T:
         return list(range(T))
     return [round(i * (T - 1) / (max_points - 1)) for i in range(max_points)]
