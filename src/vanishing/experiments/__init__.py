@@ -1,0 +1,1 @@
+"""Models, tasks and training loops that reproduce the vanishing gradient problem and its cures."""
