@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from vanishing.probes import backward as _backward_probe
+from vanishing.probes.params import UpdateTracker
 from vanishing.recorder.schema import MODULE_STATS, PARAM_STATS, SCHEMA_VERSION, STEP_STATS
 from vanishing.schedule import Schedule, resolve_schedule
 from vanishing.stats.activations import activation_kind, activation_stats, max_derivative
@@ -180,8 +181,8 @@ class Monitor:
         self._reset_pending()
         self._skipped = 0
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
-        self._snapshot: list[Tensor] | None = None
-        self._opt_rows: list[_ParamRow] = []
+        self._tracker: tuple[list[_ParamRow], UpdateTracker, list[_ParamRow]] | None = None
+        self._weights: tuple[Tensor, Tensor] | None = None
         self._opt_groups_seen = -1
         self._grad_stats: tuple[Tensor, ...] | None = None
         self._index_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -438,6 +439,7 @@ class Monitor:
             if self._optimizer is None:
                 if self._recording:
                     self._measure_gradients(unscale=True)
+                    self._measure_weights()
                     self._finalize_step()
                 else:
                     self._advance()
@@ -459,51 +461,54 @@ class Monitor:
         g = p.grad
         return g is None or g is not ref() or g._version != version
 
-    def _trainable_rows(self) -> list[_ParamRow]:
+    def _trainable(self) -> tuple[list[_ParamRow], UpdateTracker, list[_ParamRow]]:
+        """The parameters the optimizer holds (with their update tracker), and the others."""
         groups = self._optimizer.param_groups
         n = sum(len(g["params"]) for g in groups)
-        if n != self._opt_groups_seen:
+        if self._tracker is None or n != self._opt_groups_seen:
             held = {id(p) for g in groups for p in g["params"]}
-            self._opt_rows = [r for r in self._params if id(r.param) in held]
+            rows = [r for r in self._params if id(r.param) in held]
+            others = [r for r in self._params if id(r.param) not in held]
+            self._tracker = (rows, UpdateTracker([r.param for r in rows]), others)
             self._opt_groups_seen = n
-            self._snapshot = None
-        return self._opt_rows
+        return self._tracker
 
     def _on_step_start(self, optimizer, args, kwargs) -> None:
         if not self._recording:
             return
         self._measure_gradients(unscale=False)
-        rows = self._trainable_rows()
-        params = [r.param.detach() for r in rows]
-        if self._snapshot is None:
-            self._snapshot = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._snapshot, params)
+        rows, tracker, others = self._trainable()
+        held = tracker.before_step()
+        if not others:
+            wnorm = held
+        else:
+            wnorm = torch.empty(len(self._params), dtype=torch.float64, device=held.device)
+            wnorm[self._param_index(rows)] = held
+            wnorm[self._param_index(others)] = l2_norms([r.param.detach() for r in others])
+        self._weights = (wnorm, nonfinite_counts([r.param.detach() for r in self._params], wnorm))
 
     def _on_step_end(self, optimizer, args, kwargs) -> None:
         if not self._recording:
             self._advance()
             return
-        rows = self._trainable_rows()
-        if self._snapshot is None or len(self._snapshot) != len(rows):
-            self._update = None
-        else:
-            params = [r.param.detach() for r in rows]
-            torch._foreach_sub_(self._snapshot, params)  # snapshot now holds old - new
-            self._update = (rows, l2_norms(self._snapshot, exact_tiny=False))
+        rows, tracker, _ = self._trainable()
+        if self._weights is not None:  # the snapshot was taken by this step's pre-hook
+            self._update = (rows, tracker.after_step())
         self._finalize_step()
 
     def _measure_gradients(self, *, unscale: bool) -> None:
-        """Gradient and weight norms of every parameter, as they are right before the update."""
+        """Gradient norms and non-finite counts of every parameter that has a gradient now."""
         present = [r for r in self._params if r.param.grad is not None]
         grads = [r.param.grad.detach() for r in present]
-        weights = [r.param.detach() for r in self._params]
         gnorm = l2_norms(grads)
         if unscale:
             gnorm = self._unscale(gnorm)
-        gbad = nonfinite_counts(grads, gnorm)
+        self._grad_stats = (present, gnorm, nonfinite_counts(grads, gnorm))
+
+    def _measure_weights(self) -> None:
+        weights = [r.param.detach() for r in self._params]
         wnorm = l2_norms(weights)
-        wbad = nonfinite_counts(weights, wnorm)
-        self._grad_stats = (present, gnorm, gbad, wnorm, wbad)
+        self._weights = (wnorm, nonfinite_counts(weights, wnorm))
 
     # ------------------------------------------------------------------ buffer
     def _reset_pending(self) -> None:
@@ -514,6 +519,7 @@ class Monitor:
         self._pending_backward = 0
         self._forward_seen = False
         self._grad_stats = None
+        self._weights = None
         self._update = None
 
     def _advance(self) -> None:
@@ -565,11 +571,13 @@ class Monitor:
 
         pview = row[self._col_param : self._col_module].view(P, _N_PARAM)
         if self._grad_stats is not None:
-            present, gnorm, gbad, wnorm, wbad = self._grad_stats
+            present, gnorm, gbad = self._grad_stats
             if present:
                 idx = self._param_index(present)
                 pview[idx, 0] = gnorm
                 pview[idx, 3] = gbad
+        if self._weights is not None:
+            wnorm, wbad = self._weights
             pview[:, 1] = wnorm
             pview[:, 4] = wbad
         if self._update is not None:
@@ -710,7 +718,7 @@ class Monitor:
             if getattr(self._root, _WATCHED_ATTR, None) is not None:
                 delattr(self._root, _WATCHED_ATTR)
             _open_monitors.discard(self)
-            self._snapshot = None
+            self._tracker = None
         finally:
             self._closed = True
         self._flush_quietly()
