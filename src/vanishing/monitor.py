@@ -31,8 +31,19 @@ from vanishing.probes import backward as _backward_probe
 from vanishing.probes.params import UpdateTracker
 from vanishing.recorder.schema import MODULE_STATS, PARAM_STATS, SCHEMA_VERSION, STEP_STATS
 from vanishing.schedule import Schedule, resolve_schedule
-from vanishing.stats.activations import activation_kind, activation_stats, max_derivative
-from vanishing.stats.norms import MAX_TIME_POINTS, l2_norms, nonfinite_counts, temporal_profile
+from vanishing.stats.activations import (
+    activation_kind,
+    activation_stats,
+    activation_stats_stacked,
+    max_derivative,
+)
+from vanishing.stats.norms import (
+    MAX_TIME_POINTS,
+    l2_norm,
+    l2_norms,
+    nonfinite_counts,
+    temporal_profile,
+)
 
 __all__ = ["Monitor", "watch", "WatchError"]
 
@@ -341,30 +352,55 @@ class Monitor:
         if not isinstance(output, Tensor) or not output.is_floating_point():
             return
         z = args[0] if args and isinstance(args[0], Tensor) else None
-        if z is not None and z is output:
-            z = None  # in-place: the input was overwritten by the output
+        inplace = z is output
         if row.unit_dim is None:
             last = self._last_layer
-            row.unit_dim = 1 if (output.dim() >= 3 and isinstance(last, _CHANNEL_FIRST)) else -1
-            if output.dim() == 2:
-                row.unit_dim = 1
-        if row.max_deriv is None:
+            channels_first = output.dim() >= 3 and isinstance(last, _CHANNEL_FIRST)
+            row.unit_dim = 1 if (channels_first or output.dim() == 2) else -1
             row.max_deriv = max_derivative(row.kind, module)
-        params = {}
-        if row.kind == "leaky_relu":
-            params["negative_slope"] = module.negative_slope
-        elif row.kind == "elu":
-            params["alpha"] = module.alpha
-        elif row.kind == "hardtanh":
-            params["min_val"], params["max_val"] = module.min_val, module.max_val
-        elif row.kind == "gelu":
-            params["approximate"] = module.approximate
-        elif row.kind == "prelu":
-            params["weight"] = module.weight
-        vec = activation_stats(
-            row.kind, z, output, unit_dim=row.unit_dim, max_deriv=row.max_deriv, **params
+        params = _activation_params(row.kind, module)
+        needs_input = row.kind in _NEEDS_INPUT or (
+            row.kind == "leaky_relu" and module.negative_slope <= 0
         )
-        self._pending_act.append((row.index, vec))
+        if inplace:
+            # The output overwrote the input and may be overwritten again: measure it now.
+            vec = activation_stats(
+                row.kind, None, output, unit_dim=row.unit_dim, max_deriv=row.max_deriv, **params
+            )
+            self._pending_act.append(([row.index], vec.unsqueeze(0)))
+            return
+        # Kept until the end of the backward pass (autograd keeps most of them anyway), then the
+        # same-shaped outputs of all layers are measured together, a few kernels in all.
+        z = z.detach() if needs_input else None
+        y = output.detach()
+        self._pending_act_tensors.append((row, z, y, y._version, params))
+
+    def _measure_activations(self) -> None:
+        groups: dict[tuple, list] = {}
+        for entry in self._pending_act_tensors:
+            row, z, y, version, params = entry
+            if y._version != version:
+                continue  # modified in place after the activation ran: its values are gone
+            key = (
+                row.kind,
+                tuple(y.shape),
+                y.dtype,
+                y.device,
+                z is None,
+                row.unit_dim,
+                row.max_deriv,
+                tuple((k, v if not isinstance(v, Tensor) else id(v)) for k, v in params.items()),
+            )
+            groups.setdefault(key, []).append(entry)
+        self._pending_act_tensors = []
+        for entries in groups.values():
+            row, z0, _, _, params = entries[0]
+            ys = torch.stack([e[2] for e in entries])
+            zs = None if z0 is None else torch.stack([e[1] for e in entries])
+            stats = activation_stats_stacked(
+                row.kind, zs, ys, unit_dim=row.unit_dim, max_deriv=row.max_deriv, **params
+            )
+            self._pending_act.append(([e[0].index for e in entries], stats))
 
     def _on_layer_output(
         self, row: _ModuleRow, module: nn.Module, args: tuple, output: Any
@@ -382,8 +418,7 @@ class Monitor:
             out.register_hook(hook)
 
     def _on_error_signal(self, index: int, grad: Tensor) -> None:
-        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
-        self._pending_err.append((index, self._unscale(norm)))
+        self._pending_err.append((index, self._unscale(l2_norm(grad.detach()))))
 
     def _on_recurrent_input(self, row: _ModuleRow, module: nn.Module, args: tuple) -> Any:
         if not (self._recording and torch.is_grad_enabled()) or not args:
@@ -431,6 +466,8 @@ class Monitor:
                 self._finish_discovery()  # every forward of the first step has run by now
             self._forward_seen = False
             self._pending_backward += 1
+            if self._pending_act_tensors:
+                self._measure_activations()
             if self._recording:
                 for r in roots:
                     if r.numel() == 1:
@@ -512,7 +549,8 @@ class Monitor:
 
     # ------------------------------------------------------------------ buffer
     def _reset_pending(self) -> None:
-        self._pending_act: list[tuple[int, Tensor]] = []
+        self._pending_act: list[tuple[list[int], Tensor]] = []  # (module rows, [k x 5] stats)
+        self._pending_act_tensors: list[tuple] = []
         self._pending_err: list[tuple[int, Tensor]] = []
         self._pending_time: dict[int, tuple[Tensor, int]] = {}
         self._pending_loss: list[Tensor] = []
@@ -591,8 +629,8 @@ class Monitor:
             sums = torch.zeros(M, 1, dtype=torch.float64, device=self._device)
             mview[:, :1] = sums.index_add_(0, rows_t, vals) / count
         if self._pending_act:
-            rows_t, count = self._index(tuple(i for i, _ in self._pending_act))
-            vals = torch.stack([v for _, v in self._pending_act])
+            rows_t, count = self._index(tuple(i for rows, _ in self._pending_act for i in rows))
+            vals = torch.cat([v for _, v in self._pending_act])
             sums = torch.zeros(M, _N_MODULE - 1, dtype=torch.float64, device=self._device)
             mview[:, 1:] = sums.index_add_(0, rows_t, vals) / count
         if self._pending_time:
@@ -760,6 +798,23 @@ class Monitor:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<vanishing.Monitor {state} step={self.step} run_dir={str(self.run_dir)!r}>"
+
+
+_NEEDS_INPUT = {"gelu", "silu", "prelu"}  # phi'(z) cannot be read off their output
+
+
+def _activation_params(kind: str, module: nn.Module) -> dict[str, Any]:
+    if kind == "leaky_relu":
+        return {"negative_slope": module.negative_slope}
+    if kind == "elu":
+        return {"alpha": module.alpha}
+    if kind in ("hardtanh", "relu6"):
+        return {"min_val": module.min_val, "max_val": module.max_val}
+    if kind == "gelu":
+        return {"approximate": module.approximate}
+    if kind == "prelu":
+        return {"weight": module.weight}
+    return {}
 
 
 def _entry_modules(root: nn.Module) -> list[nn.Module]:

@@ -40,6 +40,7 @@ __all__ = [
     "SATURATION_THRESHOLD",
     "activation_kind",
     "activation_stats",
+    "activation_stats_stacked",
     "derivative",
     "max_derivative",
     "STAT_NAMES",
@@ -178,7 +179,7 @@ def derivative(
         if z is None or weight is None:
             return None
         a = weight.detach()
-        if a.numel() > 1 and z.dim() >= 2:
+        if a.numel() > 1 and a.dim() == 1 and z.dim() >= 2:
             a = a.view([1, -1] + [1] * (z.dim() - 2))
         return torch.where(z > 0, torch.ones_like(z), a.to(z.dtype).expand_as(z))
     if kind == "elu":
@@ -232,31 +233,65 @@ def activation_stats(
         >>> activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[2:]
         [0.5, nan, 0.5]
     """
-    yd = y.detach()
-    zd = z.detach() if z is not None else None
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=yd.device)
-    yf = yd.to(torch.float64) if yd.dtype != torch.float32 else yd
-    mean = yf.mean().to(torch.float64)
-    std = yf.std().to(torch.float64) if yf.numel() > 1 else nan
-    d = derivative(kind, zd, yd, **params)
+    zs = z.unsqueeze(0) if z is not None else None
+    return activation_stats_stacked(
+        kind, zs, y.unsqueeze(0), unit_dim=unit_dim, max_deriv=max_deriv, **params
+    )[0]
+
+
+def activation_stats_stacked(
+    kind: str,
+    z: Tensor | None,
+    y: Tensor,
+    *,
+    unit_dim: int = -1,
+    max_deriv: float | None = None,
+    **params,
+) -> Tensor:
+    """:func:`activation_stats` of ``L`` calls at once: ``z``, ``y`` are stacked ``[L, batch, ...]``.
+
+    Returns an ``[L, 5]`` float64 tensor; one reduction kernel per statistic serves all ``L``
+    calls (the monitor stacks the same-shaped outputs of all layers of one kind).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats.activations import activation_stats_stacked
+        >>> y = torch.sigmoid(torch.zeros(3, 4, 2))   # three calls, output 0.5 everywhere
+        >>> activation_stats_stacked("sigmoid", None, y)[:, 2].tolist()   # mean sigmoid'(0)
+        [0.25, 0.25, 0.25]
+    """
+    y = y.detach()
+    z = z.detach() if z is not None else None
+    L = y.shape[0]
+    flat = y.reshape(L, -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    nan = torch.full((L,), float("nan"), dtype=flat.dtype, device=y.device)
+    if flat.shape[1] > 1:
+        std, mean = torch.std_mean(flat, dim=1)
+    else:
+        std, mean = nan, flat[:, 0]
+    if kind == "prelu" and params.get("weight") is not None and y.dim() >= 3:
+        w = params["weight"].detach()
+        if w.numel() > 1:  # one slope per channel: dim 1 of a call's tensor, dim 2 here
+            params = {**params, "weight": w.view([1, 1, -1] + [1] * (y.dim() - 3))}
+    d = derivative(kind, z, y, **params)
     if d is None:
         deriv_mean, saturated = nan, nan
     else:
-        deriv_mean = d.mean(dtype=torch.float32).to(torch.float64)
+        d = d.reshape(L, -1)
+        deriv_mean = d.mean(dim=1, dtype=flat.dtype)
         if kind in _HAS_TAIL:
-            limit = SATURATION_THRESHOLD * (
-                max_deriv if max_deriv is not None else max_derivative(kind)
-            )
-            saturated = (d.abs() < limit).mean(dtype=torch.float32).to(torch.float64)
+            bound = max_deriv if max_deriv is not None else max_derivative(kind)
+            saturated = (d.abs() < SATURATION_THRESHOLD * bound).mean(dim=1, dtype=flat.dtype)
         else:
             saturated = nan
-    if kind in _HAS_OFF_SIDE and yd.dim() >= 2:
-        x = zd if zd is not None else yd
-        active = x > 0
-        dim = unit_dim % x.dim()
-        other = [i for i in range(x.dim()) if i != dim]
-        ever_active = active.amax(dim=other) if other else active
-        dead = (~ever_active).mean(dtype=torch.float32).to(torch.float64)
+    if kind in _HAS_OFF_SIDE and y.dim() >= 3:
+        x = z if z is not None else y
+        unit = unit_dim % (y.dim() - 1) + 1  # the unit axis of one call's tensor, shifted by L
+        units = x.movedim(unit, 1).reshape(L, x.shape[unit], -1)
+        ever_active = (units > 0).any(dim=2)
+        dead = (~ever_active).mean(dim=1, dtype=flat.dtype)
     else:
         dead = nan
-    return torch.stack([mean, std, deriv_mean, saturated, dead])
+    return torch.stack([mean, std, deriv_mean, saturated, dead], dim=1).to(torch.float64)

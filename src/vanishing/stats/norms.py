@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["l2_norms", "nonfinite_counts", "temporal_profile", "MAX_TIME_POINTS"]
+__all__ = ["l2_norm", "l2_norms", "nonfinite_counts", "temporal_profile", "MAX_TIME_POINTS"]
 
 #: The temporal gradient profile of a recurrent layer keeps at most this many time steps.
 MAX_TIME_POINTS = 64
@@ -62,6 +62,23 @@ def l2_norms(tensors: Sequence[Tensor], *, exact_tiny: bool = True) -> Tensor:
                 continue
             norms[i] = torch.linalg.vector_norm(t, dtype=torch.float64)
     return norms
+
+
+def l2_norm(t: Tensor) -> Tensor:
+    """L2 norm of one tensor as a float64 scalar, exact where float32 would under/overflow.
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats.norms import l2_norm
+        >>> f"{l2_norm(torch.full((4,), 1e-30)).item():.3g}"
+        '2e-30'
+    """
+    if t.device.type != "cpu":
+        return torch.linalg.vector_norm(t, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(t).to(torch.float64)
+    if not (0 < norm < float("inf")) and t.any():  # host sync: CPU only, where it is free
+        norm = torch.linalg.vector_norm(t, dtype=torch.float64)
+    return norm
 
 
 def nonfinite_counts(tensors: Sequence[Tensor], norms: Tensor | None = None) -> Tensor:
