@@ -34,8 +34,8 @@ from vanishing.schedule import Schedule, resolve_schedule
 from vanishing.stats.activations import (
     activation_kind,
     activation_stats,
-    activation_stats_stacked,
     max_derivative,
+    stats_into,
 )
 from vanishing.stats.norms import (
     MAX_TIME_POINTS,
@@ -150,6 +150,7 @@ class Monitor:
         self._broken: str | None = None
         self._handles: list[Any] = []
         self._error_hooks: dict[int, Callable] = {}
+        self._act_buffers: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._discovery_handles: list[Any] = []
 
         self._build_rows()
@@ -362,15 +363,23 @@ class Monitor:
         needs_input = row.kind in _NEEDS_INPUT or (
             row.kind == "leaky_relu" and module.negative_slope <= 0
         )
-        if inplace:
-            # The output overwrote the input and may be overwritten again: measure it now.
+        if inplace or output.device.type != "cpu":
+            # In place: the output overwrote the input and may be overwritten again. On a GPU
+            # the kernels queue without waiting and the caching allocator makes temporaries
+            # free, so measuring each call now costs no memory held until backward.
             vec = activation_stats(
-                row.kind, None, output, unit_dim=row.unit_dim, max_deriv=row.max_deriv, **params
+                row.kind,
+                z.detach() if (needs_input and not inplace) else None,
+                output,
+                unit_dim=row.unit_dim,
+                max_deriv=row.max_deriv,
+                **params,
             )
             self._pending_act.append(([row.index], vec.unsqueeze(0)))
             return
-        # Kept until the end of the backward pass (autograd keeps most of them anyway), then the
-        # same-shaped outputs of all layers are measured together, a few kernels in all.
+        # CPU: kept until the end of the backward pass (autograd keeps most of them anyway),
+        # then the same-shaped outputs of all layers are measured together in buffers kept
+        # between steps: a few streaming kernels in all, and no allocation.
         z = z.detach() if needs_input else None
         y = output.detach()
         self._pending_act_tensors.append((row, z, y, y._version, params))
@@ -394,11 +403,32 @@ class Monitor:
             groups.setdefault(key, []).append(entry)
         self._pending_act_tensors = []
         for entries in groups.values():
-            row, z0, _, _, params = entries[0]
-            ys = torch.stack([e[2] for e in entries])
+            row, z0, y0, _, params = entries[0]
+            ys = [e[2] for e in entries]
+            dtype = y0.dtype if y0.dtype in (torch.float32, torch.float64) else torch.float32
+            shape = (len(ys), y0.numel())
+            buffers = self._act_buffers.get((shape, dtype))
+            if buffers is None:
+                buffers = self._act_buffers[(shape, dtype)] = (
+                    torch.empty(shape, dtype=dtype),
+                    torch.empty(shape, dtype=dtype),
+                )
+            work, scratch = buffers
+            if y0.dtype == dtype:
+                torch.stack([y.reshape(-1) for y in ys], out=work)
+            else:
+                for i, y in enumerate(ys):
+                    work[i].copy_(y.reshape(-1))
             zs = None if z0 is None else torch.stack([e[1] for e in entries])
-            stats = activation_stats_stacked(
-                row.kind, zs, ys, unit_dim=row.unit_dim, max_deriv=row.max_deriv, **params
+            stats = stats_into(  # reads the stacked outputs through a view of `work`
+                row.kind,
+                zs,
+                work.view(len(ys), *y0.shape),
+                work,
+                scratch,
+                unit_dim=row.unit_dim,
+                max_deriv=row.max_deriv,
+                **params,
             )
             self._pending_act.append(([e[0].index for e in entries], stats))
 

@@ -20,7 +20,8 @@ gelu           Phi(z) + z phi(z)  (or the tanh form)         1.1289 (1.1290)
 silu           sigmoid(z) (1 + z (1 - sigmoid(z)))           1.0998
 =============  ===========================================  ===============
 
-*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails). It is defined for the
+*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails; an entry exactly at the
+threshold counts one half). It is defined for the
 activations that have a flat tail (sigmoid, tanh, softsign, hardtanh, relu6, elu, selu, gelu,
 silu) and NaN for the piecewise-linear ReLU family, whose zero side is counted as *dead* instead.
 A *dead unit* is a unit (a feature, or a channel of a convolutional map) whose input is <= 0 for
@@ -71,6 +72,7 @@ _MODULE_KINDS: dict[type, str] = {
 ACTIVATION_KINDS: tuple[str, ...] = tuple(_MODULE_KINDS.values())
 _HAS_TAIL = {"sigmoid", "tanh", "softsign", "hardtanh", "relu6", "elu", "selu", "gelu", "silu"}
 _HAS_OFF_SIDE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu"}
+_SIGNED_DERIVATIVE = {"gelu", "silu", "prelu", "leaky_relu"}
 
 
 def activation_kind(module: nn.Module) -> str | None:
@@ -261,37 +263,83 @@ def activation_stats_stacked(
         [0.25, 0.25, 0.25]
     """
     y = y.detach()
-    z = z.detach() if z is not None else None
-    L = y.shape[0]
-    flat = y.reshape(L, -1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()
-    nan = torch.full((L,), float("nan"), dtype=flat.dtype, device=y.device)
-    if flat.shape[1] > 1:
-        std, mean = torch.std_mean(flat, dim=1)
+    work = y.reshape(y.shape[0], -1)
+    work = work.clone() if work.dtype in (torch.float32, torch.float64) else work.float()
+    return stats_into(
+        kind,
+        z.detach() if z is not None else None,
+        y,
+        work,
+        torch.empty_like(work),
+        unit_dim=unit_dim,
+        max_deriv=max_deriv,
+        **params,
+    )
+
+
+def stats_into(
+    kind: str,
+    z: Tensor | None,
+    y: Tensor,
+    work: Tensor,
+    scratch: Tensor,
+    *,
+    unit_dim: int = -1,
+    max_deriv: float | None = None,
+    **params,
+) -> Tensor:
+    """:func:`activation_stats_stacked` computed in two caller-owned ``[L, N]`` buffers.
+
+    ``work`` holds a copy of ``y`` (flattened per call) and is overwritten, like ``scratch``.
+    Everything is in-place float arithmetic on those two buffers (boolean reductions and fresh
+    multi-megabyte temporaries are what make such statistics slow on a CPU), so a caller that
+    keeps the buffers between steps pays no allocation at all.
+    """
+    L = work.shape[0]
+    nan = torch.full((L,), float("nan"), dtype=work.dtype, device=work.device)
+    dead = nan
+    if kind in _HAS_OFF_SIDE and y.dim() >= 3:
+        x = z if z is not None else y
+        unit = unit_dim % (y.dim() - 1) + 1  # the unit axis of one call's tensor, shifted by L
+        others = [i for i in range(1, x.dim()) if i != unit]
+        peak = x.amax(dim=others)  # [L, units]: a unit is dead if even its peak input is <= 0
+        dead = (peak <= 0).to(work.dtype).mean(dim=1)
+    mean = work.mean(dim=1)
+    d = _derivative_into(kind, z, y, work, scratch, params)
+    if d is None:
+        deriv_mean, saturated = nan, nan
     else:
-        std, mean = nan, flat[:, 0]
+        deriv_mean = d.mean(dim=1)
+        if kind in _HAS_TAIL:
+            bound = max_deriv if max_deriv is not None else max_derivative(kind)
+            if kind in _SIGNED_DERIVATIVE:
+                d.abs_()
+            # 1 where |phi'| < threshold, else 0 (d is consumed)
+            below = d.sub_(SATURATION_THRESHOLD * bound).mul_(-1e30).clamp_(0.0, 1.0)
+            saturated = below.mean(dim=1)
+        else:
+            saturated = nan
+    n = work.shape[1]
+    if n > 1:  # two passes: exact even when the spread is tiny next to the mean
+        std = torch.linalg.vector_norm(work.sub_(mean.unsqueeze(1)), dim=1).div_(math.sqrt(n - 1))
+    else:
+        std = nan
+    return torch.stack([mean, std, deriv_mean, saturated, dead], dim=1).to(torch.float64)
+
+
+def _derivative_into(kind, z, y, work, scratch, params) -> Tensor | None:
+    """phi' as an [L, N] tensor, written into ``scratch`` for the common bounded kinds."""
+    if kind == "sigmoid":  # y - y^2
+        return torch.mul(work, work, out=scratch).neg_().add_(work)
+    if kind == "tanh":  # 1 - y^2
+        return torch.mul(work, work, out=scratch).neg_().add_(1.0)
+    if kind == "softsign":  # (1 - |y|)^2
+        return torch.abs(work, out=scratch).neg_().add_(1.0).square_()
     if kind == "prelu" and params.get("weight") is not None and y.dim() >= 3:
         w = params["weight"].detach()
         if w.numel() > 1:  # one slope per channel: dim 1 of a call's tensor, dim 2 here
             params = {**params, "weight": w.view([1, 1, -1] + [1] * (y.dim() - 3))}
     d = derivative(kind, z, y, **params)
     if d is None:
-        deriv_mean, saturated = nan, nan
-    else:
-        d = d.reshape(L, -1)
-        deriv_mean = d.mean(dim=1, dtype=flat.dtype)
-        if kind in _HAS_TAIL:
-            bound = max_deriv if max_deriv is not None else max_derivative(kind)
-            saturated = (d.abs() < SATURATION_THRESHOLD * bound).mean(dim=1, dtype=flat.dtype)
-        else:
-            saturated = nan
-    if kind in _HAS_OFF_SIDE and y.dim() >= 3:
-        x = z if z is not None else y
-        unit = unit_dim % (y.dim() - 1) + 1  # the unit axis of one call's tensor, shifted by L
-        units = x.movedim(unit, 1).reshape(L, x.shape[unit], -1)
-        ever_active = (units > 0).any(dim=2)
-        dead = (~ever_active).mean(dim=1, dtype=flat.dtype)
-    else:
-        dead = nan
-    return torch.stack([mean, std, deriv_mean, saturated, dead], dim=1).to(torch.float64)
+        return None
+    return scratch.copy_(d.reshape(scratch.shape))
