@@ -21,7 +21,10 @@ def test_every_example_is_covered():
 def test_example_runs(name, tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *ARGS[name]],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "first/last" in result.stdout or "t=0" in result.stdout

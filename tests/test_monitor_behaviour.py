@@ -156,6 +156,8 @@ def test_zero_length_run_reads_as_empty(run_dir):
     run = vanishing.load_run(mon.run_dir)
     assert len(run.steps) == 0 and len(run.metrics) == 0
     assert run.manifest["status"] == "closed"
+    with pytest.raises(ValueError, match="recorded no steps"):
+        run.pivot("grad_norm", param="bias")
 
 
 def test_layers_are_in_forward_order_not_registration_order(run_dir):

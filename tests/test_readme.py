@@ -19,6 +19,11 @@ def test_python_examples_run(tmp_path, monkeypatch):
 
 
 def test_readme_has_the_setup_and_run_commands():
-    commands = [line for block in _blocks("bash") for line in block.splitlines() if line and not line.startswith("#")]
+    commands = [
+        line
+        for block in _blocks("bash")
+        for line in block.splitlines()
+        if line and not line.startswith("#")
+    ]
     assert any(c.rstrip().endswith("vanishing demo") and "pip install" in c for c in commands)
     assert any("pytest" in c and "pip install" in c for c in commands)

@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["watch", "Monitor", "load_run", "Run", "__version__"]
+__all__ = [
+    "watch",
+    "Monitor",
+    "load_run",
+    "Run",
+    "inspect",
+    "Diagnosis",
+    "Finding",
+    "Remedy",
+    "__version__",
+]
 
 _LAZY = {
     "watch": "vanishing.monitor",
@@ -24,11 +34,17 @@ _LAZY = {
     "WatchError": "vanishing.monitor",
     "load_run": "vanishing.recorder.reader",
     "Run": "vanishing.recorder.reader",
+    "RunError": "vanishing.recorder.reader",
+    "inspect": "vanishing.diagnose",
+    "Diagnosis": "vanishing.diagnose",
+    "Finding": "vanishing.diagnose",
+    "Remedy": "vanishing.diagnose",
 }
 
 if TYPE_CHECKING:
+    from vanishing.diagnose import Diagnosis, Finding, Remedy, inspect
     from vanishing.monitor import Monitor, WatchError, watch  # noqa: F401
-    from vanishing.recorder.reader import Run, load_run
+    from vanishing.recorder.reader import Run, RunError, load_run  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

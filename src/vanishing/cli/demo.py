@@ -47,7 +47,9 @@ def hidden_speeds(run_dir: Path, depth: int) -> list[float]:
     effective = [
         info["name"]
         for info, nxt in zip(layers, layers[1:] + [None])
-        if not (nxt is not None and nxt["type"].startswith("BatchNorm") and info["type"] == "Linear")
+        if not (
+            nxt is not None and nxt["type"].startswith("BatchNorm") and info["type"] == "Linear"
+        )
     ]
     return [float(table[name].median()) for name in effective[:depth]]
 
@@ -91,7 +93,9 @@ def run_demo(*, out: Path, steps: int, width: int = 32, seed: int = 0) -> list[D
         model = mlp(64, 10, depth=depth, width=width, activation=act, init=init, norm=norm)
         run_dir = base / f"{i:02d}-{act}-{init}-{norm}-d{depth}"
         result = train_classifier(model, data, run_dir=run_dir, steps=steps, seed=seed)
-        rows.append(DemoRow(label, hidden_speeds(result.run_dir, depth), result.test_accuracy, run_dir))
+        rows.append(
+            DemoRow(label, hidden_speeds(result.run_dir, depth), result.test_accuracy, run_dir)
+        )
     _print_summary(console, rows, base, time.perf_counter() - started)
     return rows
 
@@ -107,7 +111,11 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     table.add_column("test accuracy", justify="right")
     for r in rows:
         table.add_row(
-            r.label, f"{r.speeds[0]:.2e}", f"{r.speeds[-1]:.2e}", f"{r.ratio:.1e}", f"{r.accuracy:.1%}"
+            r.label,
+            f"{r.speeds[0]:.2e}",
+            f"{r.speeds[-1]:.2e}",
+            f"{r.ratio:.1e}",
+            f"{r.accuracy:.1%}",
         )
     console.print(table)
 
@@ -126,4 +134,6 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
         "the ratio near 1 (ReLU's derivative is 1 where active; He/Xavier/LeCun init scale weights "
         "to the fan-in; batch norm re-centres inputs away from the flat tails)."
     )
-    console.print(f"Runs written to {base} ({seconds:.0f} s). Read one with vanishing.load_run(PATH).")
+    console.print(
+        f"Runs written to {base} ({seconds:.0f} s). Read one with vanishing.load_run(PATH)."
+    )

@@ -18,8 +18,17 @@ ACTIVATIONS = {
     "selu": nn.SELU,
     "gelu": nn.GELU,
 }
-INITS = ("default", "normal", "glorot_standard", "xavier_uniform", "xavier_normal", "he_uniform",
-         "he_normal", "lecun_normal", "orthogonal")
+INITS = (
+    "default",
+    "normal",
+    "glorot_standard",
+    "xavier_uniform",
+    "xavier_normal",
+    "he_uniform",
+    "he_normal",
+    "lecun_normal",
+    "orthogonal",
+)
 
 
 def init_linear(layer: nn.Linear, init: str, *, std: float = 1.0, activation: str = "relu") -> None:
@@ -86,7 +95,9 @@ def mlp(
         (['Linear', 'ReLU', 'Linear'], 7)
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}"
+        )
     layers: list[nn.Module] = []
     d = d_in
     for _ in range(depth):

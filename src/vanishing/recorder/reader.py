@@ -142,6 +142,11 @@ class Run:
         from vanishing.recorder.schema import MODULE_STATS, PARAM_RATIOS, PARAM_STATS
 
         df = self.metrics
+        if df.empty:
+            raise RunError(
+                f"{self.path}: the run recorded no steps yet (nothing flushed); "
+                "train at least one step, and close() or flush() the monitor"
+            )
         if stat in MODULE_STATS:
             rows = df[df["param"] == ""]
         elif stat in PARAM_STATS or stat in PARAM_RATIOS:

@@ -1,0 +1,49 @@
+"""dead_units: ReLU-like units that are off for every input, so they pass no gradient."""
+
+from __future__ import annotations
+
+from vanishing.diagnose.findings import Finding, Remedy
+from vanishing.diagnose.view import RunView
+
+MIN_DEAD = 0.5  # share of a layer's units off for every example, median over the window
+_DEAD_KINDS = {"relu", "relu6"}  # leaky/elu/selu units still pass some gradient when "off"
+
+
+def check(view: RunView) -> list[Finding]:
+    rows = view.activation_rows()
+    rows = rows[rows["act_dead"].notna()]
+    rows = rows[
+        rows["layer"].map(lambda n: view.by_name.get(n, {}).get("activation") in _DEAD_KINDS)
+    ]
+    if rows.empty:
+        return []
+    med = rows.groupby("layer")["act_dead"].median()
+    bad = med[med >= MIN_DEAD]
+    if bad.empty:
+        return []
+    layers = [n for n in (x["name"] for x in view.layers) if n in bad.index]
+    worst = float(bad.max())
+    return [
+        Finding(
+            kind="dead_units",
+            layers=layers,
+            severity="critical" if worst >= 0.9 else "warning",
+            message=f"{worst:.0%} of units output zero for every example in {len(layers)} layer(s)",
+            evidence={"max_dead_fraction": worst, "mean_dead_fraction": float(bad.mean())},
+            remedies=[
+                Remedy(
+                    "leaky_relu",
+                    f"{worst:.0%} of units are stuck at 0 with zero gradient; a leaky "
+                    "slope lets them recover",
+                ),
+                Remedy("he_init", "He init with zero biases starts about half the units active"),
+                Remedy(
+                    "lower_learning_rate",
+                    "large updates push biases so negative that units never fire again",
+                ),
+                Remedy(
+                    "batch_norm", "normalising pre-activations keeps units near their threshold"
+                ),
+            ],
+        )
+    ]
