@@ -18,21 +18,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=args, prog_name="vanishing", standalone_mode=False)
-    except SystemExit as e:  # typer/click exit with a code
-        return int(e.code or 0)
-    except Exception as e:  # noqa: BLE001 - click usage errors and our one-line errors
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.ClickException):
-            e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            return 130
-        raise
+        # standalone mode: usage errors print one line of usage and exit with code 2
+        app(args=args, prog_name="vanishing")
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        return e.code if isinstance(e.code, int) else 1
     return 0
 
 

@@ -41,3 +41,25 @@ def demo(
     from vanishing.cli.demo import run_demo
 
     run_demo(out=out, steps=steps or (80 if quick else 400))
+
+
+@app.command()
+def diagnose(
+    run: Path = typer.Argument(..., help="A run directory written by vanishing.watch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the diagnosis as JSON."),
+) -> None:
+    """Print the diagnosis of a recorded run (exit 1 when it finds problems)."""
+    import json
+
+    from vanishing.recorder.reader import RunError, load_run
+
+    try:
+        diag = load_run(run).diagnose()
+    except RunError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(diag.to_dict(), indent=2))
+    else:
+        typer.echo(str(diag))
+    raise typer.Exit(0 if diag.healthy else 1)

@@ -1,0 +1,5 @@
+"""``python -m vanishing``: the same as the ``vanishing`` command."""
+
+from vanishing.cli import _console
+
+_console()
