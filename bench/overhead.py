@@ -50,6 +50,7 @@ VARIANTS: dict[str, str] = {
     "plain": "plain",
     "vanishing-params": "vanishing (gradients+updates)",
     "vanishing-all": "vanishing (all statistics)",
+    "vanishing-all-every10": "vanishing (all statistics, every=10)",
     "wandb": "wandb.watch (gradients, log_freq=1)",
     "tensorboard": "tensorboard (add_histogram grads)",
     "cockpit": "cockpit (economy)",
@@ -149,7 +150,7 @@ def setup_plain(task: Task, tmp: Path, args) -> Runner:
     return Runner("plain", plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y))
 
 
-def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
+def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path, every: int = 1) -> Runner:
     try:
         import vanishing
     except Exception as exc:  # any import failure means "skip"
@@ -157,7 +158,7 @@ def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
     if not hasattr(vanishing, "watch"):
         raise Skip("vanishing has no watch() (package not built yet?)")
     model, opt = task.fresh()
-    mon = vanishing.watch(model, optimizer=opt, stats=stats, run_dir=tmp / key)
+    mon = vanishing.watch(model, optimizer=opt, stats=stats, every=every, run_dir=tmp / key)
     stack = contextlib.ExitStack()
     stack.enter_context(mon)
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
@@ -170,6 +171,10 @@ def setup_vanishing_params(task: Task, tmp: Path, args) -> Runner:
 
 def setup_vanishing_all(task: Task, tmp: Path, args) -> Runner:
     return _vanishing_runner("vanishing-all", "all", task, tmp)
+
+
+def setup_vanishing_all_every10(task: Task, tmp: Path, args) -> Runner:
+    return _vanishing_runner("vanishing-all-every10", "all", task, tmp, every=10)
 
 
 def setup_wandb(task: Task, tmp: Path, args) -> Runner:
@@ -287,6 +292,7 @@ SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
     "plain": setup_plain,
     "vanishing-params": setup_vanishing_params,
     "vanishing-all": setup_vanishing_all,
+    "vanishing-all-every10": setup_vanishing_all_every10,
     "wandb": setup_wandb,
     "tensorboard": setup_tensorboard,
     "cockpit": setup_cockpit,

@@ -57,11 +57,32 @@ def l2_norms(tensors: Sequence[Tensor], *, exact_tiny: bool = True) -> Tensor:
         suspicious |= norms == 0
     if suspicious.any():  # host sync: CPU tensors only, where it costs nothing
         for i in suspicious.nonzero().flatten().tolist():  # host sync: CPU only
-            t = tensors[i]
-            if norms[i] == 0 and not t.any():  # host sync: CPU only; an all-zero tensor
-                continue
-            norms[i] = torch.linalg.vector_norm(t, dtype=torch.float64)
+            norms[i] = _exact_norm(tensors[i], norms[i])
     return norms
+
+
+_UP_1 = 2.0**63  # powers of two: scaling by them is exact
+_UP_2 = 2.0**126
+
+
+def _exact_norm(t: Tensor, fast: Tensor) -> Tensor:
+    """Recompute a float32 norm that came out 0 or non-finite (CPU; host syncs are free there).
+
+    Zero: either the tensor is all zeros or its squares underflowed. Scaling by 2^63 brings
+    entries down to ~1e-26 back into range; by 2^126 even the smallest float32 (1.4e-45), so a
+    norm still 0 then is a true 0. Both are one float32 multiply and norm, several times faster
+    than a float64 norm. Non-finite: NaN/inf entries stay so; an overflow is redone in float64.
+    """
+    if t.dtype == torch.float32 and fast == 0:
+        for up in (_UP_1, _UP_2):
+            scaled = torch.linalg.vector_norm(t * up)
+            if scaled > 0 and torch.isfinite(scaled):  # host sync: CPU only
+                return scaled.to(torch.float64) / up
+            if not torch.isfinite(scaled):  # host sync: CPU only
+                break
+        else:
+            return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(t, dtype=torch.float64)
 
 
 def l2_norm(t: Tensor) -> Tensor:
@@ -75,10 +96,10 @@ def l2_norm(t: Tensor) -> Tensor:
     """
     if t.device.type != "cpu":
         return torch.linalg.vector_norm(t, dtype=torch.float64)
-    norm = torch.linalg.vector_norm(t).to(torch.float64)
-    if not (0 < norm < float("inf")) and t.any():  # host sync: CPU only, where it is free
-        norm = torch.linalg.vector_norm(t, dtype=torch.float64)
-    return norm
+    norm = torch.linalg.vector_norm(t)
+    if not (0 < norm < float("inf")):  # host sync: CPU only, where it is free
+        return _exact_norm(t, norm)
+    return norm.to(torch.float64)
 
 
 def nonfinite_counts(tensors: Sequence[Tensor], norms: Tensor | None = None) -> Tensor:
