@@ -2,4 +2,5 @@
 
 from vanishing.cli import _console
 
-_console()
+if __name__ == "__main__":
+    _console()
