@@ -79,6 +79,29 @@ class RunView:
                 return label, table.dropna(axis=1, how="all")
         return "", pd.DataFrame()
 
+    def time_profiles(self) -> list[tuple[str, float, int, str]]:
+        """Per recurrent layer over the window: (layer, gradient at t=0 / at t=T-1, T, cell type),
+        from the median over steps of each time step's gradient norm."""
+        out = []
+        t = self.recent(self.temporal)
+        for layer, rows in t.groupby("layer", sort=False):
+            prof = rows.groupby("t")["grad_norm"].median().sort_index()
+            if len(prof) < 3 or not (prof.iloc[-1] > 0):
+                continue
+            ratio = float(prof.iloc[0] / prof.iloc[-1])
+            cell = self.by_name.get(layer, {}).get("type", "")
+            out.append((layer, ratio, int(rows["length"].max()), cell))
+        return out
+
+    def dominant_activation(self, layers: list[str]) -> str | None:
+        """The activation kind that follows most of these layers."""
+        kinds = [a for a in (self.activation_of(n) for n in layers) if a]
+        return max(set(kinds), key=kinds.count) if kinds else None
+
+    def median_gain(self, layers: list[str]) -> float:
+        gains = [g for g in (self.weight_gain(n) for n in layers) if math.isfinite(g)]
+        return float(np.median(gains)) if gains else float("nan")
+
     def activation_of(self, layer: str) -> str | None:
         return self.by_name.get(layer, {}).get("activation")
 

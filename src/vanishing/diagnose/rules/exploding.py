@@ -46,12 +46,8 @@ def _through_depth(view: RunView) -> list[Finding]:
                 )
     if not (grows_back or forward_growth):
         return []
-    gains = [view.weight_gain(n) for n in view.hidden]
-    gains = [g for g in gains if math.isfinite(g)]
-    gain = sorted(gains)[len(gains) // 2] if gains else float("nan")
-    acts = [view.activation_of(n) for n in view.hidden]
-    kinds = [a for a in acts if a]
-    dominant = max(set(kinds), key=kinds.count) if kinds else None
+    gain = view.median_gain(view.hidden)
+    dominant = view.dominant_activation(view.hidden)
     target, init_name = gain_target(dominant)
     evidence["median_weight_gain"] = gain
     what = (
@@ -98,15 +94,9 @@ def _through_depth(view: RunView) -> list[Finding]:
 
 def _through_time(view: RunView) -> list[Finding]:
     out = []
-    t = view.recent(view.temporal)
-    for layer, rows in t.groupby("layer", sort=False):
-        prof = rows.groupby("t")["grad_norm"].median().sort_index()
-        if len(prof) < 3 or not (prof.iloc[-1] > 0):
-            continue
-        ratio = float(prof.iloc[0] / prof.iloc[-1])
+    for layer, ratio, T, _cell in view.time_profiles():
         if not ratio >= MIN_FIRST_TO_LAST_TIME:
             continue
-        T = int(rows["length"].max())
         out.append(
             Finding(
                 kind="exploding_gradient",

@@ -17,8 +17,10 @@ def check(view: RunView) -> list[Finding]:
     if w.empty:
         return []
     med = w.groupby("layer")["update_ratio"].median()
-    med = med[med.index.isin(view.hidden + [view.layers[-1]["name"]] if view.layers else [])]
-    med = med[med.index.map(lambda n: not view.by_name[n]["type"].startswith("Embedding"))]
+    layers = {x["name"] for x in view.layers if x["role"] == "layer"}
+    med = med[
+        [n in layers and not view.by_name[n]["type"].startswith("Embedding") for n in med.index]
+    ]
     if len(med) < 3:
         return []
     typical = float(med.median())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from vanishing.diagnose.findings import Finding, Remedy, unique
 from vanishing.diagnose.view import _BOUNDED, RunView, depth_slope, gain_target
 
@@ -54,14 +52,10 @@ def _through_depth(view: RunView) -> list[Finding]:
 
 
 def _depth_remedies(view, layers, per_layer, ratio, evidence) -> list[Remedy]:
-    acts = [view.activation_of(n) for n in layers]
-    kinds = [a for a in acts if a]
-    dominant = max(set(kinds), key=kinds.count) if kinds else None
+    dominant = view.dominant_activation(layers)
     arows = view.activation_rows()
     deriv = float(arows["act_deriv_mean"].median()) if not arows.empty else float("nan")
-    gains = [view.weight_gain(n) for n in layers]
-    gains = [g for g in gains if math.isfinite(g)]
-    gain = float(np.median(gains)) if gains else float("nan")
+    gain = view.median_gain(layers)
     target, init_name = gain_target(dominant)
     evidence["median_weight_gain"] = gain
     evidence["mean_activation_derivative"] = deriv
@@ -121,16 +115,9 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence) -> list[Remedy]:
 
 def _through_time(view: RunView) -> list[Finding]:
     out = []
-    t = view.recent(view.temporal)
-    for layer, rows in t.groupby("layer", sort=False):
-        prof = rows.groupby("t")["grad_norm"].median().sort_index()
-        if len(prof) < 3 or not (prof.iloc[-1] > 0):
-            continue
-        ratio = float(prof.iloc[0] / prof.iloc[-1])
+    for layer, ratio, T, cell in view.time_profiles():
         if not ratio <= MAX_FIRST_TO_LAST_TIME:
             continue
-        T = int(rows["length"].max())
-        cell = view.by_name.get(layer, {}).get("type", "")
         per_step = ratio ** (1 / max(T - 1, 1)) if ratio > 0 else 0.0
         remedies = []
         if cell == "RNN":
