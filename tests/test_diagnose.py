@@ -60,7 +60,11 @@ def test_deep_sigmoid_vanishes_at_init_and_in_training(run_dir):
     f = next(f for f in diag.findings if f.kind == "vanishing_gradient")
     assert f.layers[0] == "0" and f.evidence["first_to_last_ratio"] < 1e-3
     assert f.remedies[0].name == "relu" and "sigmoid'(z)" in f.remedies[0].why
-    assert "vanishing_gradient" in _train(model, run_dir).kinds
+    trained = _train(model, run_dir)
+    assert "vanishing_gradient" in trained.kinds
+    stalled = next(f for f in trained.findings if f.kind == "stalled_layers")
+    assert stalled.layers[0] == "0" and "18" not in stalled.layers  # early layers, not late ones
+    assert stalled.evidence["relative"] <= 1e-3
 
 
 def test_healthy_he_relu_net_has_no_findings(run_dir):

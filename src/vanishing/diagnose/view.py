@@ -32,9 +32,15 @@ class RunView:
         self.metrics: pd.DataFrame = run.metrics
         self.steps: pd.DataFrame = run.steps
         self.temporal: pd.DataFrame = run.temporal
-        recorded = sorted(self.steps["step"].tolist())
-        n = max(1, int(math.ceil(len(recorded) * window)))
-        self.window_steps = recorded[-n:]  # persistence: judged on the last half of the run
+        s = self.steps
+        bad = s[(s["loss_nonfinite"] > 0) | (s["grad_nonfinite"] > 0) | (s["param_nonfinite"] > 0)]
+        #: the first step with NaN/inf; the other rules judge only the steps before it
+        self.first_nonfinite = int(bad["step"].min()) if not bad.empty else None
+        recorded = sorted(s["step"].tolist())
+        if self.first_nonfinite is not None:
+            recorded = [x for x in recorded if x < self.first_nonfinite]
+        n = max(1, int(math.ceil(len(recorded) * window))) if recorded else 0
+        self.window_steps = recorded[-n:] if n else []  # persistence: the last half of the run
 
     @cached_property
     def by_name(self) -> dict[str, dict]:

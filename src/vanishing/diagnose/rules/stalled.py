@@ -7,8 +7,8 @@ import math
 from vanishing.diagnose.findings import Finding, Remedy
 from vanishing.diagnose.view import RunView
 
-MAX_RELATIVE = 1e-2  # a stalled layer's update ratio over the median layer's
-MIN_LEARNING = 1e-5  # the median layer's update ratio: the others do learn
+MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
+MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
 
 
 def check(view: RunView) -> list[Finding]:
@@ -23,7 +23,7 @@ def check(view: RunView) -> list[Finding]:
     ]
     if len(med) < 3:
         return []
-    typical = float(med.median())
+    typical = float(med.quantile(0.9))
     if not typical >= MIN_LEARNING:
         return []
     stalled = med[med <= typical * MAX_RELATIVE]
@@ -38,7 +38,7 @@ def check(view: RunView) -> list[Finding]:
             layers=layers,
             severity="critical" if rel <= 1e-4 else "warning",
             message=(
-                f"{len(layers)} layer(s) change {rel:.1e} as fast as the typical layer "
+                f"{len(layers)} layer(s) change {rel:.1e} as fast as the layers that learn "
                 f"(update/weight {slowest:.1e} vs {typical:.1e})"
             ),
             evidence={
@@ -49,7 +49,7 @@ def check(view: RunView) -> list[Finding]:
             remedies=[
                 Remedy(
                     "he_init",
-                    f"{layers[0]} moves {rel:.1e} as fast as the median layer; "
+                    f"{layers[0]} moves {rel:.1e} as fast as the layers that learn; "
                     "gradients that reach it are too small, and a careful init keeps their scale",
                 ),
                 Remedy("batch_norm", "normalisation keeps every layer's gradient on one scale"),
