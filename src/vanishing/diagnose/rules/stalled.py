@@ -17,6 +17,7 @@ def check(view: RunView) -> list[Finding]:
     if w.empty:
         return []
     med = w.groupby("layer")["update_ratio"].median()
+    med = med[med.map(math.isfinite)]
     layers = {x["name"] for x in view.layers if x["role"] == "layer"}
     med = med[
         [n in layers and not view.by_name[n]["type"].startswith("Embedding") for n in med.index]
