@@ -27,6 +27,7 @@ class DemoRow:
     speeds: list[float]  # speed of learning per hidden layer, forward order
     accuracy: float
     run_dir: Path
+    kinds: list[str]
 
     @property
     def ratio(self) -> float:
@@ -71,6 +72,7 @@ def run_demo(*, out: Path, steps: int, width: int = 32, seed: int = 0) -> list[D
     from vanishing.experiments.data import digits
     from vanishing.experiments.models import mlp
     from vanishing.experiments.train import train_classifier
+    from vanishing.recorder.reader import load_run
 
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -93,9 +95,9 @@ def run_demo(*, out: Path, steps: int, width: int = 32, seed: int = 0) -> list[D
         model = mlp(64, 10, depth=depth, width=width, activation=act, init=init, norm=norm)
         run_dir = base / f"{i:02d}-{act}-{init}-{norm}-d{depth}"
         result = train_classifier(model, data, run_dir=run_dir, steps=steps, seed=seed)
-        rows.append(
-            DemoRow(label, hidden_speeds(result.run_dir, depth), result.test_accuracy, run_dir)
-        )
+        kinds = load_run(result.run_dir).diagnose().kinds
+        speeds = hidden_speeds(result.run_dir, depth)
+        rows.append(DemoRow(label, speeds, result.test_accuracy, run_dir, kinds))
     _print_summary(console, rows, base, time.perf_counter() - started)
     return rows
 
@@ -109,6 +111,7 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     table.add_column("last hidden", justify="right")
     table.add_column("first / last", justify="right")
     table.add_column("test accuracy", justify="right")
+    table.add_column("diagnosis")
     for r in rows:
         table.add_row(
             r.label,
@@ -116,6 +119,7 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
             f"{r.speeds[-1]:.2e}",
             f"{r.ratio:.1e}",
             f"{r.accuracy:.1%}",
+            ", ".join(r.kinds) or "healthy",
         )
     console.print(table)
 
