@@ -178,3 +178,11 @@ def test_inplace_activation_without_input_still_measured():
     )
     # GELU needs its input: without it the derivative is unknown, never made up
     assert math.isnan(activation_stats("gelu", None, y).tolist()[2])
+
+
+def test_fused_strategy_used_on_gpus_agrees_with_the_cpu_one():
+    ts = [torch.randn(7, 5), torch.full((100,), 1e-30), torch.tensor([1.0, float("nan"), float("inf")])]
+    cpu, fused = l2_norms(ts), l2_norms(ts, fused=True)
+    assert cpu[:2].tolist() == pytest.approx(fused[:2].tolist(), rel=1e-6)
+    assert math.isnan(fused[2])
+    assert nonfinite_counts(ts, fused=True).tolist() == nonfinite_counts(ts).tolist() == [0, 0, 2]

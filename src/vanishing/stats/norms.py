@@ -19,14 +19,17 @@ __all__ = ["l2_norm", "l2_norms", "nonfinite_counts", "temporal_profile", "MAX_T
 MAX_TIME_POINTS = 64
 
 
-def l2_norms(tensors: Sequence[Tensor], *, exact_tiny: bool = True) -> Tensor:
+def l2_norms(
+    tensors: Sequence[Tensor], *, exact_tiny: bool = True, fused: bool | None = None
+) -> Tensor:
     """L2 norm of each tensor, ``||t||_2 = sqrt(sum_i t_i^2)``, as one float64 vector.
 
     On a GPU every norm is accumulated in float64 (one fused kernel, no host sync). On the CPU the
     fast float32 kernel is used and only the norms that under- or overflowed are recomputed in
     float64: the non-finite ones, and (with ``exact_tiny``, the default) the zero ones whose
     tensor is not all zeros. Pass ``exact_tiny=False`` when entries cannot be below ~1e-19 unless
-    they are exactly 0 (e.g. differences of float32 weights of ordinary size).
+    they are exactly 0 (e.g. differences of float32 weights of ordinary size). ``fused`` forces
+    the GPU strategy (default: GPU strategy off the CPU).
 
     Example:
         >>> import torch
@@ -37,8 +40,7 @@ def l2_norms(tensors: Sequence[Tensor], *, exact_tiny: bool = True) -> Tensor:
     """
     if len(tensors) == 0:
         return torch.empty(0, dtype=torch.float64)
-    device = tensors[0].device
-    if device.type != "cpu":
+    if fused if fused is not None else tensors[0].device.type != "cpu":
         return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -102,7 +104,9 @@ def l2_norm(t: Tensor) -> Tensor:
     return norm.to(torch.float64)
 
 
-def nonfinite_counts(tensors: Sequence[Tensor], norms: Tensor | None = None) -> Tensor:
+def nonfinite_counts(
+    tensors: Sequence[Tensor], norms: Tensor | None = None, *, fused: bool | None = None
+) -> Tensor:
     """Number of NaN or infinite entries in each tensor, as a float64 vector.
 
     ``norms`` (from :func:`l2_norms`) lets the CPU path skip every tensor whose norm is finite:
@@ -118,8 +122,7 @@ def nonfinite_counts(tensors: Sequence[Tensor], norms: Tensor | None = None) -> 
     """
     if len(tensors) == 0:
         return torch.empty(0, dtype=torch.float64)
-    device = tensors[0].device
-    if device.type != "cpu":
+    if fused if fused is not None else tensors[0].device.type != "cpu":
         zeroed = torch._foreach_mul(list(tensors), 0.0)
         return torch.stack(torch._foreach_norm(zeroed, 0, dtype=torch.float64))
     counts = torch.zeros(len(tensors), dtype=torch.float64)
