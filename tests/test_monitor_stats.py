@@ -227,3 +227,18 @@ def test_tiny_gradients_are_not_flushed_to_zero(run_dir):
     r = row(vanishing.load_run(run_dir), 0, "0", "bias")
     assert r.grad_norm == pytest.approx(model[0].bias.grad.double().norm().item(), rel=1e-6)
     assert 0 < r.grad_norm < 1e-28
+
+
+def test_inplace_activation_is_measured_when_it_runs(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias[:6] = -50.0
+    x = torch.randn(32, 5)
+    with vanishing.watch(model, run_dir=run_dir):
+        model(x).sum().backward()
+    z = model[0](x).detach()
+    r = row(vanishing.load_run(run_dir), 0, "1", "")
+    assert r.act_mean == pytest.approx(torch.relu(z).mean().item(), rel=1e-6)
+    assert r.act_deriv_mean == pytest.approx((z > 0).double().mean().item())
+    assert r.act_dead == pytest.approx(((z <= 0).all(dim=0)).double().mean().item()) and r.act_dead >= 6 / 16
