@@ -178,3 +178,31 @@ def test_diagnosing_an_empty_run_is_a_clear_error(run_dir):
         pass
     with pytest.raises(ValueError, match="nothing to diagnose"):
         vanishing.load_run(run_dir).diagnose()
+
+
+def test_nielsens_4x30_sigmoid_net_vanishes_4_to_5x_per_layer():
+    """Nielsen, Neural Networks and Deep Learning ch. 5: [784, 30, 30, 30, 30, 10], sigmoid,
+    weights N(0, 1/n_in), biases N(0, 1): each hidden layer learns ~4-5x slower than the next."""
+    from vanishing.experiments.data import digits
+
+    x, y, _, _ = digits()
+    x, y = x[:1000], y[:1000]
+    shrink = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        sizes = [64, 30, 30, 30, 30, 10]
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            lin = nn.Linear(a, b)
+            nn.init.normal_(lin.weight, 0.0, 1 / math.sqrt(a))
+            nn.init.normal_(lin.bias, 0.0, 1.0)
+            layers += [lin, nn.Sigmoid()]
+        model = nn.Sequential(*layers)
+
+        def loss(out, target):
+            return nn.functional.binary_cross_entropy(out, nn.functional.one_hot(target, 10).float())
+
+        diag = vanishing.inspect(model, x, y, loss)
+        assert diag.kinds == ["vanishing_gradient"], str(diag)
+        shrink.append(diag.findings[0].evidence["shrink_per_layer"])
+    assert all(3.0 <= s <= 7.0 for s in shrink), shrink
