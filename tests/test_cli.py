@@ -12,7 +12,10 @@ import vanishing
 
 def _cli(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "vanishing", *map(str, args)], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "vanishing", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
     )
 
 
@@ -24,7 +27,9 @@ def _record(run_dir, depth):
         d = 16
     model = nn.Sequential(*layers, nn.Linear(d, 2))
     with vanishing.watch(model, run_dir=run_dir):
-        nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 2, (32,))).backward()
+        nn.functional.cross_entropy(
+            model(torch.randn(32, 8)), torch.randint(0, 2, (32,))
+        ).backward()
 
 
 def test_diagnose_exit_codes_and_json(tmp_path):

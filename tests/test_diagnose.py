@@ -200,7 +200,9 @@ def test_nielsens_4x30_sigmoid_net_vanishes_4_to_5x_per_layer():
         model = nn.Sequential(*layers)
 
         def loss(out, target):
-            return nn.functional.binary_cross_entropy(out, nn.functional.one_hot(target, 10).float())
+            return nn.functional.binary_cross_entropy(
+                out, nn.functional.one_hot(target, 10).float()
+            )
 
         diag = vanishing.inspect(model, x, y, loss)
         assert diag.kinds == ["vanishing_gradient"], str(diag)

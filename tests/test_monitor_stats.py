@@ -241,4 +241,7 @@ def test_inplace_activation_is_measured_when_it_runs(run_dir):
     r = row(vanishing.load_run(run_dir), 0, "1", "")
     assert r.act_mean == pytest.approx(torch.relu(z).mean().item(), rel=1e-6)
     assert r.act_deriv_mean == pytest.approx((z > 0).double().mean().item())
-    assert r.act_dead == pytest.approx(((z <= 0).all(dim=0)).double().mean().item()) and r.act_dead >= 6 / 16
+    assert (
+        r.act_dead == pytest.approx(((z <= 0).all(dim=0)).double().mean().item())
+        and r.act_dead >= 6 / 16
+    )

@@ -102,10 +102,9 @@ _MODULES = {
 
 
 def _kwargs(kind, module):
-    from vanishing.stats.activations import _params
+    from vanishing.stats.activations import activation_params
 
-    p = _params(module)
-    return {k: v for k, v in p.items() if v is not None}
+    return activation_params(kind, module)
 
 
 @pytest.mark.parametrize("kind", ACTIVATION_KINDS)
@@ -181,7 +180,11 @@ def test_inplace_activation_without_input_still_measured():
 
 
 def test_fused_strategy_used_on_gpus_agrees_with_the_cpu_one():
-    ts = [torch.randn(7, 5), torch.full((100,), 1e-30), torch.tensor([1.0, float("nan"), float("inf")])]
+    ts = [
+        torch.randn(7, 5),
+        torch.full((100,), 1e-30),
+        torch.tensor([1.0, float("nan"), float("inf")]),
+    ]
     cpu, fused = l2_norms(ts), l2_norms(ts, fused=True)
     assert cpu[:2].tolist() == pytest.approx(fused[:2].tolist(), rel=1e-6)
     assert math.isnan(fused[2])

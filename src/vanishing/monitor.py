@@ -33,6 +33,7 @@ from vanishing.recorder.schema import MODULE_STATS, PARAM_STATS, SCHEMA_VERSION,
 from vanishing.schedule import Schedule, resolve_schedule
 from vanishing.stats.activations import (
     activation_kind,
+    activation_params,
     activation_stats,
     max_derivative,
     stats_into,
@@ -95,8 +96,11 @@ class _ModuleRow:
     kind: str | None  # activation kind
     recurrent: bool
     owns_params: bool
+    # resolved at the module's first recorded call
     unit_dim: int | None = None
     max_deriv: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    needs_input: bool = False
 
 
 @dataclass
@@ -184,7 +188,6 @@ class Monitor:
         self._ran: set[str] = set()
         self._last_layer_name: str | None = None
         self._order_final = False
-        self._last_layer: nn.Module | None = None
         self._following_activation: dict[str, str] = {}
 
         # per-step state
@@ -230,7 +233,6 @@ class Monitor:
         self._rnn_rows = [r for r in self._modules if r.recurrent]
         self._rnn_slot = {r.index: i for i, r in enumerate(self._rnn_rows)}
         R = len(self._rnn_rows)
-        self._col_step = 0
         self._col_param = len(STEP_STATS)
         self._col_module = self._col_param + _N_PARAM * P
         self._col_time = self._col_module + _N_MODULE * M
@@ -245,7 +247,7 @@ class Monitor:
             )
             self._handles.append(entry.register_forward_hook(self._guard(self._on_forward_end)))
         for name, module in root.named_modules():
-            h = module.register_forward_pre_hook(functools.partial(self._discover, name, module))
+            h = module.register_forward_pre_hook(functools.partial(self._discover, name))
             self._discovery_handles.append(h)
         if self._stats == "all":
             for row in self._modules:
@@ -288,7 +290,7 @@ class Monitor:
             stacklevel=3,
         )
 
-    def _discover(self, name: str, module: nn.Module, _module: nn.Module, args: tuple) -> None:
+    def _discover(self, name: str, module: nn.Module, args: tuple) -> None:
         if self._order_final:
             return
         if name not in self._seen_names:
@@ -298,7 +300,6 @@ class Monitor:
         if row is None:
             return
         if row.owns_params and row.kind is None:
-            self._last_layer = module
             self._last_layer_name = name
         elif row.kind is not None:
             prev = self._last_layer_name
@@ -355,14 +356,16 @@ class Monitor:
         z = args[0] if args and isinstance(args[0], Tensor) else None
         inplace = z is output
         if row.unit_dim is None:
-            last = self._last_layer
+            last = self._module_by_name.get(self._last_layer_name or "")
+            last = last.module if last is not None else None
             channels_first = output.dim() >= 3 and isinstance(last, _CHANNEL_FIRST)
             row.unit_dim = 1 if (channels_first or output.dim() == 2) else -1
             row.max_deriv = max_derivative(row.kind, module)
-        params = _activation_params(row.kind, module)
-        needs_input = row.kind in _NEEDS_INPUT or (
-            row.kind == "leaky_relu" and module.negative_slope <= 0
-        )
+            row.params = activation_params(row.kind, module)
+            row.needs_input = row.kind in _NEEDS_INPUT or (
+                row.kind == "leaky_relu" and module.negative_slope <= 0
+            )
+        params, needs_input = row.params, row.needs_input
         if inplace or output.device.type != "cpu":
             # In place: the output overwrote the input and may be overwritten again. On a GPU
             # the kernels queue without waiting and the caching allocator makes temporaries
@@ -831,20 +834,6 @@ class Monitor:
 
 
 _NEEDS_INPUT = {"gelu", "silu", "prelu"}  # phi'(z) cannot be read off their output
-
-
-def _activation_params(kind: str, module: nn.Module) -> dict[str, Any]:
-    if kind == "leaky_relu":
-        return {"negative_slope": module.negative_slope}
-    if kind == "elu":
-        return {"alpha": module.alpha}
-    if kind in ("hardtanh", "relu6"):
-        return {"min_val": module.min_val, "max_val": module.max_val}
-    if kind == "gelu":
-        return {"approximate": module.approximate}
-    if kind == "prelu":
-        return {"weight": module.weight}
-    return {}
 
 
 def _entry_modules(root: nn.Module) -> list[nn.Module]:

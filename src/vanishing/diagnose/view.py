@@ -20,7 +20,6 @@ _NOT_IN_PROFILE = (
     "LocalResponseNorm",
 )
 _BOUNDED = {"sigmoid", "tanh", "softsign", "hardtanh"}
-_RELU_LIKE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu"}
 
 
 class RunView:

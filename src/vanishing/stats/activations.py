@@ -40,6 +40,7 @@ __all__ = [
     "ACTIVATION_KINDS",
     "SATURATION_THRESHOLD",
     "activation_kind",
+    "activation_params",
     "activation_stats",
     "activation_stats_stacked",
     "derivative",
@@ -91,15 +92,27 @@ def activation_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _params(module: nn.Module) -> dict:
-    return {
-        "negative_slope": getattr(module, "negative_slope", 0.01),
-        "alpha": getattr(module, "alpha", 1.0),
-        "min_val": getattr(module, "min_val", -1.0),
-        "max_val": getattr(module, "max_val", 1.0),
-        "approximate": getattr(module, "approximate", "none"),
-        "weight": getattr(module, "weight", None),
-    }
+def activation_params(kind: str, module: nn.Module) -> dict:
+    """The options of an activation module that its derivative depends on, as keyword
+    arguments of :func:`derivative` and :func:`activation_stats`.
+
+    Example:
+        >>> from torch import nn
+        >>> from vanishing.stats.activations import activation_params
+        >>> activation_params("leaky_relu", nn.LeakyReLU(0.2)), activation_params("tanh", nn.Tanh())
+        ({'negative_slope': 0.2}, {})
+    """
+    if kind == "leaky_relu":
+        return {"negative_slope": module.negative_slope}
+    if kind == "elu":
+        return {"alpha": module.alpha}
+    if kind in ("hardtanh", "relu6"):
+        return {"min_val": module.min_val, "max_val": module.max_val}
+    if kind == "gelu":
+        return {"approximate": module.approximate}
+    if kind == "prelu":
+        return {"weight": module.weight}
+    return {}
 
 
 def max_derivative(kind: str, module: nn.Module | None = None) -> float:
@@ -110,23 +123,23 @@ def max_derivative(kind: str, module: nn.Module | None = None) -> float:
         >>> max_derivative("sigmoid"), max_derivative("tanh")
         (0.25, 1.0)
     """
-    p = _params(module) if module is not None else _params(nn.Identity())
+    p = activation_params(kind, module) if module is not None else {}
     if kind == "sigmoid":
         return 0.25
     if kind in ("tanh", "softsign", "hardtanh", "relu", "relu6"):
         return 1.0
     if kind == "leaky_relu":
-        return max(1.0, abs(p["negative_slope"]))
+        return max(1.0, abs(p.get("negative_slope", 0.01)))
     if kind == "prelu":
-        w = p["weight"]
+        w = p.get("weight")
         # host sync: at most once per layer, when the manifest is written
         return 1.0 if w is None else max(1.0, float(w.detach().abs().max()))
     if kind == "elu":
-        return max(1.0, p["alpha"])
+        return max(1.0, p.get("alpha", 1.0))
     if kind == "selu":
         return _SELU_SCALE * _SELU_ALPHA
     if kind == "gelu":
-        return 1.1289761 if p["approximate"] == "none" else 1.1290463
+        return 1.1289761 if p.get("approximate", "none") == "none" else 1.1290463
     if kind == "silu":
         return 1.0998393
     raise ValueError(f"unknown activation kind {kind!r}; expected one of {ACTIVATION_KINDS}")
