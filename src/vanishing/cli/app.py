@@ -1,12 +1,20 @@
-"""Commands of the ``vanishing`` CLI; each command's work lives in its own module."""
+"""The typer application; each command lives in its own module with a ``register(app)`` function.
+
+Command modules keep their heavy imports (torch, pandas, matplotlib) inside the command body, so
+``vanishing --help`` stays fast.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+import importlib.util
 
 import typer
 
 from vanishing import __version__
+
+# in the order ``vanishing --help`` lists them
+COMMAND_MODULES = ("demo", "run", "sweep", "diagnose", "report", "reproduce")
 
 app = typer.Typer(
     help="Find, explain and fix vanishing and exploding gradients in PyTorch.",
@@ -31,35 +39,18 @@ def _root(
     pass
 
 
-@app.command()
-def demo(
-    quick: bool = typer.Option(False, "--quick", help="Fewer steps: done in seconds."),
-    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Where the run directories go."),
-    steps: int = typer.Option(0, "--steps", min=0, help="Training steps per model (0: default)."),
-) -> None:
-    """Watch the vanishing gradient happen in a deep sigmoid net, and ReLU + He init cure it."""
-    from vanishing.cli.demo import run_demo
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the exit (code 2, bad input) to raise.
 
-    run_demo(out=out, steps=steps or (80 if quick else 400))
+    Example:
+        >>> from vanishing.cli.app import fail
+        >>> fail("no such run: x").exit_code   # doctest: +SKIP
+        2
+    """
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
 
 
-@app.command()
-def diagnose(
-    run: Path = typer.Argument(..., help="A run directory written by vanishing.watch."),
-    as_json: bool = typer.Option(False, "--json", help="Print the diagnosis as JSON."),
-) -> None:
-    """Print the diagnosis of a recorded run (exit 1 when it finds problems)."""
-    import json
-
-    from vanishing.recorder.reader import RunError, load_run
-
-    try:
-        diag = load_run(run).diagnose()
-    except RunError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    if as_json:
-        typer.echo(json.dumps(diag.to_dict(), indent=2))
-    else:
-        typer.echo(str(diag))
-    raise typer.Exit(0 if diag.healthy else 1)
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(f"vanishing.cli.{_name}") is not None:
+        importlib.import_module(f"vanishing.cli.{_name}").register(app)

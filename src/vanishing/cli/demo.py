@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import typer
 
 # (label, activation, init, depth, norm): the baseline first, the shallow control last
 CONFIGS = [
@@ -19,6 +19,21 @@ CONFIGS = [
     ("sigmoid + batch norm", "sigmoid", "normal", 10, "batch"),
     ("sigmoid, 2 hidden (control)", "sigmoid", "normal", 2, "none"),
 ]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``demo`` command to ``app``."""
+
+    @app.command()
+    def demo(
+        quick: bool = typer.Option(False, "--quick", help="Fewer steps: done in seconds."),
+        out: Path = typer.Option(Path("runs"), "--out", "-o", help="Where the run directories go."),
+        steps: int = typer.Option(
+            0, "--steps", min=0, help="Training steps per model (0: default)."
+        ),
+    ) -> None:
+        """Watch the vanishing gradient happen in a deep sigmoid net, and the remedies cure it."""
+        run_demo(out=out, steps=steps or (80 if quick else 400))
 
 
 @dataclass
@@ -67,6 +82,7 @@ def run_demo(*, out: Path, steps: int, width: int = 32, seed: int = 0) -> list[D
         >>> rows[0].ratio < rows[1].ratio    # sigmoid N(0,1) vanishes, relu + He does not
         True
     """
+    import torch
     from rich.console import Console
 
     from vanishing.experiments.data import digits
