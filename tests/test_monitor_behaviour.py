@@ -298,3 +298,24 @@ def test_module_called_several_times_per_forward(run_dir):
     assert row(run, 0, "block", "weight").grad_norm == pytest.approx(
         block.weight.grad.norm().item(), rel=1e-6
     )
+
+
+def test_latest_gives_last_recorded_step_per_layer_in_forward_order(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r", flush_every=2) as mon:
+        assert mon.latest() == {}
+        for _ in range(3):  # the third step sits after a flush: the buffer row must still be found
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                model(torch.randn(5, 4)), torch.randint(0, 3, (5,))
+            ).backward()
+            expected = {n: model.get_submodule(n).weight.grad.norm().item() for n in ("0", "2")}
+            opt.step()
+        got = mon.latest("grad_norm")
+        assert list(got) == ["0", "2"]
+        for name in got:
+            assert got[name] == pytest.approx(expected[name], rel=1e-6)
+        with pytest.raises(ValueError, match="unknown stat"):
+            mon.latest("loss")

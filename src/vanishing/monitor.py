@@ -171,6 +171,7 @@ class Monitor:
         self._layout_columns()
         self._buffer: Tensor | None = None  # allocated on the first recorded step
         self._slot = 0
+        self._last_slot: int | None = None  # buffer row of the last recorded step
         self._host_rows: list[tuple[int, float, int]] = []  # (step, wall time, skipped before)
 
         self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
@@ -674,6 +675,7 @@ class Monitor:
 
         self._host_rows.append((self.step, time.time(), self._skipped))
         self._skipped = 0
+        self._last_slot = self._slot
         self._slot += 1
         self._advance()
         if self._slot >= self._flush_every:
@@ -808,6 +810,35 @@ class Monitor:
             warnings.warn(
                 f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2
             )
+
+    def latest(self, stat: str = "grad_norm", *, param: str = "weight") -> dict[str, float]:
+        """Each layer's ``stat`` for its ``param`` at the last recorded step, in forward order.
+
+        ``stat`` is one of the per-parameter statistics (``grad_norm``, ``param_norm``,
+        ``update_norm``); the result is empty before the first recorded step. It costs one host
+        sync, so call it at display rate (a progress bar), not every step.
+
+        Example:
+            >>> mon.latest("grad_norm")   # doctest: +SKIP
+            {'0': 0.0021, '2': 0.013, '4': 0.19}
+        """
+        from vanishing.recorder.schema import PARAM_STATS
+
+        if stat not in PARAM_STATS[:3]:
+            raise ValueError(f"unknown stat {stat!r}; expected one of {', '.join(PARAM_STATS[:3])}")
+        if self._last_slot is None or self._buffer is None:
+            return {}
+        P = len(self._params)
+        col = PARAM_STATS.index(stat)
+        row = self._buffer[self._last_slot, self._col_param : self._col_module].view(P, _N_PARAM)
+        values = row[:, col].tolist()  # host sync: on demand, for live displays
+        modules, labels, _ = self._layer_names()
+        by_layer = {
+            labels[p.index][0]: v
+            for p, v in zip(self._params, values)
+            if labels[p.index][1] == param
+        }
+        return {r.name: by_layer[r.name] for r in modules if r.name in by_layer}
 
     def diagnose(self):
         """The diagnosis of everything recorded so far (flushes first).
