@@ -110,6 +110,26 @@ class _ParamRow:
     owners: list[tuple[str, str]] = field(default_factory=list)  # (module name, local name)
 
 
+def _local(t: Tensor) -> Tensor:
+    """This process's shard of a DTensor (FSDP2's sharded parameters and gradients), else ``t``.
+
+    Norms of shards are squared and summed across the shard group at flush time.
+    """
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def _shard_groups(param: Tensor) -> tuple:
+    """The process groups over which a DTensor parameter is sharded (empty when it is not)."""
+    if type(param).__name__ != "DTensor":
+        return ()
+    mesh = param.device_mesh
+    return tuple(
+        mesh.get_group(dim)
+        for dim, placement in enumerate(param.placements)
+        if placement.is_shard()
+    )
+
+
 class Monitor:
     """Records per-layer gradient statistics of a training loop; made by :func:`watch`.
 
@@ -228,6 +248,11 @@ class Monitor:
                     self._params.append(pr)
                 pr.owners.append((name, local))
         self._module_by_name = {r.name: r for r in self._modules}
+        # FSDP2: parameters sharded over process groups; their norms are combined at flush
+        self._sharded: dict[Any, list[int]] = {}
+        for r in self._params:
+            for group in _shard_groups(r.param):
+                self._sharded.setdefault(group, []).append(r.index)
 
     def _layout_columns(self) -> None:
         P, M = len(self._params), len(self._modules)
@@ -540,7 +565,7 @@ class Monitor:
             held = {id(p) for g in groups for p in g["params"]}
             rows = [r for r in self._params if id(r.param) in held]
             others = [r for r in self._params if id(r.param) not in held]
-            self._tracker = (rows, UpdateTracker([r.param for r in rows]), others)
+            self._tracker = (rows, UpdateTracker([_local(r.param) for r in rows]), others)
             self._opt_groups_seen = n
         return self._tracker
 
@@ -555,8 +580,9 @@ class Monitor:
         else:
             wnorm = torch.empty(len(self._params), dtype=torch.float64, device=held.device)
             wnorm[self._param_index(rows)] = held
-            wnorm[self._param_index(others)] = l2_norms([r.param.detach() for r in others])
-        self._weights = (wnorm, nonfinite_counts([r.param.detach() for r in self._params], wnorm))
+            wnorm[self._param_index(others)] = l2_norms([_local(r.param.detach()) for r in others])
+        weights = [_local(r.param.detach()) for r in self._params]
+        self._weights = (wnorm, nonfinite_counts(weights, wnorm))
 
     def _on_step_end(self, optimizer, args, kwargs) -> None:
         if not self._recording:
@@ -570,14 +596,14 @@ class Monitor:
     def _measure_gradients(self, *, unscale: bool) -> None:
         """Gradient norms and non-finite counts of every parameter that has a gradient now."""
         present = [r for r in self._params if r.param.grad is not None]
-        grads = [r.param.grad.detach() for r in present]
+        grads = [_local(r.param.grad.detach()) for r in present]
         gnorm = l2_norms(grads)
         if unscale:
             gnorm = self._unscale(gnorm)
         self._grad_stats = (present, gnorm, nonfinite_counts(grads, gnorm))
 
     def _measure_weights(self) -> None:
-        weights = [r.param.detach() for r in self._params]
+        weights = [_local(r.param.detach()) for r in self._params]
         wnorm = l2_norms(weights)
         self._weights = (wnorm, nonfinite_counts(weights, wnorm))
 
@@ -757,6 +783,8 @@ class Monitor:
         if self._slot == 0:
             return
         n = self._slot
+        if self._sharded:
+            self._combine_shards(n)
         block = self._buffer[:n].cpu().numpy()  # host sync: the one transfer per flush
         host_rows = self._host_rows[:n]
         self._slot = 0
@@ -776,6 +804,30 @@ class Monitor:
             columns=(self._col_param, self._col_module, self._col_time),
         )
         self._writer.write_block(tables)
+
+    def _combine_shards(self, n: int) -> None:
+        """Whole-parameter statistics of sharded parameters from every rank's shard statistics.
+
+        Norms combine as sqrt(sum of squared shard norms) and non-finite counts add up. This is
+        a collective: every rank of a shard group flushes at the same steps (the same schedule
+        and number of steps), as FSDP's own collectives already require.
+        """
+        import torch.distributed as dist
+
+        P = len(self._params)
+        pview = self._buffer[:n, self._col_param : self._col_module].view(n, P, _N_PARAM)
+        for group, indices in self._sharded.items():
+            idx = torch.tensor(indices, dtype=torch.long, device=self._device)
+            stats = pview.index_select(1, idx)  # [n, k, stats]
+            measured = (~torch.isnan(stats)).to(torch.float64)
+            squared = stats.clone()
+            squared[..., :3] = squared[..., :3].square()  # norms add in squares, counts as is
+            packed = torch.cat([torch.nan_to_num(squared, nan=0.0), measured], dim=-1)
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            combined = packed[..., :_N_PARAM].clone()
+            combined[..., :3] = combined[..., :3].sqrt()
+            combined[packed[..., _N_PARAM:] == 0] = float("nan")  # measured on no rank
+            pview[:, idx] = combined
 
     def close(self) -> None:
         """Flush what is buffered and remove every hook. Idempotent."""
@@ -956,7 +1008,10 @@ def watch(
 
     Args:
         model: any ``nn.Module`` (a ``DistributedDataParallel`` or ``torch.compile`` wrapper is
-            looked through, so layer names are the inner model's).
+            looked through, so layer names are the inner model's). Under FSDP2
+            (``fully_shard``), watch after sharding: each rank measures its shards and the flush
+            combines them into whole-parameter norms (a collective, so every rank must run the
+            same steps); activation statistics are each rank's own batch, as under DDP.
         optimizer: the optimizer that trains it. With it, a step is one ``optimizer.step()``
             (gradient accumulation gives one record per step) and the actual update each step
             makes is measured. Without it, a step is one backward pass and there are no update
