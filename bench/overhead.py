@@ -45,6 +45,14 @@ import torch
 from torch import nn
 
 SEED = 0
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    """Wait for the GPU, so a step's time includes its kernels (no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 VARIANTS: dict[str, str] = {
     "plain": "plain",
@@ -77,7 +85,7 @@ class Task:
 
     def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(SEED)
-        model = self.build()
+        model = self.build().to(DEVICE)
         model.train()
         return model, self.make_opt(model)
 
@@ -106,12 +114,12 @@ def _transformer() -> nn.Module:
 def make_task(name: str) -> Task:
     gen = torch.Generator().manual_seed(SEED + 1)
     if name == "mlp":
-        x = torch.randn(128, 256, generator=gen)
-        y = torch.randint(0, 10, (128,), generator=gen)
+        x = torch.randn(128, 256, generator=gen).to(DEVICE)
+        y = torch.randint(0, 10, (128,), generator=gen).to(DEVICE)
         return Task(name, _mlp, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), x, y)
     if name == "transformer":
-        x = torch.randn(32, 32, 128, generator=gen)  # batch 32, seq len 32, d_model 128
-        y = torch.randint(0, 10, (32,), generator=gen)
+        x = torch.randn(32, 32, 128, generator=gen).to(DEVICE)  # batch 32, seq 32, d_model 128
+        y = torch.randint(0, 10, (32,), generator=gen).to(DEVICE)
         return Task(name, _transformer, lambda m: torch.optim.Adam(m.parameters()), x, y)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
@@ -338,9 +346,11 @@ def bench_model(task: Task, keys: list[str], tmp: Path, args) -> list[dict]:
                 if not _takes_part(runner, r, args.rounds):
                     continue
                 start = time.perf_counter()
+                _sync()
                 for _ in range(runner.steps or args.steps):
                     t0 = time.perf_counter()
                     runner.step()
+                    _sync()
                     runner.times.append(time.perf_counter() - t0)
                 runner.drain()
                 runner.block_time += time.perf_counter() - start
@@ -456,7 +466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds of pause after each block, for background work to finish (0.5)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.model_list:
         if m not in MODELS:

@@ -665,7 +665,7 @@ class Monitor:
             losses = torch.stack(self._pending_loss).to(torch.float64)
             row[0] = losses.sum()
             row[1] = (~torch.isfinite(losses)).sum()
-        row[2] = self._pending_backward
+        row[2].fill_(self._pending_backward)  # fill_, not `= int`: that copies from the host
 
         pview = row[self._col_param : self._col_module].view(P, _N_PARAM)
         if self._grad_stats is not None:
@@ -697,7 +697,7 @@ class Monitor:
             tview = row[self._col_time :].view(len(self._rnn_rows), _N_TIME)
             for slot, (profile, T) in self._pending_time.items():
                 tview[slot, :MAX_TIME_POINTS] = profile
-                tview[slot, MAX_TIME_POINTS] = T
+                tview[slot, MAX_TIME_POINTS].fill_(T)
 
         self._host_rows.append((self.step, time.time(), self._skipped))
         self._skipped = 0
