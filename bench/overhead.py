@@ -64,6 +64,7 @@ VARIANTS: dict[str, str] = {
     "cockpit": "cockpit (economy)",
 }
 MODELS = ("mlp", "transformer")
+EXTRA_MODELS = ("transformer-large",)  # GPU-sized; only when named in --models
 
 
 class Skip(Exception):
@@ -111,6 +112,14 @@ def _transformer() -> nn.Module:
     return nn.Sequential(encoder, MeanPool(), nn.Linear(128, 10))
 
 
+def _transformer_large() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(
+        d_model=768, nhead=12, dim_feedforward=3072, dropout=0.0, batch_first=True, norm_first=True
+    )
+    encoder = nn.TransformerEncoder(layer, num_layers=12, enable_nested_tensor=False)
+    return nn.Sequential(encoder, MeanPool(), nn.Linear(768, 10))
+
+
 def make_task(name: str) -> Task:
     gen = torch.Generator().manual_seed(SEED + 1)
     if name == "mlp":
@@ -121,6 +130,10 @@ def make_task(name: str) -> Task:
         x = torch.randn(32, 32, 128, generator=gen).to(DEVICE)  # batch 32, seq 32, d_model 128
         y = torch.randint(0, 10, (32,), generator=gen).to(DEVICE)
         return Task(name, _transformer, lambda m: torch.optim.Adam(m.parameters()), x, y)
+    if name == "transformer-large":  # 85M parameters, batch 16 x 256 tokens
+        x = torch.randn(16, 256, 768, generator=gen).to(DEVICE)
+        y = torch.randint(0, 10, (16,), generator=gen).to(DEVICE)
+        return Task(name, _transformer_large, lambda m: torch.optim.AdamW(m.parameters()), x, y)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -448,7 +461,11 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma list: mlp,transformer")
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma list: mlp,transformer (default), transformer-large (85M parameters, for GPUs)",
+    )
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -474,8 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device here")
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.model_list:
-        if m not in MODELS:
-            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        if m not in MODELS + EXTRA_MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS + EXTRA_MODELS)}")
     keys = [v.strip() for v in args.variants.split(",") if v.strip()]
     for k in keys:
         if k not in VARIANTS:
