@@ -1,0 +1,615 @@
+"""One self-contained HTML report for a run, a sweep, or a directory of runs.
+
+The page has no script, no external stylesheet, font or image: every picture is an inline
+base64 PNG, so it opens anywhere, offline, and fetches nothing. Every string that comes from
+the user (module names, config values, paths, messages) is HTML-escaped.
+
+Example:
+    >>> from vanishing.report.html import write_report
+    >>> write_report("runs/my-run")                 # doctest: +SKIP
+    PosixPath('runs/my-run/report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vanishing.report.data import RunData, finite_or_none
+
+__all__ = ["write_report", "render_run", "render_sweep", "render_collection", "target_kind"]
+
+#: Runs with more metric rows than this are diagnosed from the sampled steps (the rules read
+#: whole tables into pandas: a 100-layer run of 4,000 steps would take about 20 s and 800 MiB).
+EXACT_DIAGNOSIS_ROWS = 250_000
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
+ color:#1d232b;background:#f6f7f9;line-height:1.45}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px;background:#fff;min-height:100vh}
+h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:34px 0 10px;
+ border-bottom:2px solid #e3e6ea;padding-bottom:4px}h3{font-size:1.05em;margin:18px 0 6px}
+.sub{color:#5a6470;margin:0 0 18px}
+table{border-collapse:collapse;font-size:.86em;margin:6px 0 12px}
+th,td{border:1px solid #dde1e6;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.scroll{overflow-x:auto;max-height:560px;overflow-y:auto}
+.finding{border-left:5px solid #e0a100;background:#fffaf0;padding:8px 14px;margin:10px 0}
+.finding.critical{border-color:#c62828;background:#fff4f4}
+.badge{display:inline-block;font-size:.75em;font-weight:600;padding:1px 7px;border-radius:9px;
+ color:#fff;background:#e0a100;margin-right:6px;text-transform:uppercase}
+.badge.critical{background:#c62828}.badge.ok{background:#2e7d32}
+.healthy{border-left:5px solid #2e7d32;background:#f2fbf3;padding:8px 14px}
+figure{margin:14px 0 22px}figure img{max-width:100%;height:auto;border:1px solid #e3e6ea}
+figcaption{color:#4a545f;font-size:.88em;margin-top:4px}
+pre{background:#f3f5f7;padding:10px;overflow-x:auto;font-size:.82em;border:1px solid #e3e6ea}
+code{background:#f3f5f7;padding:0 3px}
+ul.remedies{margin:4px 0 4px 0;padding-left:20px}
+.muted{color:#6b7580}
+"""
+
+_CAPTIONS = {
+    "loss": "Training loss per step (band: min..max within a time bucket) and the evaluation "
+    "curves when the run has eval.parquet.",
+    "depth_profile": "Gradient norm of each layer's weight and the backpropagated error signal "
+    "through depth at the first, middle and last recorded steps. A line that falls toward the "
+    "input (left) is the vanishing gradient; one that rises is the exploding gradient.",
+    "speed_heatmap": "log10 of the speed of learning ‖∂C/∂b‖ of each hidden layer (rows, first "
+    "at top) over training (columns). Dark rows near the top that stay dark: the first layers "
+    "barely learn.",
+    "speed_curves": "Nielsen's speed-of-learning curves: one line per hidden layer, log scale. "
+    "A wide vertical spread between the layers is the vanishing (or exploding) gradient.",
+    "activations": "Left: activation values over training (mean, band ±1 std; Glorot & Bengio's "
+    "saturation picture). Right: the mean derivative φ'(z) of each activation against its "
+    "largest possible value; backpropagation multiplies the gradient by it at every layer.",
+    "saturation": "Share of activation entries in the flat tails (|φ'(z)| < 5% of its maximum) and "
+    "share of ReLU-like units that are off for the whole batch (dead).",
+    "temporal": "Gradient norm reaching each time step of a recurrent layer: a curve falling "
+    "toward t = 0 is the gradient vanishing through time.",
+    "update_ratio": "Size of each step's weight update relative to the weight, per layer. "
+    "Layers far below the others barely change.",
+}
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, fmt: str = "{:.3g}") -> str:
+    v = finite_or_none(value)
+    if v is None:
+        return "—" if value is None else _e(value)
+    return fmt.format(v)
+
+
+def _img(fig: Any, alt: str) -> str:
+    from vanishing.report.plots import png_bytes
+
+    data = base64.b64encode(png_bytes(fig)).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _figure(fig: Any, name: str, caption: str) -> str:
+    if fig is None:
+        return ""
+    return f"<figure>{_img(fig, name)}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _page(title: str, subtitle: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
+        f'<h1>{_e(title)}</h1><p class="sub">{subtitle}</p>{body}'
+        '<p class="muted">Written by vanishing '
+        f"{_e(_version())} on {_e(dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}."
+        "</p></main></body></html>\n"
+    )
+
+
+def _version() -> str:
+    from vanishing import __version__
+
+    return __version__
+
+
+# ---- diagnosis ------------------------------------------------------------------------------
+
+
+def _diagnose(data: RunData) -> tuple[Any, str]:
+    """The run's diagnosis and a note on how it was made. Very large runs are diagnosed from an
+    exact subsample of their steps (bounded memory)."""
+    import vanishing
+    from vanishing.recorder.reader import RunError
+
+    total_rows = sum(p["rows"] for p in data.parts)
+    try:
+        if total_rows <= EXACT_DIAGNOSIS_ROWS or len(data.step_list) <= len(data.sample_steps):
+            return vanishing.load_run(data.path).diagnose(), ""
+        with tempfile.TemporaryDirectory(prefix="vanishing-report-") as tmp:
+            data.write_subsample(Path(tmp) / "sample")
+            diag = vanishing.load_run(Path(tmp) / "sample").diagnose()
+        note = (
+            f"diagnosed from {len(data.sample_steps)} of {len(data.step_list)} recorded steps "
+            "(evenly spaced, with the first, middle, last and first non-finite steps), to keep "
+            "time and memory bounded on this large run"
+        )
+        return diag, note
+    except RunError as e:  # nothing recorded yet
+        return None, str(e)
+
+
+def _diagnosis_html(diag: Any, note: str) -> str:
+    if diag is None:
+        return f'<p class="muted">No diagnosis: {_e(note)}</p>'
+    parts = []
+    if diag.healthy:
+        parts.append(
+            '<div class="healthy"><span class="badge ok">healthy</span>'
+            "No gradient-flow problems found.</div>"
+        )
+    for f in diag.findings:
+        sev = "critical" if f.severity == "critical" else "warning"
+        layers = ", ".join(f.layers[:12]) + (
+            f" … (+{len(f.layers) - 12})" if len(f.layers) > 12 else ""
+        )
+        evidence = "".join(
+            f'<tr><td>{_e(k)}</td><td class="num">{_num(v, "{:.4g}")}</td></tr>'
+            for k, v in f.evidence.items()
+        )
+        remedies = "".join(f"<li><b>{_e(r.name)}</b>: {_e(r.why)}</li>" for r in f.remedies)
+        parts.append(
+            f'<div class="finding {sev}"><span class="badge {sev}">{_e(f.severity)}</span>'
+            f"<b>{_e(f.kind)}</b>: {_e(f.message)}"
+            + (f"<div>layers: <code>{_e(layers)}</code></div>" if layers else "")
+            + (
+                f"<h3>Evidence</h3><table><tr><th>measure</th><th>value</th></tr>{evidence}</table>"
+                if evidence
+                else ""
+            )
+            + (
+                f'<h3>Remedies (best first)</h3><ul class="remedies">{remedies}</ul>'
+                if remedies
+                else ""
+            )
+            + "</div>"
+        )
+    notes = list(diag.notes) + ([note] if note else [])
+    if notes:
+        parts.append("<ul>" + "".join(f'<li class="muted">{_e(n)}</li>' for n in notes) + "</ul>")
+    return "".join(parts)
+
+
+# ---- one run ----------------------------------------------------------------------------------
+
+
+def _median(values: Any) -> float | None:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else None
+
+
+def first_last_ratio(data: RunData) -> float | None:
+    """Median over time buckets of (first / last hidden layer's speed of learning).
+
+    Example:
+        >>> from vanishing.report.data import RunData, example_run
+        >>> from vanishing.report.html import first_last_ratio
+        >>> first_last_ratio(RunData(example_run())) < 1e-2   # the first layer learns far slower
+        True
+    """
+    speed = data.speed().mean
+    if speed.shape[1] < 2:
+        return None
+    with_both = speed.iloc[:, 0] / speed.iloc[:, -1]
+    return _median(with_both.to_numpy(float))
+
+
+def _summary_rows(data: RunData, diag: Any) -> list[tuple[str, str]]:
+    m = data.manifest
+    summary = data.summary or {}
+    loss = data.steps["loss"] if not data.steps.empty else []
+    opt = m.get("optimizer") or {}
+    rows = [
+        ("run directory", f"<code>{_e(data.path)}</code>"),
+        ("model", _e(m.get("model", "?")) + f" on {_e(m.get('device', '?'))}"),
+        (
+            "layers",
+            f"{len(data.param_layers)} with parameters ({len(data.hidden)} hidden), "
+            f"{len(data.activation_layers)} activations, {len(data.recurrent_layers)} recurrent",
+        ),
+        ("optimizer", _e(opt.get("type", "none"))),
+        (
+            "recorded steps",
+            f"{len(data.step_list)}"
+            + (f" (steps {data.step_list[0]}..{data.step_list[-1]})" if data.step_list else ""),
+        ),
+        ("status", _e(summary.get("status", m.get("status", "?")))),
+    ]
+    if len(loss):
+        rows.append(("loss, first → last", f"{_num(loss.iloc[0])} → {_num(loss.iloc[-1])}"))
+    ev = data.eval
+    if ev is not None and {"step", "split", "loss", "metric"} <= set(ev.columns):
+        name = str(ev["metric_name"].dropna().iloc[0]) if "metric_name" in ev else "metric"
+        for split in sorted(set(ev["split"])):
+            last = ev[ev["split"] == split].sort_values("step").iloc[-1]
+            rows.append(
+                (
+                    f"{split} (eval at step {int(last['step'])})",
+                    f"loss {_num(last['loss'], '{:.4g}')}, {_e(name)} {_num(last['metric'], '{:.4g}')}",
+                )
+            )
+    if summary.get("test_metric") is not None:
+        rows.append(
+            (f"test {summary.get('metric_name', 'metric')}", _num(summary["test_metric"], "{:.4g}"))
+        )
+    ratio = first_last_ratio(data)
+    if ratio is not None:
+        rows.append(
+            ("speed of learning, first / last hidden layer (median)", _num(ratio, "{:.3g}"))
+        )
+    if diag is not None:
+        rows.append(("diagnosis", "healthy" if diag.healthy else _e(", ".join(diag.kinds))))
+    return rows
+
+
+def _layer_table(data: RunData) -> str:
+    last = data.profile_steps()[-1:] if data.step_list else []
+    speed = data.speed().mean
+    cols = {
+        "grad": data.at_steps("grad_norm", "weight", last),
+        "err": data.at_steps("error_norm", None, last),
+        "deriv": data.at_steps("act_deriv_mean", None, last),
+        "sat": data.at_steps("act_saturated", None, last),
+        "dead": data.at_steps("act_dead", None, last),
+        "upd": data.at_steps("update_ratio", "weight", last),
+    }
+
+    def at(key: str, name: str) -> str:
+        t = cols[key]
+        if t.empty or name not in t.columns:
+            return "—"
+        return _num(t[name].iloc[-1])
+
+    rows = []
+    for i, info in enumerate(data.layer_info):
+        name = info["name"]
+        med = _median(speed[name].to_numpy(float)) if name in speed.columns else None
+        rows.append(
+            "<tr>"
+            f'<td class="num">{i}</td><td><code>{_e(name)}</code></td><td>{_e(info.get("type", ""))}</td>'
+            f"<td>{_e(info.get('role', ''))}</td><td>{_e(info.get('activation') or '')}</td>"
+            f'<td class="num">{int(info.get("num_params", 0) or 0):,}</td>'
+            f'<td class="num">{_num(med)}</td><td class="num">{at("grad", name)}</td>'
+            f'<td class="num">{at("err", name)}</td><td class="num">{at("upd", name)}</td>'
+            f'<td class="num">{at("deriv", name)}</td><td class="num">{at("sat", name)}</td>'
+            f'<td class="num">{at("dead", name)}</td></tr>'
+        )
+    step = f" (step {last[0]})" if last else ""
+    head = (
+        "<tr><th>#</th><th>module</th><th>type</th><th>role</th><th>activation</th><th>params</th>"
+        "<th>speed of learning ‖∂C/∂b‖ (median)</th><th>‖∂L/∂W‖" + _e(step) + "</th>"
+        "<th>error ‖∂L/∂h‖</th><th>‖ΔW‖/‖W‖</th><th>mean φ'(z)</th><th>saturated</th><th>dead</th></tr>"
+    )
+    return f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>'
+
+
+def _json_block(title: str, value: Any) -> str:
+    if value is None:
+        return ""
+    text = json.dumps(value, indent=2, sort_keys=False, default=str)
+    return f"<h3>{_e(title)}</h3><pre>{_e(text)}</pre>"
+
+
+def _run_plots(data: RunData) -> str:
+    from vanishing.report.plots import RUN_PLOTS
+
+    out = []
+    for name, fn in RUN_PLOTS:
+        fig = fn(data)
+        out.append(_figure(fig, name, _CAPTIONS.get(name, "")))
+    return "".join(out)
+
+
+def render_run(path: str | os.PathLike, *, data: RunData | None = None) -> str:
+    """The HTML page of one run directory.
+
+    Example:
+        >>> from vanishing.report.data import example_run
+        >>> from vanishing.report.html import render_run
+        >>> page = render_run(example_run())
+        >>> page.startswith("<!DOCTYPE html>"), "vanishing_gradient" in page
+        (True, True)
+    """
+    data = data or RunData(path)
+    diag, note = _diagnose(data)
+    title = (data.config or {}).get("name") or data.path.name
+    m = data.manifest
+    config_parts = (
+        _json_block("config.json", data.config)
+        + _json_block("summary.json", data.summary)
+        + _json_block(
+            "monitor (manifest.json)",
+            {
+                k: m.get(k)
+                for k in (
+                    "created",
+                    "status",
+                    "stats",
+                    "schedule",
+                    "flush_every",
+                    "optimizer",
+                    "amp_scaler",
+                    "steps_completed",
+                    "versions",
+                )
+            },
+        )
+    )
+    body = (
+        "<h2>Summary</h2>"
+        + _kv_table(_summary_rows(data, diag))
+        + "<h2>Diagnosis</h2>"
+        + _diagnosis_html(diag, note)
+        + "<h2>Plots</h2>"
+        + _run_plots(data)
+        + "<h2>Layers (forward order)</h2>"
+        + _layer_table(data)
+        + "<h2>Configuration</h2>"
+        + (config_parts or '<p class="muted">No config.json.</p>')
+    )
+    return _page(f"vanishing report: {title}", f"Run <code>{_e(data.path)}</code>", body)
+
+
+# ---- several runs -----------------------------------------------------------------------------
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+
+
+def _overview_row(data: RunData, label: str) -> tuple[str, dict[str, Any]]:
+    summary = data.summary or {}
+    kinds = summary.get("kinds")
+    if kinds is None:
+        diag, _ = _diagnose(data)
+        kinds = None if diag is None else diag.kinds
+    loss = data.steps["loss"] if not data.steps.empty else []
+    metric = summary.get("test_metric")
+    if metric is None and data.eval is not None:
+        ev = data.eval[data.eval["split"] == "test"]
+        metric = ev.sort_values("step")["metric"].iloc[-1] if not ev.empty else None
+    ratio = summary.get("first_last_ratio", first_last_ratio(data))
+    row = (
+        f"<tr><td><code>{_e(label)}</code></td><td>{_e(summary.get('status', data.manifest.get('status', '')))}</td>"
+        f'<td class="num">{len(data.step_list)}</td>'
+        f'<td class="num">{_num(loss.iloc[-1]) if len(loss) else "—"}</td>'
+        f'<td class="num">{_num(metric, "{:.4g}")}</td><td class="num">{_num(ratio)}</td>'
+        f"<td>{_e(', '.join(kinds) if kinds else ('healthy' if kinds is not None else '—'))}</td></tr>"
+    )
+    return row, {"ratio": ratio, "kinds": kinds}
+
+
+_OVERVIEW_HEAD = (
+    "<tr><th>run</th><th>status</th><th>steps</th><th>last loss</th><th>test metric</th>"
+    "<th>speed of learning first / last hidden</th><th>diagnosis</th></tr>"
+)
+
+
+def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> str:
+    """The HTML page of a directory whose subdirectories are runs (e.g. a ``vanishing demo``):
+    a table across runs, a comparison plot, the first run in full and the depth profile of each
+    of the first ``max_runs_shown`` runs.
+
+    Example:
+        >>> page = render_collection("runs/demo-20260101-120000")   # doctest: +SKIP
+    """
+    from vanishing.report.plots import depth_profile, speed_by_layer
+
+    path = Path(path)
+    dirs = _run_dirs(path)
+    datas = [RunData(d) for d in dirs]
+    labels = [(d.config or {}).get("name") or d.path.name for d in datas]
+    rows = [_overview_row(d, label)[0] for d, label in zip(datas, labels)]
+    body = ['<h2>Runs</h2><div class="scroll"><table>', _OVERVIEW_HEAD, *rows, "</table></div>"]
+    body.append("<h2>Comparison</h2>")
+    body.append(
+        _figure(
+            speed_by_layer(datas[:max_runs_shown], labels[:max_runs_shown]),
+            "speed_by_layer",
+            "Median speed of learning of each hidden layer, one line per run. A line "
+            "that falls steeply toward layer 1 is a vanishing gradient.",
+        )
+    )
+    if datas:
+        first = datas[0]
+        diag, note = _diagnose(first)
+        body.append(f"<h2>First run in full: {_e(labels[0])}</h2>")
+        body.append("<h3>Diagnosis</h3>" + _diagnosis_html(diag, note))
+        body.append(_run_plots(first))
+        body.append("<h3>Layers (forward order)</h3>" + _layer_table(first))
+        body.append(_json_block("config.json", first.config))
+    if len(datas) > 1:
+        body.append("<h2>Depth profile of every run</h2>")
+        if len(datas) > max_runs_shown:
+            body.append(f'<p class="muted">first {max_runs_shown} of {len(datas)} runs</p>')
+        for d, label in zip(datas[1:max_runs_shown], labels[1:max_runs_shown]):
+            body.append(f"<h3>{_e(label)}</h3>")
+            body.append(_figure(depth_profile(d), "depth_profile", _CAPTIONS["depth_profile"]))
+    return _page(
+        f"vanishing report: {path.name}",
+        f"{len(datas)} runs in <code>{_e(path)}</code>",
+        "".join(body),
+    )
+
+
+def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
+    """The HTML page of a sweep directory (sweep.sqlite): every run's parameters and results,
+    the metrics against the swept field per remedy, and a comparison of the first runs.
+
+    Example:
+        >>> page = render_sweep("sweeps/depth")   # doctest: +SKIP
+    """
+    from vanishing.report.plots import _sweep_rows, speed_by_layer, sweep_metric
+
+    path = Path(path)
+    rows = _sweep_rows(path)
+    fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    head = "".join(f"<th>{_e(f)}</th>" for f in fields)
+    table = [
+        '<div class="scroll"><table><tr><th>key</th>',
+        head,
+        "<th>seed</th><th>status</th><th>test metric</th><th>test loss</th>"
+        "<th>first / last</th><th>diagnosis</th></tr>",
+    ]
+    for r in rows:
+        s = r["summary"] or {}
+        kinds = r["kinds"] if r["kinds"] is not None else s.get("kinds")
+        cells = "".join(f"<td>{_e(json.dumps(r['params'].get(f)))}</td>" for f in fields)
+        table.append(
+            f'<tr><td><code>{_e(r["key"])}</code></td>{cells}<td class="num">{_e(r["seed"])}</td>'
+            f'<td>{_e(r["status"])}</td><td class="num">{_num(s.get("test_metric"), "{:.4g}")}</td>'
+            f'<td class="num">{_num(s.get("test_loss"), "{:.4g}")}</td>'
+            f'<td class="num">{_num(s.get("first_last_ratio"))}</td>'
+            f"<td>{_e(', '.join(kinds) if kinds else ('healthy' if kinds is not None else '—'))}</td></tr>"
+        )
+    table.append("</table></div>")
+    body = [
+        "<h2>Summary</h2>",
+        _kv_table(
+            [
+                ("sweep directory", f"<code>{_e(path)}</code>"),
+                ("runs", _e(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none")),
+                ("swept fields", _e(", ".join(fields) or "none")),
+            ]
+        ),
+        "<h2>Results</h2>",
+    ]
+    for metric, caption in (
+        (
+            "test_metric",
+            "Test metric (accuracy or MSE) against the swept field, one line per "
+            "combination of the other swept fields; band: spread over seeds.",
+        ),
+        (
+            "first_last_ratio",
+            "Speed of learning of the first over the last hidden layer (1 = "
+            "even learning; far below 1 = vanishing).",
+        ),
+    ):
+        body.append(_figure(sweep_metric(path, metric), metric, caption))
+    body.append("<h2>Runs</h2>")
+    body += table
+    finished = [
+        r for r in rows if r["summary"] and (path / r["run_dir"] / "manifest.json").is_file()
+    ]
+    if finished:
+        shown = finished[:max_runs_shown]
+        datas = [RunData(path / r["run_dir"]) for r in shown]
+        labels = [
+            ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items()) or r["key"]
+            for r in shown
+        ]
+        body.append("<h2>Comparison</h2>")
+        if len(finished) > len(shown):
+            body.append(f'<p class="muted">first {len(shown)} of {len(finished)} finished runs</p>')
+        body.append(
+            _figure(
+                speed_by_layer(datas, labels),
+                "speed_by_layer",
+                "Median speed of learning of each hidden layer, one line per run.",
+            )
+        )
+        diag, note = _diagnose(datas[0])
+        body.append(f"<h2>First run in full: {_e(labels[0])}</h2>")
+        body.append("<h3>Diagnosis</h3>" + _diagnosis_html(diag, note))
+        body.append(_run_plots(datas[0]))
+    toml = path / "sweep.toml"
+    if toml.is_file():
+        body.append(f"<h2>Configuration</h2><h3>sweep.toml</h3><pre>{_e(toml.read_text())}</pre>")
+    return _page(
+        f"vanishing sweep report: {path.name}", f"Sweep <code>{_e(path)}</code>", "".join(body)
+    )
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def target_kind(target: str | os.PathLike) -> str:
+    """``"run"``, ``"sweep"`` or ``"runs"`` (a directory of run directories).
+
+    Example:
+        >>> import tempfile
+        >>> from vanishing.report.html import target_kind
+        >>> target_kind(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        ValueError: ...: not a run directory, a sweep directory (sweep.sqlite) or a directory of run directories
+    """
+    p = Path(target)
+    if not p.is_dir():
+        raise ValueError(f"{p}: no such directory")
+    if (p / "manifest.json").is_file():
+        return "run"
+    if (p / "sweep.sqlite").is_file():
+        return "sweep"
+    if _run_dirs(p):
+        return "runs"
+    raise ValueError(
+        f"{p}: not a run directory, a sweep directory (sweep.sqlite) or a directory of run directories"
+    )
+
+
+def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write the self-contained HTML report of ``target`` and return its path.
+
+    ``target``: a run directory, a sweep directory (has sweep.sqlite), or a directory whose
+    subdirectories are run directories (the output of ``vanishing demo``). ``out`` defaults to
+    ``<target>/report.html``.
+
+    Example:
+        >>> import torch, tempfile, vanishing
+        >>> from vanishing.report.html import write_report
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with vanishing.watch(model, optimizer=opt, run_dir=tempfile.mkdtemp() + "/r") as mon:
+        ...     for _ in range(3):
+        ...         opt.zero_grad(); model(torch.randn(16, 4)).pow(2).mean().backward(); opt.step()
+        >>> page = write_report(mon.run_dir)
+        >>> page.name, "<img" in page.read_text()
+        ('report.html', True)
+    """
+    kind = target_kind(target)
+    p = Path(target)
+    if kind == "run":
+        text = render_run(p)
+    elif kind == "sweep":
+        text = render_sweep(p)
+    else:
+        text = render_collection(p)
+    dest = Path(out) if out is not None else p / "report.html"
+    if dest.is_dir():
+        raise ValueError(f"{dest}: is a directory; pass a file name such as {dest / 'report.html'}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, dest)
+    return dest
