@@ -1,0 +1,193 @@
+"""``vanishing sweep CONFIG [--out DIR] [--workers N]``: a grid of experiments, resumable."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``sweep`` command to ``app``."""
+
+    @app.command()
+    def sweep(
+        config: Path = typer.Argument(
+            ..., help="Sweep config (TOML): list-valued fields and seeds = [...] are axes."
+        ),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="Sweep directory (default: sweeps/<config name>)."
+        ),
+        workers: int = typer.Option(
+            0, "--workers", "-w", min=0, help="Worker processes (0: one per core)."
+        ),
+        retry_failed: bool = typer.Option(
+            False, "--retry-failed", help="Also redo runs that failed before."
+        ),
+    ) -> None:
+        """Run every combination of a sweep config in worker processes into a SQLite store.
+
+        Started again (after a crash, a kill or Ctrl-C) with the same config and directory, it
+        redoes only the runs that did not finish.
+        """
+        from vanishing.cli.app import fail
+        from vanishing.experiments.config import ConfigError
+        from vanishing.experiments.sweep import DB, SweepBusyError, run_sweep
+
+        sweep_dir = out if out is not None else Path("sweeps") / config.stem
+        display = SweepDisplay()
+        try:
+            runs, rows = run_sweep(
+                config,
+                sweep_dir,
+                workers=workers or None,
+                retry_failed=retry_failed,
+                on_event=display.event,
+            )
+        except ConfigError as e:
+            message = str(e)
+            prefix = "" if message.startswith(str(config)) else f"{config}: "
+            raise fail(prefix + message) from None
+        except SweepBusyError as e:
+            raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            display.close()
+            typer.echo(
+                "interrupted: run the same command again to finish the remaining runs", err=True
+            )
+            raise typer.Exit(130) from None
+        finally:
+            display.close()
+        print_table(runs, rows)
+        typer.echo(f"Results: {sweep_dir / DB} ({len(rows)} runs)")
+
+
+class SweepDisplay:
+    """Progress of a sweep: a rich bar with ETA on a terminal, one plain line per finished run
+    (with the ETA) otherwise."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(highlight=False)
+        self.live = self.console.is_terminal
+        self.bar = None
+        self.task = None
+        self.total = self.todo = self.done = 0
+        self.started = time.monotonic()
+
+    def event(self, kind: str, run, info) -> None:
+        if kind == "plan":
+            self.total, self.todo = info["total"], info["todo"]
+            self.started = time.monotonic()
+            finished = self.total - self.todo
+            self.console.print(
+                f"sweep: {self.total} runs, {finished} already finished, {self.todo} to run"
+            )
+            if self.live and self.todo:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.bar = Progress(
+                    TextColumn("runs"),
+                    BarColumn(bar_width=20),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.description}"),
+                    console=self.console,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task("", total=self.todo)
+        elif kind == "finish":
+            self.done += 1
+            line = f"{_params(run.params)}: {_outcome(info)}"
+            if self.bar is not None:
+                last = f"{_params(run.params)}: {info['status']}"
+                self.bar.update(self.task, advance=1, description=_clip(last, 48))
+            else:
+                elapsed = time.monotonic() - self.started
+                eta = elapsed / self.done * (self.todo - self.done)
+                self.console.print(
+                    f"[{self.done}/{self.todo}] {line}  (elapsed {_clock(elapsed)}, "
+                    f"ETA {_clock(eta)})",
+                    soft_wrap=True,
+                )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _params(params: dict) -> str:
+    return " ".join(f"{k.rpartition('.')[2]}={v}" for k, v in params.items())
+
+
+def _metric(summary: dict | None) -> str:
+    if not summary or summary.get("test_metric") is None:
+        return "-"
+    value = summary["test_metric"]
+    if summary.get("metric_name") == "accuracy":
+        return f"acc {value:.1%}"
+    return f"{summary.get('metric_name') or 'metric'} {value:.3g}"
+
+
+def _outcome(summary: dict) -> str:
+    text = f"{summary['status']}, {_metric(summary)}"
+    if summary.get("error"):
+        text += f" ({summary['error'][:80]})"
+    return text
+
+
+def _kinds(status: str | None, summary: dict) -> str:
+    if status not in ("completed", "diverged"):
+        return "-"
+    return ", ".join(summary.get("kinds") or []) or "healthy"
+
+
+def print_table(runs, rows: list[dict]) -> None:
+    """One line per run of the sweep: its swept values, status, test metric, first/last
+    hidden-layer speed of learning and diagnosis kinds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    by_key = {r["key"]: r for r in rows}
+    names = list(runs[0].params) if runs else []
+    table = Table(title="Sweep results")
+    for name in names:
+        table.add_column(name.rpartition(".")[2])
+    for header in ("status", "test metric", "first / last", "diagnosis"):
+        table.add_column(header, justify="right" if header in ("test metric",) else "left")
+    for run in runs:
+        row = by_key.get(run.key, {})
+        summary = row.get("summary") or {}
+        ratio = summary.get("first_last_ratio")
+        table.add_row(
+            *(str(run.params[n]) for n in names),
+            row.get("status", "?"),
+            _metric(summary),
+            "-" if ratio is None else f"{ratio:.1e}",
+            _kinds(row.get("status"), summary),
+        )
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=160)  # a log file: no need to squeeze
+    console.print(table)

@@ -1,0 +1,414 @@
+"""Train one experiment from its config into a run directory, under ``vanishing.watch``.
+
+``run_experiment(config, run_dir)`` is the whole job of ``vanishing run`` and of each run of a
+sweep: seed, build the task and the model, optionally pretrain layer by layer, train with the
+configured optimizer, schedule and clipping while the monitor records every layer, evaluate on
+the train and test splits, and write ``config.json``, ``eval.parquet`` and ``summary.json``
+beside the monitor's records (see ``docs/config.md``). A run whose loss becomes NaN or infinite
+stops there with status ``"diverged"``; an exception ends it with status ``"failed"`` and the
+error in the summary. Neither is raised to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vanishing.experiments.config import ConfigError, ExperimentConfig, parse_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from vanishing.monitor import Monitor
+
+__all__ = ["run_experiment", "first_last_ratio", "resolve_device", "SUMMARY", "EVAL", "CONFIG"]
+
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+EVAL = "eval.parquet"
+EVAL_CHUNK = 8192  # examples per forward pass when evaluating a split
+
+Progress = Callable[[int, float, "Monitor"], None]
+
+
+def resolve_device(name: str) -> str:
+    """The torch device a config's ``train.device`` means here; ``cuda`` must be available.
+
+    Example:
+        >>> from vanishing.experiments.runner import resolve_device
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' is not available on this machine; use cpu or auto")
+    return name
+
+
+def run_experiment(
+    config: ExperimentConfig | dict[str, Any],
+    run_dir: str | os.PathLike,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train one experiment into ``run_dir`` (which must not hold a run) and return its summary.
+
+    ``progress(step, loss, monitor)``, if given, is called after every optimizer step (a live
+    display reads ``monitor.latest(...)`` at its own rate). The summary is the object written to
+    ``summary.json``: status (``completed``, ``diverged`` or ``failed``), steps done, last
+    training loss, test loss and metric, the first/last hidden-layer speed-of-learning ratio,
+    the diagnosis kinds, seconds and the error.
+
+    Example:
+        >>> import tempfile
+        >>> from vanishing.experiments.runner import run_experiment
+        >>> cfg = {"model": {"depth": 6, "width": 16, "init": "glorot_standard"},
+        ...        "train": {"steps": 30, "eval_every": 10}}
+        >>> s = run_experiment(cfg, tempfile.mkdtemp() + "/run")
+        >>> s["status"], s["steps"], "vanishing_gradient" in s["kinds"], s["first_last_ratio"] < 0.1
+        ('completed', 30, True, True)
+    """
+    if not isinstance(config, ExperimentConfig):
+        config = parse_config(config)
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY).exists() or (run_dir / "manifest.json").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass a new run directory so nothing is overwritten"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / CONFIG, config.to_dict())
+
+    started = time.perf_counter()
+    state = _State()
+    try:
+        _train(config, run_dir, state, progress)
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded, never raised
+        state.status = "failed"
+        state.error = f"{type(e).__name__}: {e}".splitlines()[0]
+    _write_eval(run_dir / EVAL, state.evals)
+    summary = _summarize(run_dir, state, time.perf_counter() - started)
+    _write_json(run_dir / SUMMARY, summary)
+    return summary
+
+
+class _State:
+    """What the training loop has done so far; survives an exception."""
+
+    def __init__(self) -> None:
+        self.status = "completed"
+        self.steps = 0
+        self.last_loss: float | None = None
+        self.error: str | None = None
+        self.metric_name = ""
+        self.evals: list[dict[str, Any]] = []
+
+
+def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Progress | None):
+    import torch
+
+    import vanishing
+    from vanishing.experiments.models import build_model
+    from vanishing.experiments.tasks import make_task
+
+    tc, train = config.task, config.train
+    device = resolve_device(train.device)
+    torch.manual_seed(config.seed)
+    task = make_task(
+        tc.name,
+        seed=config.seed,
+        n_train=tc.n_train,
+        n_test=tc.n_test,
+        seq_len=tc.seq_len,
+        standardize=tc.standardize,
+        data_dir=tc.data_dir,
+        teacher_depth=tc.teacher_depth,
+        n_classes=tc.n_classes,
+        n_features=tc.n_features,
+    )
+    state.metric_name = task.metric_name
+    x, y = task.x_train.to(device), task.y_train.to(device)
+    xt, yt = task.x_test.to(device), task.y_test.to(device)
+    torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
+    model = build_model(task, **config.model.model_dump()).to(device)
+
+    if train.pretrain_steps:
+        from vanishing.experiments.pretrain import layerwise_pretrain
+
+        layerwise_pretrain(
+            model,
+            x,
+            steps=train.pretrain_steps,
+            batch_size=train.batch_size,
+            seed=config.seed,
+        )
+
+    opt = _optimizer(model, config)
+    schedule = _schedule(opt, config)
+    batches = _Batches(len(x), train.batch_size, seed=config.seed, device=device)
+
+    def evaluate(step: int) -> None:
+        for split, xs, ys in (("train", x, y), ("test", xt, yt)):
+            loss, metric = _evaluate(model, task, xs, ys)
+            state.evals.append(
+                {
+                    "step": step,
+                    "split": split,
+                    "loss": loss,
+                    "metric": metric,
+                    "metric_name": task.metric_name,
+                }
+            )
+
+    mc = config.monitor
+    with vanishing.watch(
+        model, opt, run_dir=run_dir, stats=mc.stats, every=mc.every, flush_every=mc.flush_every
+    ) as monitor:
+        model.train()
+        for step in range(train.steps):
+            idx = batches.next()
+            xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model(xb), yb)
+            loss.backward()
+            if train.clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_norm)
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            state.steps = step + 1
+            value = loss.item()  # host sync: the divergence check needs the loss every step
+            state.last_loss = value
+            if progress is not None:
+                progress(step, value, monitor)
+            if not math.isfinite(value):
+                state.status = "diverged"
+                break
+            if (step + 1) % train.eval_every == 0 and step + 1 < train.steps:
+                evaluate(step)
+    evaluate(state.steps - 1)
+
+
+def _optimizer(model: torch.nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
+    import torch
+
+    t = config.train
+    params = model.parameters()
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "momentum":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _schedule(opt: torch.optim.Optimizer, config: ExperimentConfig) -> Any:
+    import torch
+
+    t = config.train
+    if t.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.steps)
+    if t.lr_schedule == "step":
+        every = t.lr_step or max(1, t.steps // 3)
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=t.lr_gamma)
+    return None
+
+
+class _Batches:
+    """Minibatch indices: a fresh permutation each epoch, drawn from the run's own generator
+    (``batch_size`` 0 or >= the training set: the full batch every step, ``None``)."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, device: str) -> None:
+        import torch
+
+        self.n = n
+        self.size = batch_size if 0 < batch_size < n else 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.order: torch.Tensor | None = None
+        self.pos = n
+
+    def next(self):
+        import torch
+
+        if not self.size:
+            return None
+        if self.pos + self.size > self.n:
+            self.order = torch.randperm(self.n, generator=self.generator).to(self.device)
+            self.pos = 0
+        idx = self.order[self.pos : self.pos + self.size]
+        self.pos += self.size
+        return idx
+
+
+def _evaluate(model, task, x, y) -> tuple[float, float]:
+    """Loss and metric over a whole split, in eval mode, in chunks (example-weighted means)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total_loss = total_metric = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), EVAL_CHUNK):
+                xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
+                out = model(xb)
+                n = len(xb)
+                total_loss += float(task.loss(out, yb)) * n  # host sync: evaluation result
+                total_metric += float(task.metric(out, yb)) * n
+    finally:
+        model.train(was_training)
+    n = max(1, len(x))
+    return total_loss / n, total_metric / n
+
+
+def _write_eval(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("step", pa.int64()),
+            ("split", pa.string()),
+            ("loss", pa.float64()),
+            ("metric", pa.float64()),
+            ("metric_name", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name("." + path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from vanishing.recorder.writer import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=2, allow_nan=False).encode())
+
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _summarize(run_dir: Path, state: _State, seconds: float) -> dict[str, Any]:
+    test = [r for r in state.evals if r["split"] == "test"]
+    last_test = test[-1] if test else None
+    test_loss = _finite(last_test["loss"]) if last_test else None
+    ratio, kinds = None, []
+    if (run_dir / "manifest.json").exists():
+        from vanishing.recorder.reader import load_run
+
+        try:
+            run = load_run(run_dir)
+            ratio = first_last_ratio(run)
+            if not run.steps.empty:
+                kinds = list(run.diagnose().kinds)
+        except Exception as e:  # noqa: BLE001 - a summary is written whatever the records hold
+            if state.error is None:
+                state.error = f"reading the records failed: {type(e).__name__}: {e}"
+    return {
+        "status": state.status,
+        "steps": state.steps,
+        "train_loss": _finite(state.last_loss),
+        "test_loss": test_loss,
+        "test_metric": _finite(last_test["metric"]) if test_loss is not None else None,
+        "metric_name": state.metric_name,
+        "first_last_ratio": ratio,
+        "kinds": kinds,
+        "seconds": round(seconds, 3),
+        "error": state.error,
+    }
+
+
+_NORM_TYPES = ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm", "LocalResponse")
+
+
+def _speed_param(info: dict[str, Any]) -> str | None:
+    """The parameter whose gradient norm is the layer's speed of learning: its bias (Nielsen),
+    else a bias-like one (``in_proj_bias``, ``bias_ih_l0``), else its weight."""
+    names = [p["name"] for p in info.get("params", [])]
+    for pick in (
+        lambda n: n == "bias",
+        lambda n: "bias" in n,
+        lambda n: n == "weight",
+        lambda n: "weight" in n,
+    ):
+        found = [n for n in names if pick(n)]
+        if found:
+            return found[0]
+    return names[0] if names else None
+
+
+def hidden_layers(layer_info: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(layer, param)`` whose gradient norm is each hidden layer's speed of learning, in
+    forward order: parameter-owning layers except norms, embeddings (token or positional) and
+    the output layer (the last). A layer followed by a batch norm is measured at the norm's bias,
+    because the batch norm cancels its own bias's gradient.
+
+    Example:
+        >>> from vanishing.experiments.runner import hidden_layers
+        >>> lin = lambda n: {"name": n, "role": "layer", "type": "Linear", "num_params": 2,
+        ...                  "params": [{"name": "weight"}, {"name": "bias"}]}
+        >>> bn = {"name": "1", "role": "layer", "type": "BatchNorm1d", "num_params": 2,
+        ...       "params": [{"name": "weight"}, {"name": "bias"}]}
+        >>> hidden_layers([lin("0"), bn, lin("3"), lin("5")])
+        [('1', 'bias'), ('3', 'bias')]
+    """
+    layers = [
+        info
+        for info in layer_info
+        if info.get("role") == "layer" and info.get("num_params", 0) > 0 and info.get("params")
+    ]
+    out = []
+    for i, info in enumerate(layers):
+        kind = info.get("type", "")
+        if kind.startswith(_NORM_TYPES) or "Embedding" in kind:
+            continue
+        source = info
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if nxt is not None and nxt.get("type", "").startswith("BatchNorm"):
+            source = nxt
+        param = _speed_param(source)
+        if param is not None:
+            out.append((source["name"], param))
+    return out[:-1]
+
+
+def first_last_ratio(run: Any) -> float | None:
+    """Median over recorded steps of first-hidden / last-hidden speed of learning (gradient
+    norm, see :func:`hidden_layers`); None with fewer than two hidden layers or no finite step.
+
+    Far below 1: the first layers learn far more slowly than the last (vanishing gradient).
+
+    Example:
+        >>> import vanishing
+        >>> from vanishing.experiments.runner import first_last_ratio
+        >>> first_last_ratio(vanishing.load_run("runs/my-run"))   # doctest: +SKIP
+        0.0021
+    """
+    import numpy as np
+
+    hidden = hidden_layers(run.layer_info)
+    if len(hidden) < 2:
+        return None
+    m = run.metrics
+    if m.empty:
+        return None
+
+    def series(layer: str, param: str):
+        rows = m[(m["layer"] == layer) & (m["param"] == param)]
+        return rows.groupby("step")["grad_norm"].mean()
+
+    first, last = series(*hidden[0]), series(*hidden[-1])
+    ratio = (first / last).to_numpy(dtype=float)
+    ratio = ratio[np.isfinite(ratio)]
+    return float(np.median(ratio)) if len(ratio) else None

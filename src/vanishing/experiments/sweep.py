@@ -1,0 +1,448 @@
+"""Run a grid of experiments in worker processes into a resumable SQLite results store.
+
+``run_sweep(config_path, sweep_dir)`` expands the sweep config (every list-valued field is an
+axis, times ``seeds``; see :func:`vanishing.experiments.config.expand_sweep`), validates every
+run before starting any, and trains the runs that are not finished yet, each into
+``<sweep_dir>/runs/<key>/``. The parent process is the store's only writer: a row goes
+``pending`` -> ``running`` (when handed to a worker) -> ``completed`` | ``diverged`` |
+``failed``. A sweep killed at any point and started again resets its ``running`` rows to
+``pending``, takes the result of a pending run whose directory holds a finished run (its
+``summary.json``, written last) and redoes the others from an empty directory; the key (a hash of the resolved config) is the primary key, so no run is ever listed twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vanishing.experiments.config import ExperimentConfig, expand_sweep, read_toml
+
+__all__ = [
+    "SweepStore",
+    "SweepRun",
+    "SweepBusyError",
+    "plan_sweep",
+    "run_sweep",
+    "read_sweep",
+    "FINISHED",
+]
+
+DB = "sweep.sqlite"
+COPY = "sweep.toml"
+RUNS = "runs"
+FINISHED = ("completed", "diverged", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  key TEXT PRIMARY KEY,
+  params TEXT NOT NULL,
+  seed INTEGER NOT NULL,
+  config TEXT NOT NULL,
+  status TEXT NOT NULL,
+  summary TEXT,
+  kinds TEXT,
+  run_dir TEXT NOT NULL,
+  started_at REAL, finished_at REAL, error TEXT
+)
+"""
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: its key, the swept values (``params``) and the resolved config."""
+
+    key: str
+    params: dict[str, Any]
+    config: ExperimentConfig
+
+    @property
+    def run_dir(self) -> str:
+        """Its run directory, relative to the sweep directory."""
+        return f"{RUNS}/{self.key}"
+
+
+def plan_sweep(raw: dict[str, Any]) -> list[SweepRun]:
+    """The runs of a sweep config's raw dict, in grid order, all validated.
+
+    Example:
+        >>> from vanishing.experiments.sweep import plan_sweep
+        >>> runs = plan_sweep({"model": {"depth": [2, 4]}, "seeds": [0, 1, 2]})
+        >>> len(runs), runs[0].params, runs[0].run_dir == "runs/" + runs[0].key
+        (6, {'model.depth': 2, 'seed': 0}, True)
+    """
+    return [SweepRun(config.key, params, config) for params, config in expand_sweep(raw)]
+
+
+class SweepStore:
+    """The sweep's SQLite results store (WAL mode), one row per run; see ``docs/config.md``.
+
+    Only one process writes it (the sweep's parent); readers may open it at any time.
+
+    Example:
+        >>> import tempfile
+        >>> from vanishing.experiments.sweep import SweepStore, plan_sweep
+        >>> store = SweepStore(tempfile.mkdtemp() + "/sweep.sqlite")
+        >>> runs = plan_sweep({"model": {"depth": [2, 4]}})
+        >>> store.add(runs); store.add(runs)          # adding twice inserts nothing new
+        >>> store.mark_running(runs[0].key)
+        >>> store.reset_interrupted()                 # what a restart does: running -> pending
+        1
+        >>> sorted(store.statuses().values())
+        ['pending', 'pending']
+        >>> store.close()
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a committed row survives a kill
+        self.conn.execute(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    def add(self, runs: Iterable[SweepRun]) -> None:
+        """Insert the runs not in the store yet as ``pending``; existing rows are untouched."""
+        rows = [
+            (
+                r.key,
+                json.dumps(r.params),
+                r.config.seed,
+                json.dumps(r.config.to_dict(), sort_keys=True),
+                "pending",
+                r.run_dir,
+            )
+            for r in runs
+        ]
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO runs (key, params, seed, config, status, run_dir) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def reset_interrupted(self) -> int:
+        """Set rows left ``running`` by a killed sweep back to ``pending``; returns how many."""
+        cur = self.conn.execute(
+            "UPDATE runs SET status = 'pending', started_at = NULL WHERE status = 'running'"
+        )
+        return cur.rowcount
+
+    def retry(self, keys: Iterable[str], statuses: tuple[str, ...] = ("failed",)) -> int:
+        """Set these keys' rows with one of ``statuses`` back to ``pending``."""
+        keys = list(keys)
+        marks = ",".join("?" * len(statuses))
+        n = 0
+        with self.conn:
+            self.conn.execute("BEGIN")
+            for key in keys:
+                cur = self.conn.execute(
+                    f"UPDATE runs SET status = 'pending', summary = NULL, kinds = NULL, "
+                    f"started_at = NULL, finished_at = NULL, error = NULL "
+                    f"WHERE key = ? AND status IN ({marks})",
+                    (key, *statuses),
+                )
+                n += cur.rowcount
+        return n
+
+    def statuses(self) -> dict[str, str]:
+        """``{key: status}`` of every row."""
+        return dict(self.conn.execute("SELECT key, status FROM runs"))
+
+    def mark_running(self, key: str) -> None:
+        """The run was handed to a worker."""
+        self.conn.execute(
+            "UPDATE runs SET status = 'running', started_at = ? WHERE key = ?", (time.time(), key)
+        )
+
+    def finish(self, key: str, summary: dict[str, Any]) -> None:
+        """Record a finished run's summary (status, metrics, kinds, error)."""
+        self.conn.execute(
+            "UPDATE runs SET status = ?, summary = ?, kinds = ?, finished_at = ?, error = ? "
+            "WHERE key = ?",
+            (
+                summary["status"],
+                json.dumps(summary),
+                json.dumps(summary.get("kinds", [])),
+                time.time(),
+                summary.get("error"),
+                key,
+            ),
+        )
+
+    def rows(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts with the JSON columns decoded, in ``keys`` order (default: all)."""
+        self.conn.row_factory = sqlite3.Row
+        try:
+            found = {r["key"]: _decode(r) for r in self.conn.execute("SELECT * FROM runs")}
+        finally:
+            self.conn.row_factory = None
+        if keys is None:
+            return list(found.values())
+        return [found[k] for k in keys if k in found]
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    for column in ("params", "config", "summary", "kinds"):
+        if out[column] is not None:
+            out[column] = json.loads(out[column])
+    return out
+
+
+def read_sweep(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every row of a sweep's results store, JSON columns decoded (for reports and analysis).
+
+    Example:
+        >>> from vanishing.experiments.sweep import read_sweep
+        >>> rows = read_sweep("sweeps/sweep_depth_activation")   # doctest: +SKIP
+        >>> rows[0]["params"], rows[0]["summary"]["first_last_ratio"]   # doctest: +SKIP
+        ({'model.activation': 'sigmoid', 'model.depth': 2, 'seed': 0}, 0.41)
+    """
+    path = Path(sweep_dir) / DB
+    if not path.is_file():
+        raise FileNotFoundError(f"{sweep_dir}: not a sweep directory (no {DB})")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [_decode(r) for r in conn.execute("SELECT * FROM runs ORDER BY rowid")]
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------------------- workers
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: N workers use N cores, not N x N threads
+    with contextlib.suppress(RuntimeError):  # already set in the forkserver's torch
+        torch.set_num_interop_threads(1)
+
+
+def _run_one(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    from vanishing.experiments.runner import run_experiment
+
+    return run_experiment(ExperimentConfig.model_validate(config), run_dir)
+
+
+# imported once by the forkserver, so that each worker starts with them (a missing one is skipped)
+_PRELOAD = (
+    "torch",
+    "torch._dynamo",  # torch.optim imports it on first use: seconds, once per worker otherwise
+    "pandas",
+    "pyarrow.parquet",
+    "vanishing.monitor",
+    "vanishing.diagnose",
+    "vanishing.experiments.runner",
+    "vanishing.experiments.tasks",
+    "vanishing.experiments.models",
+)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # never plain fork: the parent may hold torch's thread pools and locks
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # workers fork from a server that has imported torch once, instead of importing it each
+        ctx.set_forkserver_preload(list(_PRELOAD))
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _failed(error: str) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "steps": 0,
+        "train_loss": None,
+        "test_loss": None,
+        "test_metric": None,
+        "metric_name": "",
+        "first_last_ratio": None,
+        "kinds": [],
+        "seconds": 0.0,
+        "error": error,
+    }
+
+
+def _terminate(pool: Any) -> None:
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- driver
+OnEvent = Callable[[str, "SweepRun | None", "dict[str, Any] | None"], None]
+
+
+def run_sweep(
+    config_path: str | os.PathLike,
+    sweep_dir: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    retry_failed: bool = False,
+    on_event: OnEvent | None = None,
+) -> tuple[list[SweepRun], list[dict[str, Any]]]:
+    """Run every unfinished run of the sweep config into ``sweep_dir``; resumable.
+
+    ``workers`` processes (default: one per core) train one run each at a time. ``on_event``
+    is called in the parent with ``("plan", None, {"total": n, "todo": m})`` once, then
+    ``("start", run, None)`` and ``("finish", run, summary)`` for each run it trains.
+    ``retry_failed`` also redoes runs that failed before. Returns the runs of this config (in
+    grid order) and their store rows.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from vanishing.experiments.sweep import run_sweep
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "s.toml").write_text('seeds = [0, 1]\\n[model]\\ndepth = 2\\n[train]\\nsteps = 5\\n')
+        >>> runs, rows = run_sweep(d / "s.toml", d / "out", workers=1)   # doctest: +SKIP
+        >>> [r["status"] for r in rows]                                    # doctest: +SKIP
+        ['completed', 'completed']
+    """
+    config_path = Path(config_path)
+    raw = read_toml(config_path)
+    plan = plan_sweep(raw)  # every run validated before anything starts
+    if any(r.config.train.device == "cuda" for r in plan):
+        from vanishing.experiments.runner import resolve_device
+
+        resolve_device("cuda")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+    sweep_dir = Path(sweep_dir)
+    (sweep_dir / RUNS).mkdir(parents=True, exist_ok=True)
+    from vanishing.recorder.writer import atomic_write_bytes
+
+    lock = _lock(sweep_dir)
+    atomic_write_bytes(sweep_dir / COPY, config_path.read_bytes())
+    store = SweepStore(sweep_dir / DB)
+    try:
+        store.add(plan)
+        interrupted = {key for key, st in store.statuses().items() if st == "running"}
+        store.reset_interrupted()
+        if retry_failed:
+            store.retry(r.key for r in plan)
+        status = store.statuses()
+        todo: deque[SweepRun] = deque()
+        for r in plan:
+            if status[r.key] != "pending":
+                continue
+            summary = None
+            if r.key in interrupted:  # it may have finished before its row was written
+                summary = _finished_summary(sweep_dir / r.run_dir, r.config)
+            if summary is not None:
+                store.finish(r.key, summary)
+                continue
+            # no summary.json (written last): a half-written run directory; start over
+            shutil.rmtree(sweep_dir / r.run_dir, ignore_errors=True)
+            todo.append(r)
+        if on_event:
+            on_event("plan", None, {"total": len(plan), "todo": len(todo)})
+        if todo:
+            _execute(store, sweep_dir, todo, min(workers, len(todo)), on_event)
+        return plan, store.rows(r.key for r in plan)
+    finally:
+        store.close()
+        lock.close()
+
+
+class SweepBusyError(RuntimeError):
+    """Another process is running a sweep in the same directory."""
+
+
+def _lock(sweep_dir: Path):
+    """An exclusive lock on the sweep directory for as long as the returned file is open; the OS
+    releases it when the process dies, so a killed sweep never leaves it behind."""
+    handle = open(sweep_dir / ".lock", "a+")  # noqa: SIM115 - held open on purpose
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SweepBusyError(
+            f"{sweep_dir}: another vanishing sweep is running in this directory; "
+            "wait for it or pass another --out"
+        ) from None
+    return handle
+
+
+def _finished_summary(run_dir: Path, config: ExperimentConfig) -> dict[str, Any] | None:
+    """The summary of a run directory that holds a finished run of ``config``, else None."""
+    from vanishing.experiments.runner import CONFIG, SUMMARY
+
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        same = json.loads((run_dir / CONFIG).read_text()) == config.to_dict()
+    except (OSError, ValueError):
+        return None
+    if not same or not isinstance(summary, dict) or summary.get("status") not in FINISHED:
+        return None
+    return summary
+
+
+def _execute(
+    store: SweepStore,
+    sweep_dir: Path,
+    todo: deque[SweepRun],
+    workers: int,
+    on_event: OnEvent | None,
+) -> None:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker)
+
+    pool = new_pool()
+    inflight: dict[Any, SweepRun] = {}
+    try:
+        while todo or inflight:
+            while todo and len(inflight) < workers:
+                run = todo.popleft()
+                store.mark_running(run.key)
+                future = pool.submit(_run_one, run.config.to_dict(), str(sweep_dir / run.run_dir))
+                inflight[future] = run
+                if on_event:
+                    on_event("start", run, None)
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            broken = False
+            for future in done:
+                run = inflight.pop(future)
+                try:
+                    summary = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    summary = _failed(
+                        "the worker process died while this run was in flight (this run or "
+                        "one beside it crashed it); rerun with --retry-failed"
+                    )
+                except Exception as e:  # noqa: BLE001 - recorded in the store
+                    summary = _failed(f"{type(e).__name__}: {e}".splitlines()[0])
+                store.finish(run.key, summary)
+                if on_event:
+                    on_event("finish", run, summary)
+            if broken:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = new_pool()
+    except BaseException:
+        _terminate(pool)  # interrupted: rows left 'running' are redone by the next start
+        raise
+    pool.shutdown(wait=True)
