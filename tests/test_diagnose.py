@@ -208,3 +208,198 @@ def test_nielsens_4x30_sigmoid_net_vanishes_4_to_5x_per_layer():
         assert diag.kinds == ["vanishing_gradient"], str(diag)
         shrink.append(diag.findings[0].evidence["shrink_per_layer"])
     assert all(3.0 <= s <= 7.0 for s in shrink), shrink
+
+
+# ------------------------------------------------------------------ causes, time, recorded tables
+def _sigmoid_derivative_means(model, x):
+    """Mean sigmoid'(z) of each activation module, from forward hooks (independent of vanishing)."""
+    out = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, y: out.append(float((y * (1 - y)).mean())))
+        for m in model.modules()
+        if isinstance(m, nn.Sigmoid)
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_cause_is_the_activation_derivative_for_xavier_sigmoid():
+    torch.manual_seed(0)
+    model = _mlp(10, init=nn.init.xavier_normal_)
+    x, _ = _data()
+    f = next(f for f in _inspect(model).findings if f.kind == "vanishing_gradient")
+    assert f.cause.startswith("activation derivative")
+    expected = sorted(_sigmoid_derivative_means(model, x))[5]  # median of the 10 hidden layers
+    assert f.evidence["mean_dphi"] == pytest.approx(expected, abs=0.01)
+    gains = sorted(
+        float(m.weight.detach().std() * math.sqrt(m.weight.shape[1])) for m in list(model)[0:-1:2]
+    )
+    assert f.evidence["weight_gain"] == pytest.approx((gains[4] + gains[5]) / 2, rel=0.02)
+    assert f.per_layer["0"]["mean_dphi"] == pytest.approx(
+        _sigmoid_derivative_means(model, x)[0], abs=1e-6
+    )
+    assert f.remedies[0].name == "relu" and "sigmoid'(z) is 0.2" in f.remedies[0].why
+
+
+def test_cause_is_the_weight_scale_for_tiny_tanh_init():
+    torch.manual_seed(0)
+    model = _mlp(8, act=nn.Tanh, init=lambda w: nn.init.normal_(w, 0.0, 0.25 / math.sqrt(32)))
+    f = next(f for f in _inspect(model).findings if f.kind == "vanishing_gradient")
+    assert f.cause.startswith("weight scale")
+    assert f.evidence["weight_gain_vs_target"] == pytest.approx(0.25, rel=0.15)
+    assert f.remedies[0].name == "xavier_init"
+    assert "relu" not in [r.name for r in f.remedies]  # tanh'(z) is ~1 here: not the cause
+
+
+class _Seq(nn.Module):
+    def __init__(self, cell, hidden=16):
+        super().__init__()
+        self.rnn = cell(2, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1]).squeeze(1)
+
+
+def test_rnn_finding_cites_the_recurrent_weights_singular_values():
+    torch.manual_seed(0)
+    model = _Seq(nn.RNN)
+    x, y = torch.rand(16, 60, 2), torch.rand(16)
+    f = next(
+        f
+        for f in vanishing.inspect(model, x, y, nn.functional.mse_loss).findings
+        if f.kind == "vanishing_gradient"
+    )
+    w = model.rnn.weight_hh_l0.detach().double()
+    assert f.evidence["sigma_max_recurrent"] == pytest.approx(
+        float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-6
+    )
+    assert f.evidence["rms_singular_value_recurrent"] == pytest.approx(
+        float(w.norm() / math.sqrt(16)), rel=1e-5
+    )
+    assert "singular value" in f.cause
+    assert [r.name for r in f.remedies][:3] == ["lstm", "gru", "orthogonal_init"]
+
+
+def test_gated_cell_decay_is_a_note_not_a_finding():
+    """A default LSTM's gradient at t=0 is ~1e-5 of that at t=19 (forget gate ~0.5): measured and
+    reported as a note, not as vanishing_gradient (docs/diagnosis.md: gated cells)."""
+    torch.manual_seed(0)
+    model = _Seq(nn.LSTM, hidden=32)
+    x, y = torch.rand(32, 20, 2), torch.rand(32)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(nn.functional.mse_loss(model(xg), y), [xg])
+    per_t = g.pow(2).sum((0, 2)).sqrt()
+    ratio = float(per_t[0] / per_t[-1])
+    assert ratio < 1e-3  # the decay is real
+    diag = vanishing.inspect(model, x, y, nn.functional.mse_loss)
+    assert diag.healthy, str(diag)
+    note = next(n for n in diag.notes if "LSTM" in n)
+    assert f"{ratio:.1e}" in note
+
+
+class _RecordedRun:
+    """A stand-in for vanishing.Run: the tables a monitor writes, built by hand."""
+
+    def __init__(self, profiles, widths=None):
+        import pandas as pd
+
+        n_layers = len(profiles[0])
+        widths = widths or [32] * n_layers
+        names = [str(2 * i) for i in range(n_layers + 1)]  # hidden layers, then the head
+        self.path = "recorded"
+        self.manifest = {"optimizer": None}
+        self.layer_info = [
+            {
+                "name": n,
+                "depth": i,
+                "type": "Linear",
+                "role": "layer",
+                "activation": None,
+                "recurrent": False,
+                "params": [
+                    {"name": "weight", "shape": [w, w], "numel": w * w},
+                    {"name": "bias", "shape": [w], "numel": w},
+                ],
+                "num_params": w * w + w,
+            }
+            for i, (n, w) in enumerate(zip(names, widths + [4]))
+        ]
+        rows = []
+        for step, prof in enumerate(profiles):
+            for i, (name, value) in enumerate(zip(names, list(prof) + [1.0])):
+                rows.append(
+                    {"step": step, "layer": name, "param": "", "depth": i, "error_norm": value}
+                )
+        self.metrics = pd.DataFrame(rows)
+        for col in (
+            "grad_norm",
+            "param_norm",
+            "update_norm",
+            "update_ratio",
+            "act_std",
+            "act_mean",
+            "act_deriv_mean",
+            "act_saturated",
+            "act_dead",
+            "grad_nonfinite",
+            "param_nonfinite",
+        ):
+            self.metrics[col] = float("nan")
+        self.steps = pd.DataFrame(
+            {
+                "step": range(len(profiles)),
+                "loss_nonfinite": 0.0,
+                "grad_nonfinite": 0.0,
+                "param_nonfinite": 0.0,
+            }
+        )
+        self.temporal = pd.DataFrame(
+            {"step": [], "layer": [], "t": [], "length": [], "grad_norm": []}
+        )
+
+
+def test_rules_read_a_recorded_table_and_need_persistence():
+    from vanishing.diagnose import diagnose_run
+
+    nielsen = [4.5**k for k in range(4)]  # 4.5x per layer, ~90x first to last
+    flat = [1.0, 1.1, 0.9, 1.0]
+    diag = diagnose_run(_RecordedRun([nielsen] * 10))
+    f = next(f for f in diag.findings if f.kind == "vanishing_gradient")
+    assert f.evidence["shrink_per_layer"] == pytest.approx(4.5)
+    assert f.evidence["first_to_last_ratio"] == pytest.approx(4.5**-3)
+    # one bad step in the window is not persistent; the window is the last half of the run
+    assert diagnose_run(_RecordedRun([flat] * 9 + [nielsen])).healthy
+    assert not diagnose_run(_RecordedRun([flat] * 4 + [nielsen] * 6)).healthy
+    assert diagnose_run(_RecordedRun([nielsen] * 6 + [flat] * 4 + [flat] * 4)).healthy
+
+
+def test_profile_is_per_unit_so_width_changes_are_not_vanishing_or_exploding():
+    from vanishing.diagnose import diagnose_run
+
+    for widths in ([16, 64, 256, 1024, 4096], [4096, 1024, 256, 64, 16]):
+        raw = [math.sqrt(w) for w in widths]  # the same gradient per unit: raw norms differ 16x
+        assert diagnose_run(_RecordedRun([raw] * 4, widths=widths)).healthy
+        shrinking = [r * 3.0**k for k, r in enumerate(raw)]  # and 3x per layer on top: found
+        kinds = diagnose_run(_RecordedRun([shrinking] * 4, widths=widths)).kinds
+        assert kinds == ["vanishing_gradient"]
+
+
+def test_stalled_cause_tells_a_tiny_learning_rate_from_a_tiny_gradient(tmp_path):
+    from cases.catalog import BY_NAME
+    from cases.runner import run_case
+
+    causes = {}
+    for name in ("stalled_param_group_lr", "sigmoid_deep_default_stalls"):
+        diag, _, _ = run_case(BY_NAME[name], tmp_path / name)
+        f = next(f for f in diag.findings if f.kind == "stalled_layers")
+        causes[name] = f
+    lr = causes["stalled_param_group_lr"]
+    assert lr.layers == ["0", "2"]  # exactly the two layers given lr 1e-8
+    assert lr.cause.startswith("step size") and lr.remedies[0].name == "higher_learning_rate"
+    deep = causes["sigmoid_deep_default_stalls"]
+    assert deep.cause.startswith("gradient") and deep.remedies[0].name == "he_init"
+    assert deep.per_layer[deep.layers[0]]["relative_gradient"] < 1e-3

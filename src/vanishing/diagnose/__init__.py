@@ -8,11 +8,24 @@ from typing import Any
 
 from vanishing.diagnose.findings import KINDS, REMEDIES, Diagnosis, Finding, Remedy
 
-__all__ = ["Diagnosis", "Finding", "Remedy", "KINDS", "REMEDIES", "diagnose_run", "inspect"]
+__all__ = [
+    "Diagnosis",
+    "Finding",
+    "Remedy",
+    "KINDS",
+    "REMEDIES",
+    "diagnose_run",
+    "inspect",
+    "model_facts",
+]
 
 
-def diagnose_run(run: Any) -> Diagnosis:
+def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
     """Run every rule on a recorded run (a :class:`vanishing.Run`).
+
+    ``model`` (optional) is the model that was watched, as it is now: with it, numbers the run
+    does not record are measured on the model itself (the recurrent weights' largest singular
+    value).
 
     Example:
         >>> diag = vanishing.load_run("runs/my-run").diagnose()   # doctest: +SKIP
@@ -26,7 +39,7 @@ def diagnose_run(run: Any) -> Diagnosis:
             f"{run.path}: the run recorded no steps, so there is nothing to diagnose; "
             "train at least one step (or use vanishing.inspect before training)"
         )
-    view = RunView(run)
+    view = RunView(run, facts=model_facts(model) if model is not None else None)
     findings: list[Finding] = []
     for rule in RULES:
         findings.extend(rule(view))
@@ -34,8 +47,37 @@ def diagnose_run(run: Any) -> Diagnosis:
     notes = [f"{n} recorded step(s); persistence judged on the last {len(view.window_steps)}"]
     label, _ = view.depth_signal
     if label:
-        notes.append(f"gradient through depth read from the {label}")
+        notes.append(f"gradient through depth read from the {label} (per unit)")
+    notes.extend(view.notes)
     return Diagnosis(findings=findings, notes=notes)
+
+
+def model_facts(model: Any) -> dict[str, dict[str, float]]:
+    """Per recurrent layer of ``model``: the largest singular value of its recurrent weight
+    (``sigma_max_recurrent``; for LSTM/GRU of the stacked gate matrix).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.diagnose import model_facts
+        >>> rnn = torch.nn.RNN(2, 4)
+        >>> with torch.no_grad():
+        ...     _ = rnn.weight_hh_l0.copy_(0.5 * torch.eye(4))
+        >>> model_facts(torch.nn.Sequential(rnn))
+        {'0': {'sigma_max_recurrent': 0.5}}
+    """
+    import torch
+
+    from vanishing.monitor import _unwrap
+
+    out: dict[str, dict[str, float]] = {}
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU)):
+            w = getattr(module, "weight_hh_l0", None)
+            if w is not None:
+                with torch.no_grad():
+                    sigma = torch.linalg.matrix_norm(w.detach().double(), ord=2)
+                out[name] = {"sigma_max_recurrent": round(float(sigma), 12)}
+    return out
 
 
 def inspect(model, inputs, targets, loss_fn: Callable) -> Diagnosis:
@@ -87,7 +129,7 @@ def inspect(model, inputs, targets, loss_fn: Callable) -> Diagnosis:
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise WatchError("loss_fn must return a scalar tensor")
                 loss.backward()
-            return load_run(f"{tmp}/run").diagnose()
+            return diagnose_run(load_run(f"{tmp}/run"), model)
         finally:
             for p in root.parameters():
                 p.grad = grads.get(id(p))

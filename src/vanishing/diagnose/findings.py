@@ -76,6 +76,10 @@ class Finding:
     message: str
     evidence: dict[str, float] = field(default_factory=dict)
     remedies: list[Remedy] = field(default_factory=list)
+    #: the dominant cause, in one sentence citing the measured factor ("" when not attributed)
+    cause: str = ""
+    #: per layer, the measured factors behind the cause (e.g. ``mean_dphi``, ``weight_gain``)
+    per_layer: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,6 +87,9 @@ class Finding:
         if self.severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
         self.evidence = {k: float(v) for k, v in self.evidence.items()}
+        self.per_layer = {
+            str(k): {s: float(v) for s, v in row.items()} for k, row in self.per_layer.items()
+        }
 
 
 @dataclass
@@ -126,6 +133,8 @@ class Diagnosis:
             lines.append(f"[{f.severity}] {f.kind}: {f.message}")
             if where:
                 lines.append(f"    layers: {where}")
+            if f.cause:
+                lines.append(f"    cause: {f.cause}")
             for r in f.remedies:
                 lines.append(f"    -> {r.name}: {r.why}")
         for note in self.notes:

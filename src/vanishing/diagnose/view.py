@@ -25,8 +25,15 @@ _BOUNDED = {"sigmoid", "tanh", "softsign", "hardtanh"}
 class RunView:
     """What the rules read: a run's tables, its layers in forward order, the recent window."""
 
-    def __init__(self, run: Any, *, window: float = 0.5) -> None:
+    def __init__(
+        self, run: Any, *, window: float = 0.5, facts: dict[str, dict[str, float]] | None = None
+    ) -> None:
         self.run = run
+        #: per layer, numbers measured on the model itself when it is at hand (``inspect``):
+        #: e.g. ``{"rnn": {"sigma_max_recurrent": 0.61}}``
+        self.facts: dict[str, dict[str, float]] = facts or {}
+        #: facts the rules found that are not problems (go to ``Diagnosis.notes``)
+        self.notes: list[str] = []
         self.layers: list[dict] = run.layer_info
         self.metrics: pd.DataFrame = run.metrics
         self.steps: pd.DataFrame = run.steps
@@ -71,18 +78,74 @@ class RunView:
         return table[cols] if cols else pd.DataFrame()
 
     @cached_property
-    def depth_signal(self) -> tuple[str, pd.DataFrame]:
-        """The per-layer gradient magnitude through depth: the error signal if recorded,
-        else the speed of learning (bias gradient), else the weight gradient."""
+    def depth_signals(self) -> list[tuple[str, pd.DataFrame]]:
+        """Every recorded per-layer gradient magnitude through depth, per unit (norm /
+        sqrt(units), so that layers of different widths compare), best first: the error signal
+        ``||dLoss/d output||``, then the speed of learning ``||dLoss/d bias||``, else the weight
+        gradient. Each table: step x hidden layer."""
+        out = []
         for stat, param, label in (
             ("error_norm", None, "error signal"),
             ("grad_norm", "bias", "speed of learning"),
             ("grad_norm", "weight", "weight gradient"),
         ):
+            if label == "weight gradient" and out:
+                break
             table = self.profile(stat, param)
             if not table.empty and table.notna().any().sum() >= 3:
-                return label, table.dropna(axis=1, how="all")
-        return "", pd.DataFrame()
+                table = table.dropna(axis=1, how="all")
+                units = [self.units(c, param or "bias") for c in table.columns]
+                out.append((label, table / np.sqrt(np.asarray(units, dtype=float))))
+        return out
+
+    @property
+    def depth_signal(self) -> tuple[str, pd.DataFrame]:
+        """The best recorded gradient profile through depth (see :attr:`depth_signals`)."""
+        return self.depth_signals[0] if self.depth_signals else ("", pd.DataFrame())
+
+    def units(self, layer: str, param: str = "bias") -> int:
+        """Output units of a layer (rows of its weight; all entries for a weight gradient)."""
+        info = self.by_name.get(layer, {})
+        params = {p["name"]: p for p in info.get("params", [])}
+        if param == "weight" and "weight" in params:
+            return max(1, int(params["weight"]["numel"]))
+        if info.get("type", "").startswith("MultiheadAttention") and "in_proj_weight" in params:
+            return max(1, int(params["in_proj_weight"]["shape"][-1]))  # outputs embed_dim
+        for name in ("bias", "weight"):
+            if name in params and params[name]["shape"]:
+                return max(1, int(params[name]["shape"][0]))
+        for p in info.get("params", []):  # e.g. a custom layer with one matrix
+            if p["shape"]:
+                return max(1, int(p["shape"][0]))
+        return 1
+
+    @cached_property
+    def activation_after(self) -> dict[str, str]:
+        """Each layer's activation module: the first one that runs after it, before the next
+        parameter-owning layer (forward order)."""
+        out: dict[str, str] = {}
+        last = None
+        for layer in self.layers:
+            if layer["role"] == "activation":
+                if last is not None and last not in out:
+                    out[last] = layer["name"]
+            elif layer["num_params"] > 0:
+                last = layer["name"]
+        return out
+
+    def activation_stat(self, layer: str, stat: str) -> float:
+        """Median over the window of an activation statistic of the layer's activation module."""
+        act = self.activation_after.get(layer)
+        if act is None:
+            return float("nan")
+        rows = self.recent(self.metrics)
+        vals = rows[(rows["layer"] == act) & (rows["param"] == "")][stat].dropna()
+        return float(vals.median()) if not vals.empty else float("nan")
+
+    @cached_property
+    def normalization_layers(self) -> list[str]:
+        """Batch/layer/group-norm layers of the model."""
+        return [n["name"] for n in self.layers if n["type"].startswith(_NOT_IN_PROFILE[2:])]
 
     def time_profiles(self) -> list[tuple[str, float, int, str]]:
         """Per recurrent layer over the window: (layer, gradient at t=0 / at t=T-1, T, cell type),
@@ -96,6 +159,34 @@ class RunView:
             ratio = float(prof.iloc[0] / prof.iloc[-1])
             cell = self.by_name.get(layer, {}).get("type", "")
             out.append((layer, ratio, int(rows["length"].max()), cell))
+        return out
+
+    def time_trend(self, layer: str) -> float:
+        """first / last time step on a least-squares line through log10 of the median profile
+        (NaN if it cannot be fitted)."""
+        t = self.recent(self.temporal)
+        prof = t[t["layer"] == layer].groupby("t")["grad_norm"].median().sort_index()
+        prof = prof[(prof > 0) & np.isfinite(prof)]
+        if len(prof) < 3:
+            return float("nan")
+        x = prof.index.to_numpy(dtype=float)
+        slope = np.polyfit(x, np.log10(prof.to_numpy(dtype=float)), 1)[0]
+        return float(10 ** (-slope * (x[-1] - x[0])))
+
+    def recurrent_scale(self, layer: str) -> dict[str, float]:
+        """The recurrent weight's scale: its RMS singular value ||W_hh||_F / sqrt(hidden) from the
+        records, and its largest singular value when measured on the model (``facts``)."""
+        out = dict(self.facts.get(layer, {}))
+        info = self.by_name.get(layer, {})
+        hh = next((p for p in info.get("params", []) if p["name"] == "weight_hh_l0"), None)
+        if hh is None:
+            return out
+        rows = self.recent(self.metrics)
+        rows = rows[(rows["layer"] == layer) & (rows["param"] == "weight_hh_l0")]
+        if not rows.empty:
+            gates = max(1, hh["shape"][0] // hh["shape"][1])  # 1 RNN, 3 GRU, 4 LSTM blocks
+            norm = float(rows["param_norm"].iloc[0])
+            out["rms_singular_value_recurrent"] = norm / math.sqrt(hh["shape"][1] * gates)
         return out
 
     def dominant_activation(self, layers: list[str]) -> str | None:
@@ -138,7 +229,25 @@ class RunView:
 def depth_slope(table: pd.DataFrame) -> tuple[float, float]:
     """Median over steps of (decades per layer of log10 |signal| from first to last layer,
     log10 of last / first). Positive slope: the signal is larger near the output."""
-    slopes, spans = [], []
+    trend = depth_trend(table)
+    return trend["slope"], trend["span"]
+
+
+def depth_trend(table: pd.DataFrame) -> dict[str, float]:
+    """How a step x layer table changes through depth, median over its steps (rows).
+
+    ``slope``: decades per layer of a least-squares line through log10 |value| (positive: larger
+    near the output); ``fitted_span``: that line's rise from the first to the last layer;
+    ``span``: log10(last / first) as measured; ``layers``: how many layers had a value.
+
+    Example:
+        >>> import pandas as pd
+        >>> from vanishing.diagnose.view import depth_trend
+        >>> t = pd.DataFrame([[1e-3, 1e-2, 1e-1, 1.0]], columns=list("abcd"))
+        >>> {k: round(v, 6) for k, v in depth_trend(t).items()}
+        {'slope': 1.0, 'fitted_span': 3.0, 'span': 3.0, 'layers': 4.0}
+    """
+    slopes, fitted, spans, counts = [], [], [], []
     values = table.to_numpy(dtype=float)
     for row in values:
         ok = np.isfinite(row) & (row > 0)
@@ -146,11 +255,20 @@ def depth_slope(table: pd.DataFrame) -> tuple[float, float]:
             continue
         x = np.arange(len(row))[ok]
         y = np.log10(row[ok])
-        slopes.append(np.polyfit(x, y, 1)[0])
+        slope = np.polyfit(x, y, 1)[0]
+        slopes.append(slope)
+        fitted.append(slope * (x[-1] - x[0]))
         spans.append(y[-1] - y[0])
+        counts.append(ok.sum())
     if not slopes:
-        return float("nan"), float("nan")
-    return float(np.median(slopes)), float(np.median(spans))
+        nan = float("nan")
+        return {"slope": nan, "fitted_span": nan, "span": nan, "layers": 0.0}
+    return {
+        "slope": float(np.median(slopes)),
+        "fitted_span": float(np.median(fitted)),
+        "span": float(np.median(spans)),
+        "layers": float(np.median(counts)),
+    }
 
 
 def gain_target(activation: str | None) -> tuple[float, str]:

@@ -29,7 +29,22 @@ def check(view: RunView) -> list[Finding]:
             layers=layers,
             severity="critical" if worst >= 0.9 else "warning",
             message=f"{worst:.0%} of units output zero for every example in {len(layers)} layer(s)",
-            evidence={"max_dead_fraction": worst, "mean_dead_fraction": float(bad.mean())},
+            evidence={
+                "max_dead_fraction": worst,
+                "mean_dead_fraction": float(bad.mean()),
+                "first_layer_dead_fraction": float(bad[layers[0]]),
+            },
+            cause=(
+                f"{float(bad[layers[0]]):.0%} of the units after '{layers[0]}' are off for every "
+                "example (their input is <= 0: a negative bias or weights pushed there by large "
+                "updates)"
+                + (
+                    f"; the {len(layers) - 1} layer(s) after it see only what is left"
+                    if len(layers) > 1
+                    else ""
+                )
+            ),
+            per_layer={n: {"dead_fraction": float(bad[n])} for n in layers},
             remedies=[
                 Remedy(
                     "leaky_relu",

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import math
 
+from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, unique
-from vanishing.diagnose.view import RunView, depth_slope, gain_target
+from vanishing.diagnose.view import RunView, depth_trend, gain_target
 
-MIN_GROWTH_PER_LAYER = 2.0  # fitted over the hidden layers, going back from the output
+#: the first hidden layer gets at least this multiple of the last one's gradient (per unit),
+#: as measured and on the least-squares line through the hidden layers
 MIN_FIRST_TO_LAST = 10.0
-MIN_FIRST_TO_LAST_TIME = 1e3
+MIN_FITTED_FIRST_TO_LAST = 5.0  # the fitted line confirms the growth (it smooths the endpoints)
+#: or the activations' spread grows geometrically forward: at least this much per layer (fitted)
+#: and at least MIN_FIRST_TO_LAST in all, measured and fitted
+MIN_ACTIVATION_GROWTH_PER_LAYER = 1.5
+#: through time: gradient at t=0 over that at t=T-1, measured and on the fitted line (a healthy
+#: or learning RNN gives early steps at most a few times the last one's gradient)
+MIN_FIRST_TO_LAST_TIME = 10.0
+#: gated cells (LSTM, GRU): their input-gradient profile also reflects which inputs the learned
+#: gates keep (a trained cell may rightly weigh the first steps more), so only gross growth counts
+MIN_FIRST_TO_LAST_TIME_GATED = 1e3
 MAX_UPDATE_RATIO = 1.0  # an update as large as the weight it changes
 
 
@@ -24,11 +35,16 @@ def _through_depth(view: RunView) -> list[Finding]:
     evidence: dict[str, float] = {}
     layers: list[str] = []
     if not table.empty and table.shape[1] >= 3:
-        slope, span = depth_slope(table)
-        if slope <= -math.log10(MIN_GROWTH_PER_LAYER) and span <= -math.log10(MIN_FIRST_TO_LAST):
+        trend = depth_trend(table)
+        lim = math.log10(MIN_FIRST_TO_LAST)
+        if trend["span"] <= -lim and trend["fitted_span"] <= -math.log10(MIN_FITTED_FIRST_TO_LAST):
             grows_back = True
             layers = list(table.columns)
-            evidence.update(first_to_last_ratio=10**-span, growth_per_layer=10**-slope)
+            evidence.update(
+                first_to_last_ratio=10 ** -trend["span"],
+                fitted_first_to_last_ratio=10 ** -trend["fitted_span"],
+                growth_per_layer=10 ** -trend["slope"],
+            )
     # the forward side: activations whose spread grows geometrically with depth (over-gain init)
     arows = view.activation_rows()
     forward_growth = False
@@ -37,34 +53,42 @@ def _through_depth(view: RunView) -> list[Finding]:
         std = arows.pivot_table(index="step", columns="layer", values="act_std", aggfunc="mean")
         std = std[[c for c in order if c in std.columns]]
         if std.shape[1] >= 3:
-            slope_f, span_f = depth_slope(std)
-            if slope_f >= math.log10(MIN_GROWTH_PER_LAYER) and span_f >= 2:
+            trend_f = depth_trend(std)
+            lim = math.log10(MIN_FIRST_TO_LAST)
+            per_layer = math.log10(MIN_ACTIVATION_GROWTH_PER_LAYER)
+            if (
+                trend_f["span"] >= lim
+                and trend_f["fitted_span"] >= math.log10(MIN_FITTED_FIRST_TO_LAST)
+                and trend_f["slope"] >= per_layer
+            ):
                 forward_growth = True
-                layers = layers or list(std.columns)
+                layers = layers or [n for n in view.hidden] or list(std.columns)
                 evidence.update(
-                    activation_growth_per_layer=10**slope_f, last_to_first_activation_std=10**span_f
+                    activation_growth_per_layer=10 ** trend_f["slope"],
+                    last_to_first_activation_std=10 ** trend_f["span"],
                 )
     if not (grows_back or forward_growth):
         return []
-    gain = view.median_gain(view.hidden)
+    hidden = [n for n in layers if n in view.by_name and view.by_name[n]["role"] == "layer"]
+    cause, causes, factors = attribute(view, hidden or view.hidden, growing=True)
+    evidence.update(causes)
+    gain = causes["weight_gain"]
     dominant = view.dominant_activation(view.hidden)
     target, init_name = gain_target(dominant)
-    evidence["median_weight_gain"] = gain
     what = (
-        f"the {label} grows {evidence.get('growth_per_layer', float('nan')):.1f}x per layer "
-        "back through depth"
+        f"the {label} grows {evidence['growth_per_layer']:.1f}x per layer back through depth"
         if grows_back
-        else f"activations grow {evidence['activation_growth_per_layer']:.1f}x per layer forward, "
-        "and the gradient with them"
+        else f"activations grow {evidence['activation_growth_per_layer']:.1f}x per layer forward "
+        f"({evidence['last_to_first_activation_std']:.1e}x in all), and the gradient with them"
     )
     remedies = []
     if math.isfinite(gain) and gain > 1.25 * target:
         remedies.append(
             Remedy(
                 init_name,
-                f"the weights' gain std(W)*sqrt(fan_in) is {gain:.2f}, "
+                f"{what}; the weights' gain std(W)*sqrt(fan_in) is {gain:.2f}, "
                 f"above the {target:.2f} that {init_name.replace('_', ' ')} gives "
-                f"for {dominant or 'this activation'}; each layer amplifies",
+                f"for {dominant or 'this activation'}, so each layer amplifies",
             )
         )
     remedies += [
@@ -88,22 +112,36 @@ def _through_depth(view: RunView) -> list[Finding]:
             message=what,
             evidence=evidence,
             remedies=unique(remedies),
+            cause=cause,
+            per_layer=factors,
         )
     ]
 
 
 def _through_time(view: RunView) -> list[Finding]:
     out = []
-    for layer, ratio, T, _cell in view.time_profiles():
-        if not ratio >= MIN_FIRST_TO_LAST_TIME:
+    from vanishing.diagnose.rules.vanishing import time_cause
+
+    for layer, ratio, T, cell in view.time_profiles():
+        gated = cell in ("LSTM", "GRU")
+        bound = MIN_FIRST_TO_LAST_TIME_GATED if gated else MIN_FIRST_TO_LAST_TIME
+        if not (ratio >= bound and view.time_trend(layer) >= bound):
             continue
+        per_step = ratio ** (1 / max(T - 1, 1)) if math.isfinite(ratio) else math.inf
+        cause, scale = time_cause(view, layer, cell, per_step)
         out.append(
             Finding(
                 kind="exploding_gradient",
                 layers=[layer],
-                severity="critical" if ratio > 1e8 or not math.isfinite(ratio) else "warning",
+                severity="critical" if ratio > 1e4 or not math.isfinite(ratio) else "warning",
                 message=f"through time in {layer}: the gradient at t=0 is {ratio:.1e}x that at t={T - 1}",
-                evidence={"first_to_last_ratio_time": ratio, "sequence_length": T},
+                evidence={
+                    "first_to_last_ratio_time": ratio,
+                    "sequence_length": T,
+                    "growth_per_step": per_step,
+                    **scale,
+                },
+                cause=cause,
                 remedies=[
                     Remedy(
                         "gradient_clipping",

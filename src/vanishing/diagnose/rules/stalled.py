@@ -9,6 +9,9 @@ from vanishing.diagnose.view import RunView
 
 MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
 MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
+#: when a stalled layer's gradient (relative to its weight) is this much closer to the learning
+#: layers' than its update is, the step size, not the gradient, is what holds it back
+LR_GAP = 100.0
 
 
 def check(view: RunView) -> list[Finding]:
@@ -33,31 +36,76 @@ def check(view: RunView) -> list[Finding]:
     layers = [n for n in (x["name"] for x in view.layers) if n in stalled.index]
     slowest = float(stalled.min())
     rel = slowest / typical
+    grads = w.groupby("layer")["grad_ratio"].median()
+    grads = grads[grads.index.isin(med.index)]
+    typical_grad = float(grads.quantile(0.9)) if not grads.empty else float("nan")
+    per_layer = {
+        n: {
+            "update_ratio": float(med[n]),
+            "relative_update": float(med[n]) / typical,
+            "relative_gradient": float(grads.get(n, float("nan"))) / typical_grad
+            if typical_grad > 0
+            else float("nan"),
+        }
+        for n in layers
+    }
+    first = layers[0]
+    rel_grad = per_layer[first]["relative_gradient"]
+    rel_first = per_layer[first]["relative_update"]
+    zero = (
+        " (below float32's resolution of the weight: the update rounds away)"
+        if slowest == 0
+        else ""
+    )
+    # the gradient alone would not stall it, yet the update is far smaller than the gradient says
+    step_bound = (
+        math.isfinite(rel_grad) and rel_grad > MAX_RELATIVE and rel_grad >= LR_GAP * rel_first
+    )
+    if step_bound:
+        cause = (
+            f"step size: '{first}' gets {rel_grad:.1e} of the learning layers' gradient (relative "
+            f"to its weight) but moves only {rel_first:.1e} as fast: its learning rate (parameter "
+            "group) or optimizer state holds it back, not the gradient"
+        )
+        remedies = [
+            Remedy(
+                "higher_learning_rate",
+                f"'{first}' receives a normal gradient ({rel_grad:.1e} of the others') yet moves "
+                f"{rel_first:.1e} as fast: give its parameter group the learning rate of the rest",
+            ),
+        ]
+    else:
+        cause = (
+            f"gradient: '{first}' gets {rel_grad:.1e} of the learning layers' gradient (relative to "
+            f"its weight), so it moves {rel_first:.1e} as fast"
+        )
+        remedies = [
+            Remedy(
+                "he_init",
+                f"'{first}' moves {rel_first:.1e} as fast as the layers that learn because only "
+                f"{rel_grad:.1e} of their gradient reaches it; a careful init keeps its scale",
+            ),
+            Remedy("batch_norm", "normalisation keeps every layer's gradient on one scale"),
+            Remedy("residual", "skip connections deliver gradient straight to the stalled layers"),
+            Remedy("layerwise_pretraining", "pretrain the stalled early layers greedily"),
+        ]
     return [
         Finding(
             kind="stalled_layers",
             layers=layers,
             severity="critical" if rel <= 1e-4 else "warning",
             message=(
-                f"{len(layers)} layer(s) change {rel:.1e} as fast as the layers that learn "
-                f"(update/weight {slowest:.1e} vs {typical:.1e})"
+                f"{len(layers)} layer(s) barely move: median update/weight {slowest:.1e}{zero}, "
+                f"{rel:.1e} of the {typical:.1e} of the layers that learn"
             ),
             evidence={
                 "slowest_update_ratio": slowest,
                 "typical_update_ratio": typical,
                 "relative": rel if math.isfinite(rel) else 0.0,
+                "relative_gradient_first": rel_grad,
             },
-            remedies=[
-                Remedy(
-                    "he_init",
-                    f"{layers[0]} moves {rel:.1e} as fast as the layers that learn; "
-                    "gradients that reach it are too small, and a careful init keeps their scale",
-                ),
-                Remedy("batch_norm", "normalisation keeps every layer's gradient on one scale"),
-                Remedy(
-                    "residual", "skip connections deliver gradient straight to the stalled layers"
-                ),
-                Remedy("layerwise_pretraining", "pretrain the stalled early layers greedily"),
-            ],
+            remedies=remedies,
+            cause=cause,
+            per_layer=per_layer,
         )
     ]

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import math
 
+from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, unique
-from vanishing.diagnose.view import _BOUNDED, RunView, depth_slope, gain_target
+from vanishing.diagnose.view import _BOUNDED, RunView, depth_trend, gain_target
 
-#: each layer back must lose at least this factor (fitted over all hidden layers) ...
-MIN_SHRINK_PER_LAYER = 2.0
-#: ... and the first hidden layer must get at most this share of the last one's gradient
+#: the first hidden layer gets at most this share of the last hidden layer's gradient (per unit)
 MAX_FIRST_TO_LAST = 0.1
-#: through time: gradient at t=0 over gradient at t=T-1
+#: ... and the least-squares line through all hidden layers confirms a shrink (so one outlying
+#: endpoint cannot make the finding); a little looser, the fit smooths the endpoints
+MAX_FITTED_FIRST_TO_LAST = 0.2
+#: through time (plain RNN cells): gradient at t=0 over gradient at t=T-1
 MAX_FIRST_TO_LAST_TIME = 1e-3
+#: gated cells (LSTM, GRU) whose profile decays are reported as a note, not a finding
+GATED = ("LSTM", "GRU")
 
 
 def check(view: RunView) -> list[Finding]:
@@ -20,48 +24,86 @@ def check(view: RunView) -> list[Finding]:
 
 
 def _through_depth(view: RunView) -> list[Finding]:
-    label, table = view.depth_signal
-    if table.empty or table.shape[1] < 3:
+    # the error signal, or the speed of learning (which sums the error over examples and
+    # positions): early layers learning far more slowly is the problem, whichever shows it
+    chosen = None
+    for signal, values in view.depth_signals:
+        if values.shape[1] < 3:
+            continue
+        trend = depth_trend(values)
+        ratio = 10 ** -trend["span"]  # first hidden layer's gradient over the last one's
+        fitted = 10 ** -trend["fitted_span"]
+        if ratio <= MAX_FIRST_TO_LAST and fitted <= MAX_FITTED_FIRST_TO_LAST:
+            chosen = (signal, values, trend, ratio, fitted)
+            break
+    if chosen is None:
         return []
-    slope, span = depth_slope(table)  # decades per layer and in all, first -> last
-    ratio = 10**-span  # first hidden layer's gradient over the last one's
-    if not (slope >= math.log10(MIN_SHRINK_PER_LAYER) and ratio <= MAX_FIRST_TO_LAST):
-        return []
+    label, table, trend, ratio, fitted = chosen
     layers = list(table.columns)
-    per_layer = 10**slope
-    severity = "critical" if ratio <= 1e-4 else "warning"
+    per_layer = 10 ** trend["slope"]
+    cause, causes, factors = attribute(view, layers, growing=False)
     evidence = {
         "first_to_last_ratio": ratio,
+        "fitted_first_to_last_ratio": fitted,
         "shrink_per_layer": per_layer,
         "hidden_layers": len(layers),
+        **causes,
     }
-    remedies = _depth_remedies(view, layers, per_layer, ratio, evidence)
+    remedies = _depth_remedies(view, layers, per_layer, ratio, evidence, label)
     return [
         Finding(
             kind="vanishing_gradient",
             layers=layers,
-            severity=severity,
+            severity="critical" if ratio <= 1e-4 else "warning",
             message=(
                 f"the {label} shrinks {per_layer:.1f}x per layer back through {len(layers)} hidden "
                 f"layers: '{layers[0]}' gets {ratio:.1e} of the gradient of '{layers[-1]}'"
             ),
             evidence=evidence,
             remedies=remedies,
+            cause=cause,
+            per_layer=factors,
         )
     ]
 
 
-def _depth_remedies(view, layers, per_layer, ratio, evidence) -> list[Remedy]:
+def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Remedy]:
     dominant = view.dominant_activation(layers)
-    arows = view.activation_rows()
-    deriv = float(arows["act_deriv_mean"].median()) if not arows.empty else float("nan")
-    gain = view.median_gain(layers)
+    deriv = evidence["mean_dphi"]
+    gain = evidence["weight_gain"]
+    sat = evidence["saturated_fraction"]
     target, init_name = gain_target(dominant)
-    evidence["median_weight_gain"] = gain
-    evidence["mean_activation_derivative"] = deriv
-    head = f"'{layers[0]}' gets {ratio:.1e} of the gradient of '{layers[-1]}'"
+    head = f"'{layers[0]}' gets {ratio:.1e} of the {label} of '{layers[-1]}'"
+    weights_first = evidence["weight_decades_per_layer"] < evidence["activation_decades_per_layer"]
     remedies = []
-    if dominant in _BOUNDED:
+    if dominant in _BOUNDED and math.isfinite(sat) and sat >= 0.5 and gain > 1.25 * target:
+        remedies.append(
+            Remedy(
+                init_name,
+                f"{head}; {sat:.0%} of {dominant} inputs sit in the flat tails because the "
+                f"weights' gain std(W)*sqrt(fan_in) is {gain:.2f}, above the {target:.2f} "
+                f"{init_name.replace('_', ' ')} gives",
+            )
+        )
+    if dominant in _BOUNDED and math.isfinite(sat) and sat >= 0.5:
+        remedies.append(
+            Remedy(
+                "input_scaling",
+                f"{head}; {sat:.0%} of {dominant} inputs sit in the flat tails: standardised "
+                "inputs and smaller weights bring them back to the slope",
+            )
+        )
+    if math.isfinite(gain) and gain < 0.8 * target and (weights_first or dominant not in _BOUNDED):
+        remedies.append(
+            Remedy(
+                init_name,
+                f"{head}; the weights' gain std(W)*sqrt(fan_in) is {gain:.2f}, below the "
+                f"{target:.2f} {init_name.replace('_', ' ')} gives for "
+                f"{dominant or 'this activation'}",
+            )
+        )
+    act_costs = evidence["activation_decades_per_layer"] <= math.log10(0.7)
+    if dominant in _BOUNDED and act_costs:
         remedies.append(
             Remedy(
                 "relu",
@@ -73,36 +115,44 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence) -> list[Remedy]:
         remedies.append(
             Remedy(
                 "he_init",
-                f"with ReLU, He init (gain sqrt 2) keeps the gradient's "
-                f"scale through depth; the weights' gain now is {gain:.2f}",
+                "with ReLU, He init (gain sqrt 2) keeps the gradient's scale through depth; "
+                f"the weights' gain now is {gain:.2f}",
+            )
+        )
+    if dominant in _BOUNDED and math.isfinite(gain) and gain > 1.25 * target:
+        remedies.append(
+            Remedy(
+                init_name,
+                f"the weights' gain std(W)*sqrt(fan_in) is {gain:.2f}, above the {target:.2f} "
+                f"{init_name.replace('_', ' ')} gives: pre-activations land where "
+                f"{dominant}'(z) is small (mean {deriv:.2f})",
             )
         )
     if math.isfinite(gain) and gain < 0.8 * target:
-        remedies.insert(
-            len(remedies) if dominant in _BOUNDED else 0,
+        remedies.append(
             Remedy(
                 init_name,
-                f"{head}; the weights' gain std(W)*sqrt(fan_in) is "
-                f"{gain:.2f}, below the {target:.2f} {init_name.replace('_', ' ')} "
-                f"gives for {dominant or 'this activation'}",
-            ),
+                f"the weights' gain std(W)*sqrt(fan_in) is {gain:.2f}, below the {target:.2f} "
+                f"{init_name.replace('_', ' ')} gives for {dominant or 'this activation'}",
+            )
         )
-    remedies.append(
-        Remedy(
-            "batch_norm",
-            f"normalising each layer's input keeps pre-activations "
-            f"where the derivative is large; the gradient now loses "
-            f"{per_layer:.1f}x per layer",
+    if not view.normalization_layers:
+        remedies.append(
+            Remedy(
+                "batch_norm",
+                "the model has no normalization layer; normalising each layer's input keeps "
+                f"pre-activations where the derivative is large (now {per_layer:.1f}x lost per "
+                "layer)",
+            )
         )
-    )
     remedies.append(
         Remedy(
             "residual",
             "skip connections add an identity path, so the gradient "
-            f"reaches {layers[0]} without passing through every layer",
+            f"reaches '{layers[0]}' without passing through every layer",
         )
     )
-    if dominant in _BOUNDED and len(layers) >= 6:
+    if dominant in _BOUNDED and act_costs and len(layers) >= 6:
         remedies.append(
             Remedy(
                 "layerwise_pretraining",
@@ -113,42 +163,55 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence) -> list[Remedy]:
     return unique(remedies)
 
 
+def time_cause(view: RunView, layer: str, cell: str, per_step: float) -> tuple[str, dict]:
+    """The recurrent weight's scale behind a decay (or growth) through time."""
+    scale = view.recurrent_scale(layer)
+    sigma = scale.get("sigma_max_recurrent", float("nan"))
+    rms = scale.get("rms_singular_value_recurrent", float("nan"))
+    if math.isfinite(sigma):
+        what = f"the recurrent weight's largest singular value is {sigma:.2f}"
+        if math.isfinite(rms):
+            what += f" (RMS {rms:.2f})"
+    elif math.isfinite(rms):
+        what = f"the recurrent weight's RMS singular value is {rms:.2f}"
+    else:
+        return f"the gradient keeps {per_step:.2g} of itself each step", scale
+    if cell == "RNN":
+        bound = "at most" if math.isfinite(sigma) else "about"
+        what += f"; with the activation's derivative (<= 1) each step scales it by {bound} that"
+    return what + f" (measured: {per_step:.2g} per step)", scale
+
+
 def _through_time(view: RunView) -> list[Finding]:
     out = []
     for layer, ratio, T, cell in view.time_profiles():
         if not ratio <= MAX_FIRST_TO_LAST_TIME:
             continue
         per_step = ratio ** (1 / max(T - 1, 1)) if ratio > 0 else 0.0
-        remedies = []
-        if cell == "RNN":
-            remedies += [
-                Remedy(
-                    "lstm",
-                    f"the gradient at t=0 is {ratio:.1e} of that at t={T - 1}; an LSTM's "
-                    "additive cell state carries it across time steps",
-                ),
-                Remedy("gru", "a GRU's gated update also keeps an additive path through time"),
-                Remedy(
-                    "orthogonal_init",
-                    "an orthogonal recurrent matrix has all singular values "
-                    f"1, where now the gradient keeps {per_step:.2f} of itself each step",
-                ),
-            ]
-        if cell == "LSTM":
-            remedies.append(
-                Remedy(
-                    "forget_gate_bias",
-                    f"the gradient at t=0 is {ratio:.1e} of "
-                    f"that at t={T - 1}; a forget-gate bias of 1-3 keeps the cell "
-                    "state (and its gradient) from decaying each step",
-                )
+        if cell in GATED:
+            view.notes.append(
+                f"{layer} ({cell}): the gradient reaching t=0 is {ratio:.1e} of that at "
+                f"t={T - 1} ({per_step:.2f}x per step); gated cells learn to keep or forget "
+                "through their gates, so this is not judged a problem (if the target needs "
+                "the start of the sequence: forget_gate_bias)"
             )
-        remedies.append(
+            continue
+        cause, scale = time_cause(view, layer, cell, per_step)
+        sigma = scale.get("sigma_max_recurrent", scale.get("rms_singular_value_recurrent"))
+        remedies = [
+            Remedy(
+                "lstm",
+                f"the gradient at t=0 is {ratio:.1e} of that at t={T - 1}; an LSTM's "
+                "additive cell state carries it across time steps",
+            ),
+            Remedy("gru", "a GRU's gated update also keeps an additive path through time"),
             Remedy(
                 "orthogonal_init",
-                "orthogonal recurrent weights preserve the gradient's norm from step to step",
-            )
-        )
+                "an orthogonal recurrent matrix has all singular values 1"
+                + (f" (now {sigma:.2f})" if sigma is not None else "")
+                + f", where now the gradient keeps {per_step:.2f} of itself each step",
+            ),
+        ]
         out.append(
             Finding(
                 kind="vanishing_gradient",
@@ -162,8 +225,10 @@ def _through_time(view: RunView) -> list[Finding]:
                     "first_to_last_ratio_time": ratio,
                     "sequence_length": T,
                     "kept_per_step": per_step,
+                    **scale,
                 },
                 remedies=unique(remedies),
+                cause=cause,
             )
         )
     return out

@@ -1,0 +1,746 @@
+"""The labelled benchmark of the diagnosis: small training jobs whose label holds by construction.
+
+Each :class:`Case` builds a model, an optimizer, a few batches and a loss in plain torch (CPU,
+seconds), says which finding kinds its diagnosis *requires* and which it *may also* show, whether
+its label already holds at initialisation (so ``vanishing.inspect`` must find it before
+training), and how to *confirm* the label independently of ``vanishing`` (``oracle.py``: plain
+``torch.autograd.grad``, forward hooks, weight snapshots).
+
+Used by ``tests/test_diagnose_cases.py`` (every case, after training and at init) and by
+``bench/diagnosis.py`` (recall / precision per kind against the AUTOTRAINER baseline).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cases import oracle
+
+F = nn.functional
+
+
+@dataclass
+class Job:
+    """What a case trains: the model, its optimizer, the batches (cycled) and the loss."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable
+    hidden: list[str]  # the hidden layers through depth, in forward order (module names)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A labelled training job. ``confirm(job, losses)`` raises AssertionError when the label
+    does not hold on ``job.model`` as it is now (``losses`` is None before training)."""
+
+    name: str
+    family: str
+    build: Callable[[], Job]
+    required: tuple[str, ...]
+    confirm: Callable[[Job, list[float] | None], None]
+    allowed: tuple[str, ...] = ()
+    steps: int = 30
+    at_init: bool = True  # the label holds at initialisation, so inspect() must find it
+
+    @property
+    def healthy(self) -> bool:
+        return not self.required
+
+
+def train(job: Job, steps: int) -> list[float]:
+    """The plain training loop every case uses; returns the loss of each step."""
+    losses = []
+    for i in range(steps):
+        x, y = job.batches[i % len(job.batches)]
+        job.optimizer.zero_grad()
+        loss = job.loss_fn(job.model(x), y)
+        loss.backward()
+        job.optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# ---------------------------------------------------------------------------------- data
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def blobs(n=256, d=16, classes=4, batch=64, seed=0, scale=1.0):
+    """Gaussian inputs labelled by a random linear teacher: learnable, and fast."""
+    g = _gen(seed)
+    x = torch.randn(n, d, generator=g)
+    teacher = torch.randn(d, classes, generator=g)
+    y = (x @ teacher).argmax(1)
+    x = x * scale
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    return x, y
+
+
+def digits(n=512, batch=128, images=False, scale=1.0):
+    """sklearn's 8x8 digits (offline), pixels in [0, 1] times ``scale``."""
+    x, y = _digits()
+    x, y = x[:n] * scale, y[:n]
+    if images:
+        x = x.view(-1, 1, 8, 8)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def sequences(n=64, T=30, d=2, batch=32, seed=0, target="adding"):
+    """Batch-first sequences. ``adding``: Hochreiter's adding problem (two marked values, one in
+    the first tenth of the sequence: the target needs memory of the start); ``recent``: the mean
+    of the last three steps' first channel (needs no long memory)."""
+    g = _gen(seed)
+    x = torch.rand(n, T, d, generator=g)
+    if target == "adding":
+        x[:, :, 1] = 0
+        first = torch.randint(0, max(1, T // 10), (n,), generator=g)
+        second = torch.randint(T // 2, T, (n,), generator=g)
+        x[torch.arange(n), first, 1] = 1
+        x[torch.arange(n), second, 1] = 1
+        y = (x[:, :, 0] * x[:, :, 1]).sum(1)
+    else:
+        y = x[:, -3:, 0].mean(1)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def tokens(n=64, T=12, vocab=20, batch=32, seed=0):
+    """Token sequences; the class is whether token 0 appears more often than token 1."""
+    g = _gen(seed)
+    x = torch.randint(0, vocab, (n, T), generator=g)
+    y = ((x == 0).sum(1) > (x == 1).sum(1)).long()
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+# ---------------------------------------------------------------------------------- models
+def mlp(sizes, act, init=None, bias=None):
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``act()`` after each hidden one.
+    Module names: the linears are "0", "2", ...; returns (model, names of the hidden linears)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b)
+        if init is not None:
+            init(lin.weight)
+            nn.init.zeros_(lin.bias)
+        if bias is not None:
+            bias(lin.bias)
+        layers.append(lin)
+        if i < len(sizes) - 2:
+            layers.append(act())
+    model = nn.Sequential(*layers)
+    hidden = [str(2 * i) for i in range(len(sizes) - 2)]
+    return model, hidden
+
+
+def normal(std_times_sqrt_fan_in):
+    """N(0, (c / sqrt(fan_in))^2): the weight gain std(W) * sqrt(fan_in) is c."""
+
+    def init(w):
+        nn.init.normal_(w, 0.0, std_times_sqrt_fan_in / math.sqrt(w[0].numel()))
+
+    return init
+
+
+def he(w):
+    nn.init.kaiming_normal_(w, nonlinearity="relu")
+
+
+def lecun(w):
+    nn.init.normal_(w, 0.0, 1 / math.sqrt(w[0].numel()))
+
+
+class Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, width)
+        with torch.no_grad():
+            self.fc2.weight.mul_(0.3)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ResNet(nn.Module):
+    def __init__(self, d_in, width, blocks, classes):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.blocks = nn.Sequential(*[Residual(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.inp(x)))
+
+
+class SeqNet(nn.Module):
+    """A recurrent layer read at its last time step by a linear head."""
+
+    def __init__(self, cell, d_in=2, hidden=32, out=1, **kw):
+        super().__init__()
+        self.rnn = cell(d_in, hidden, batch_first=True, **kw)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=20, d=32, classes=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+class BagOfEmbeddings(nn.Module):
+    def __init__(self, vocab=20, d=32, classes=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, 32)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(self.emb(x).mean(1))))
+
+
+def cnn(channels, act, init=None, bn=False, classes=10):
+    """3x3 convolutions on 8x8 images, then a linear head. Conv names: "c0", "c1", ..."""
+    mods = {}
+    c_in = 1
+    for i, c in enumerate(channels):
+        conv = nn.Conv2d(c_in, c, 3, padding=1)
+        if init is not None:
+            init(conv.weight)
+            nn.init.zeros_(conv.bias)
+        mods[f"c{i}"] = conv
+        if bn:
+            mods[f"bn{i}"] = nn.BatchNorm2d(c)
+        mods[f"a{i}"] = act()
+        c_in = c
+    mods["pool"] = nn.AdaptiveAvgPool2d(2)
+    mods["flat"] = nn.Flatten()
+    mods["head"] = nn.Linear(c_in * 4, classes)
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict(mods)), [f"c{i}" for i in range(len(channels))]
+
+
+def bce_onehot(out, target):
+    return F.binary_cross_entropy(out, F.one_hot(target, 10).float())
+
+
+# ---------------------------------------------------------------------------------- labels
+def _batch(job):
+    return job.batches[0]
+
+
+def check_all(*checks):
+    def confirm(job, losses):
+        for c in checks:
+            c(job, losses)
+
+    return confirm
+
+
+def vanishing_depth(max_ratio=0.1):
+    """The speed of learning (bias gradient) of the first hidden layer is at most ``max_ratio``
+    of the last hidden layer's, computed with torch.autograd.grad."""
+
+    def confirm(job, _losses):
+        x, y = _batch(job)
+        g = oracle.bias_grad_norms(job.model, job.hidden, x, y, job.loss_fn)
+        assert g[0] <= max_ratio * g[-1], f"not vanishing: bias gradients {g}"
+
+    return confirm
+
+
+def exploding_depth(min_ratio=10.0, min_act_growth=100.0):
+    """The first hidden layer's error signal is >= 10x the last one's, or the ReLU activations'
+    spread grows >= 100x from the first to the last hidden layer."""
+
+    def confirm(job, _losses):
+        x, y = _batch(job)
+        g = oracle.output_grad_norms(job.model, job.hidden, x, y, job.loss_fn)
+        s = oracle.activation_stds(job.model, x)
+        grows = g[0] >= min_ratio * g[-1] or s[-1] >= min_act_growth * s[0]
+        assert grows, f"not exploding: error signal {g}, activation std {s}"
+
+    return confirm
+
+
+def through_time(vanishing: bool, bound: float = 1e3):
+    """dLoss/dx at t=0 over that at t=T-1 is below 1/bound (vanishing) or above bound."""
+
+    def confirm(job, _losses):
+        x, y = _batch(job)
+        r = oracle.time_grad_ratio(job.model, x, y, job.loss_fn)
+        ok = r <= 1 / bound if vanishing else r >= bound
+        assert ok, f"gradient ratio t=0 / t=T-1 is {r:.3g}"
+
+    return confirm
+
+
+def saturated(min_fraction=0.5):
+    def confirm(job, _losses):
+        fr = oracle.saturated_fractions(job.model, _batch(job)[0])
+        assert max(fr.values()) >= min_fraction, f"not saturated: {fr}"
+
+    return confirm
+
+
+def dead(min_fraction=0.5):
+    def confirm(job, _losses):
+        fr = oracle.dead_fractions(job.model, _batch(job)[0])
+        assert max(fr.values()) >= min_fraction, f"no dead layer: {fr}"
+
+    return confirm
+
+
+def stalled(max_relative=1e-3):
+    """Some weight's one-step |dW|/|W| is <= 1e-3 of the fastest one's (measured on a copy)."""
+
+    def confirm(job, _losses):
+        x, y = _batch(job)
+        r = oracle.update_ratios(job.model, job.optimizer, x, y, job.loss_fn)
+        vals = [v for v in r.values() if math.isfinite(v)]
+        assert min(vals) <= max_relative * max(vals), f"no stalled layer: {r}"
+
+    return confirm
+
+
+def non_finite(job, losses):
+    if losses is not None:
+        assert not oracle.finite(losses), "every loss stayed finite"
+
+
+def healthy(depth=False, rnn=False):
+    """Loss decreased; no dead or saturated layer (>= 50%); the gradient through depth (and
+    time) stays within 10x (1000x through time) from first to last."""
+
+    def confirm(job, losses):
+        x, y = _batch(job)
+        if losses is not None:
+            assert oracle.decreased(losses), f"loss did not decrease: {losses[:3]}..{losses[-3:]}"
+        dead_fr = oracle.dead_fractions(job.model, x)
+        assert all(v < 0.5 for v in dead_fr.values()), dead_fr
+        sat = oracle.saturated_fractions(job.model, x)
+        assert all(v < 0.5 for v in sat.values()), sat
+        if depth:
+            g = oracle.bias_grad_norms(job.model, job.hidden, x, y, job.loss_fn)
+            assert 0.1 * g[-1] <= g[0] <= 10 * g[-1], f"gradient through depth {g}"
+        if rnn:
+            # a plain RNN must carry the gradient through time; a gated cell's decay is set by
+            # gates it learns (docs/diagnosis.md), so for LSTM/GRU only growth is excluded
+            r = oracle.time_grad_ratio(job.model, x, y, job.loss_fn)
+            gated = any(isinstance(m, (nn.LSTM, nn.GRU)) for m in job.model.modules())
+            assert (gated or r >= 1e-3) and r <= 1e3, f"gradient through time t0/tT {r:.3g}"
+
+    return confirm
+
+
+# ---------------------------------------------------------------------------------- cases
+CASES: list[Case] = []
+V, E, S, D, ST, N = (
+    "vanishing_gradient",
+    "exploding_gradient",
+    "saturated_activations",
+    "dead_units",
+    "stalled_layers",
+    "non_finite",
+)
+
+
+def case(name, family, required=(), allowed=(), steps=30, at_init=True, check=None):
+    """Register a builder (a function of nothing returning a Job) as a case, seeded."""
+
+    def register(build):
+        def seeded():
+            torch.manual_seed(0)
+            return build()
+
+        CASES.append(
+            Case(
+                name=name,
+                family=family,
+                build=seeded,
+                required=tuple(required),
+                allowed=tuple(allowed),
+                steps=steps,
+                at_init=at_init,
+                confirm=check,
+            )
+        )
+        return build
+
+    return register
+
+
+def _sgd(model, lr):
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def _adam(model, lr=1e-3):
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+# -- vanishing -----------------------------------------------------------------------------
+@case("sigmoid_deep_normal", "mlp", [V], [S, ST], check=vanishing_depth())
+def _():
+    model, hidden = mlp([16] + [32] * 10 + [4], nn.Sigmoid, init=lambda w: nn.init.normal_(w))
+    return Job(model, _sgd(model, 0.1), blobs(), F.cross_entropy, hidden)
+
+
+@case("sigmoid_deep_xavier", "mlp", [V], [ST], check=vanishing_depth())
+def _():
+    model, hidden = mlp([16] + [32] * 10 + [4], nn.Sigmoid, init=nn.init.xavier_normal_)
+    return Job(model, _sgd(model, 0.1), blobs(), F.cross_entropy, hidden)
+
+
+@case(
+    "sigmoid_deep_default_stalls",
+    "mlp",
+    [V, ST],
+    [S],
+    steps=40,
+    at_init=False,
+    check=check_all(vanishing_depth(1e-3), stalled()),
+)
+def _():
+    model, hidden = mlp([16] + [32] * 12 + [4], nn.Sigmoid)  # PyTorch's default init
+    return Job(model, _sgd(model, 0.05), blobs(), F.cross_entropy, hidden)
+
+
+@case("tanh_deep_tiny_init", "mlp", [V], [ST], check=vanishing_depth())
+def _():
+    model, hidden = mlp([16] + [32] * 8 + [4], nn.Tanh, init=normal(0.25))
+    return Job(model, _sgd(model, 0.1), blobs(), F.cross_entropy, hidden)
+
+
+@case("nielsen_4x30_sigmoid", "mlp", [V], [ST], check=vanishing_depth())
+def _():
+    # Nielsen, Neural Networks and Deep Learning ch. 5 ([784, 30, 30, 30, 30, 10] on MNIST):
+    # weights N(0, 1/n_in), biases N(0, 1); here on 8x8 digits
+    model, hidden = mlp(
+        [64, 30, 30, 30, 30, 10], nn.Sigmoid, init=normal(1.0), bias=nn.init.normal_
+    )
+    model.append(nn.Sigmoid())
+    return Job(model, _sgd(model, 1.0), digits(), bce_onehot, hidden)
+
+
+@case("sigmoid_deep_cnn", "cnn", [V], [ST, S], check=vanishing_depth())
+def _():
+    model, hidden = cnn([8] * 7, nn.Sigmoid, init=nn.init.xavier_normal_)
+    return Job(
+        model, _sgd(model, 0.1), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+@case("tanh_rnn_adding_long", "rnn", [V], [ST], check=through_time(True))
+def _():
+    model = SeqNet(nn.RNN, hidden=32)
+    return Job(model, _sgd(model, 0.01), sequences(T=60), F.mse_loss, [])
+
+
+@case("sigmoid_deep_wide_xavier_adam", "mlp", [V], [ST], check=vanishing_depth())
+def _():
+    model, hidden = mlp([16] + [64] * 8 + [4], nn.Sigmoid, init=nn.init.xavier_uniform_)
+    return Job(model, _adam(model, 1e-3), blobs(), F.cross_entropy, hidden)
+
+
+# -- exploding -----------------------------------------------------------------------------
+@case("relu_overgain_mlp", "mlp", [E], [N, D, ST], check=exploding_depth())
+def _():
+    model, hidden = mlp([16] + [32] * 10 + [4], nn.ReLU, init=normal(3.0))
+    return Job(model, _sgd(model, 1e-4), blobs(), F.cross_entropy, hidden)
+
+
+@case("relu_overgain_cnn", "cnn", [E], [N, D, ST], check=exploding_depth())
+def _():
+    model, hidden = cnn([8] * 7, nn.ReLU, init=normal(3.0))
+    return Job(
+        model, _sgd(model, 1e-5), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+@case("relu_rnn_recurrent_gain", "rnn", [E], [N, ST], check=through_time(False))
+def _():
+    model = SeqNet(nn.RNN, hidden=16, nonlinearity="relu")
+    with torch.no_grad():  # identity x 1.3: every unit stays active, gradient x1.3 per step
+        model.rnn.weight_hh_l0.copy_(1.3 * torch.eye(16))
+        model.rnn.bias_hh_l0.zero_()
+        model.rnn.bias_ih_l0.fill_(0.01)
+        model.rnn.weight_ih_l0.abs_().mul_(0.01)
+        model.head.weight.mul_(0.01)
+    return Job(model, _sgd(model, 1e-7), sequences(T=30, target="recent"), F.mse_loss, [])
+
+
+@case("relu_rnn_orthogonal_gain_2", "rnn", [E], [N, ST], check=through_time(False, 10.0))
+def _():
+    model = SeqNet(nn.RNN, hidden=32, nonlinearity="relu")
+    with torch.no_grad():  # orthogonal x 2: about half the units active, ~1.4x per step
+        nn.init.orthogonal_(model.rnn.weight_hh_l0)
+        model.rnn.weight_hh_l0.mul_(2.0)
+        model.head.weight.mul_(0.01)
+    return Job(model, _sgd(model, 1e-9), sequences(T=30, target="recent"), F.mse_loss, [])
+
+
+# -- saturated -----------------------------------------------------------------------------
+@case("tanh_large_weights", "mlp", [S], [V, ST], check=saturated())
+def _():
+    model, hidden = mlp([16, 64, 64, 64, 4], nn.Tanh, init=normal(8.0))
+    return Job(model, _sgd(model, 0.01), blobs(), F.cross_entropy, hidden)
+
+
+@case("sigmoid_unscaled_inputs", "mlp", [S], [V, ST], check=saturated())
+def _():
+    # raw 0-255 pixel values into a Xavier-initialised sigmoid net: the input scale saturates
+    model, hidden = mlp([64, 32, 32, 10], nn.Sigmoid, init=nn.init.xavier_normal_)
+    return Job(model, _sgd(model, 0.1), digits(scale=255.0), F.cross_entropy, hidden)
+
+
+# -- dead ----------------------------------------------------------------------------------
+def _neg_bias(model, name, value=-10.0):
+    with torch.no_grad():
+        dict(model.named_modules())[name].bias.fill_(value)
+
+
+@case("dead_relu_mlp_negative_bias", "mlp", [D], [ST], check=dead())
+def _():
+    model, hidden = mlp([16, 32, 32, 32, 32, 4], nn.ReLU, init=he)
+    _neg_bias(model, "4")
+    return Job(model, _sgd(model, 0.05), blobs(), F.cross_entropy, hidden)
+
+
+@case("dead_relu_cnn_negative_bias", "cnn", [D], [ST], check=dead())
+def _():
+    model, hidden = cnn([8, 8, 8], nn.ReLU, init=he)
+    _neg_bias(model, "c1", -20.0)
+    return Job(
+        model, _sgd(model, 0.05), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+@case("dead_relu_mlp_first_layer", "mlp", [D], [ST], check=dead())
+def _():
+    model, hidden = mlp([16, 64, 64, 4], nn.ReLU, init=he)
+    with torch.no_grad():  # 3/4 of the first layer's units start (and stay) off
+        model[0].bias[:48].fill_(-8.0)
+    return Job(model, _sgd(model, 0.05), blobs(), F.cross_entropy, hidden)
+
+
+@case("dead_relu_mlp_partial", "mlp", [D], [ST], check=dead())
+def _():
+    # 60% of the last hidden layer's units off for every input; the rest of the net learns
+    model, hidden = mlp([16, 64, 64, 64, 4], nn.ReLU, init=he)
+    with torch.no_grad():
+        model[4].bias[:38].fill_(-10.0)
+    return Job(model, _sgd(model, 0.05), blobs(), F.cross_entropy, hidden)
+
+
+# -- stalled -------------------------------------------------------------------------------
+@case("stalled_param_group_lr", "mlp", [ST], steps=30, at_init=False, check=stalled())
+def _():
+    # a tiny learning rate on the first two layers (a misconfigured parameter group)
+    model, hidden = mlp([16, 32, 32, 32, 32, 4], nn.ReLU, init=he)
+    slow = [p for i in (0, 2) for p in model[i].parameters()]
+    rest = [p for i in (4, 6, 8) for p in model[i].parameters()]
+    opt = torch.optim.SGD([{"params": slow, "lr": 1e-8}, {"params": rest, "lr": 0.05}])
+    return Job(model, opt, blobs(), F.cross_entropy, hidden)
+
+
+# -- non-finite ----------------------------------------------------------------------------
+@case("nonfinite_absurd_lr_mlp", "mlp", [N], [E, D, ST], at_init=False, check=non_finite)
+def _():
+    model, hidden = mlp([16, 32, 32, 32, 4], nn.ReLU, init=he)
+    return Job(model, _sgd(model, 1e6), blobs(), F.cross_entropy, hidden)
+
+
+@case("nonfinite_absurd_lr_cnn", "cnn", [N], [E, D, ST], at_init=False, check=non_finite)
+def _():
+    model, hidden = cnn([8, 8, 8], nn.ReLU, init=he)
+    return Job(
+        model, _sgd(model, 1e8), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+# -- healthy controls ----------------------------------------------------------------------
+@case("healthy_he_relu_mlp", "mlp", check=healthy(True))
+def _():
+    model, hidden = mlp([16] + [32] * 8 + [4], nn.ReLU, init=he)
+    return Job(model, _sgd(model, 0.02), blobs(), F.cross_entropy, hidden)
+
+
+@case("healthy_he_relu_deep_digits", "mlp", check=healthy(True))
+def _():
+    # 12 He-initialised ReLU layers: the hidden layers keep the gradient's scale
+    model, hidden = mlp([64] + [64] * 12 + [10], nn.ReLU, init=he)
+    return Job(model, _sgd(model, 0.01), digits(), F.cross_entropy, hidden)
+
+
+@case("healthy_relu_mixed_widths", "mlp", check=healthy(True))
+def _():
+    # widths 128 -> 16: per-unit gradients compare, raw norms would differ by sqrt(8)
+    model, hidden = mlp([16, 128, 96, 64, 32, 16, 4], nn.ReLU, init=he)
+    return Job(model, _sgd(model, 0.02), blobs(), F.cross_entropy, hidden)
+
+
+@case("healthy_relu6_cnn", "cnn", check=healthy())
+def _():
+    # ReLU6 (MobileNet's activation): half of its inputs are on the off side, which is not a tail
+    model, hidden = cnn([8, 16, 16], nn.ReLU6, init=he, bn=True)
+    return Job(
+        model, _sgd(model, 0.05), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+@case("healthy_shallow_sigmoid", "mlp", check=healthy(True))
+def _():
+    model, hidden = mlp([64, 30, 30, 10], nn.Sigmoid, init=nn.init.xavier_normal_)
+    return Job(model, _sgd(model, 1.0), digits(), F.cross_entropy, hidden)
+
+
+@case("healthy_xavier_tanh_mlp", "mlp", check=healthy(True))
+def _():
+    model, hidden = mlp([16] + [32] * 6 + [4], nn.Tanh, init=nn.init.xavier_normal_)
+    return Job(model, _sgd(model, 0.05), blobs(), F.cross_entropy, hidden)
+
+
+@case("healthy_selu_lecun_mlp", "mlp", check=healthy(True))
+def _():
+    model, hidden = mlp([16] + [32] * 8 + [4], nn.SELU, init=lecun)
+    return Job(model, _sgd(model, 0.02), blobs(), F.cross_entropy, hidden)
+
+
+@case("healthy_leaky_relu_adam", "mlp", check=healthy(True))
+def _():
+    model, hidden = mlp([16] + [32] * 6 + [4], nn.LeakyReLU, init=he)
+    return Job(model, _adam(model), blobs(), F.cross_entropy, hidden)
+
+
+@case("healthy_gelu_layernorm_mlp", "mlp", check=healthy(True))
+def _():
+    layers, d = [], 16
+    for _ in range(6):
+        layers += [nn.Linear(d, 32), nn.LayerNorm(32), nn.GELU()]
+        d = 32
+    model = nn.Sequential(*layers, nn.Linear(32, 4))
+    return Job(model, _adam(model), blobs(), F.cross_entropy, ["0", "3", "6", "9", "12", "15"])
+
+
+@case("healthy_cnn_relu_he", "cnn", check=healthy(True))
+def _():
+    # its first layer moves ~15x slower (update / weight) than the classifier head: the head is
+    # not a hidden layer, and that is not a vanishing gradient
+    model, hidden = cnn([8, 16, 16], nn.ReLU, init=he)
+    return Job(
+        model, _sgd(model, 0.05), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+@case("healthy_cnn_relu_pooling", "cnn", check=healthy(True))
+def _():
+    # 8x8 -> 4x4 -> 2x2: fewer positions per layer, so the raw error norms shrink toward the
+    # head although the gradient per entry keeps its scale
+    from collections import OrderedDict
+
+    convs = OrderedDict()
+    c_in = 1
+    for i, c in enumerate([16, 16, 16]):
+        convs[f"c{i}"] = nn.Conv2d(c_in, c, 3, padding=1)
+        he(convs[f"c{i}"].weight)
+        convs[f"a{i}"] = nn.ReLU()
+        if i < 2:
+            convs[f"p{i}"] = nn.MaxPool2d(2)
+        c_in = c
+    convs["flat"] = nn.Flatten()
+    convs["head"] = nn.Linear(16 * 4, 10)
+    model = nn.Sequential(convs)
+    data = digits(n=256, batch=64, images=True)
+    return Job(model, _sgd(model, 0.05), data, F.cross_entropy, ["c0", "c1", "c2"])
+
+
+@case("healthy_cnn_relu_batchnorm", "cnn", check=healthy())
+def _():
+    model, hidden = cnn([8, 16, 16, 16], nn.ReLU, bn=True)
+    return Job(
+        model, _sgd(model, 0.05), digits(n=256, batch=64, images=True), F.cross_entropy, hidden
+    )
+
+
+@case("healthy_residual_mlp", "residual", check=healthy())
+def _():
+    model = ResNet(16, 32, 12, 4)
+    return Job(model, _sgd(model, 0.02), blobs(), F.cross_entropy, [])
+
+
+@case("healthy_lstm_recent_target", "rnn", check=healthy(rnn=True))
+def _():
+    model = SeqNet(nn.LSTM, hidden=32)
+    return Job(model, _adam(model, 3e-3), sequences(T=20, target="recent"), F.mse_loss, [])
+
+
+@case("healthy_gru_recent_target", "rnn", check=healthy(rnn=True))
+def _():
+    model = SeqNet(nn.GRU, hidden=32)
+    return Job(model, _adam(model, 3e-3), sequences(T=10, target="recent"), F.mse_loss, [])
+
+
+@case("healthy_gru_default_30_steps", "rnn", check=healthy(rnn=True))
+def _():
+    # default init: the gradient at t=0 is ~1e-7 of that at t=29, yet the gates learn
+    # (docs/diagnosis.md: gated cells); a note, not a finding
+    model = SeqNet(nn.GRU, hidden=32)
+    return Job(model, _adam(model, 3e-3), sequences(T=30, target="recent"), F.mse_loss, [])
+
+
+@case("healthy_lstm_forget_bias_adding", "rnn", check=healthy(rnn=True))
+def _():
+    model = SeqNet(nn.LSTM, hidden=32)
+    with torch.no_grad():
+        model.rnn.bias_hh_l0[32:64].fill_(3.0)  # forget gate
+    return Job(model, _adam(model, 3e-3), sequences(T=40), F.mse_loss, [])
+
+
+@case("healthy_tanh_rnn_short_orthogonal", "rnn", check=healthy(rnn=True))
+def _():
+    model = SeqNet(nn.RNN, hidden=32)
+    nn.init.orthogonal_(model.rnn.weight_hh_l0)
+    return Job(model, _adam(model, 3e-3), sequences(T=8, target="recent"), F.mse_loss, [])
+
+
+@case("healthy_transformer", "transformer", check=healthy())
+def _():
+    model = TinyTransformer()
+    return Job(model, _adam(model, 1e-3), tokens(), F.cross_entropy, [])
+
+
+@case("healthy_embedding_bag", "embedding", check=healthy())
+def _():
+    model = BagOfEmbeddings()
+    return Job(model, _adam(model, 3e-3), tokens(), F.cross_entropy, [])
+
+
+BY_NAME = {c.name: c for c in CASES}
