@@ -56,3 +56,9 @@ def test_version_and_quick_demo(tmp_path):
     r = _cli("demo", "--quick", "--out", tmp_path, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "first / last" in r.stdout and "Runs written to" in r.stdout
+    (demo_dir,) = tmp_path.glob("demo-*")
+    assert r.stdout.strip().endswith(str(demo_dir / "report.html"))
+    page = (demo_dir / "report.html").read_text()
+    summaries = [json.loads(p.read_text()) for p in sorted(demo_dir.glob("*/summary.json"))]
+    assert len(summaries) == 8 and all(0 <= s["test_metric"] <= 1 for s in summaries)
+    assert summaries[0]["label"].startswith("sigmoid, N(0,1)") and "vanishing_gradient" in page

@@ -27,3 +27,18 @@ def test_readme_has_the_setup_and_run_commands():
     ]
     assert any(c.rstrip().endswith("vanishing demo") and "pip install" in c for c in commands)
     assert any("pytest" in c and "pip install" in c for c in commands)
+
+
+def test_toml_example_is_a_valid_config():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    from vanishing.experiments.config import parse_config
+
+    blocks = _blocks("toml")
+    assert blocks
+    for text in blocks:
+        cfg = parse_config(tomllib.loads(text))
+        assert cfg.model.depth >= 1

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import typer
 
-# (label, activation, init, depth, norm): the baseline first, the shallow control last
+# (label, activation, init, depth, norm, residual): the baseline first, the shallow control last
 CONFIGS = [
-    ("sigmoid, N(0,1) init", "sigmoid", "normal", 10, "none"),
-    ("relu, He init", "relu", "he_normal", 10, "none"),
-    ("leaky_relu, He init", "leaky_relu", "he_normal", 10, "none"),
-    ("tanh, Xavier init", "tanh", "xavier_normal", 10, "none"),
-    ("selu, LeCun init", "selu", "lecun_normal", 10, "none"),
-    ("sigmoid + batch norm", "sigmoid", "normal", 10, "batch"),
-    ("sigmoid, 2 hidden (control)", "sigmoid", "normal", 2, "none"),
+    ("sigmoid, N(0,1) init", "sigmoid", "normal", 10, "none", False),
+    ("relu, He init", "relu", "he_normal", 10, "none", False),
+    ("leaky_relu, He init", "leaky_relu", "he_normal", 10, "none", False),
+    ("tanh, Xavier init", "tanh", "xavier_normal", 10, "none", False),
+    ("selu, LeCun init", "selu", "lecun_normal", 10, "none", False),
+    ("sigmoid + batch norm", "sigmoid", "normal", 10, "batch", False),
+    ("sigmoid + residual, Xavier init", "sigmoid", "xavier_normal", 10, "none", True),
+    ("sigmoid, 2 hidden (control)", "sigmoid", "normal", 2, "none", False),
 ]
 
 
@@ -31,9 +32,16 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(
             0, "--steps", min=0, help="Training steps per model (0: default)."
         ),
+        report: bool = typer.Option(
+            True, "--report/--no-report", help="Write the HTML report comparing the runs."
+        ),
     ) -> None:
         """Watch the vanishing gradient happen in a deep sigmoid net, and the remedies cure it."""
-        run_demo(out=out, steps=steps or (80 if quick else 400))
+        rows = run_demo(out=out, steps=steps or (80 if quick else 400))
+        if report and rows:
+            from vanishing.cli.run import write_report_quietly
+
+            write_report_quietly(rows[0].run_dir.parent)
 
 
 @dataclass
@@ -70,7 +78,7 @@ def hidden_speeds(run_dir: Path, depth: int) -> list[float]:
     return [float(table[name].median()) for name in effective[:depth]]
 
 
-def run_demo(*, out: Path, steps: int, width: int = 32, seed: int = 0) -> list[DemoRow]:
+def run_demo(*, out: Path, steps: int, width: int = 16, seed: int = 0) -> list[DemoRow]:
     """Train every configuration on the digits under a monitor and print what happened.
 
     Example:
@@ -106,16 +114,49 @@ def run_demo(*, out: Path, steps: int, width: int = 32, seed: int = 0) -> list[D
     data = digits(seed=seed)
     rows: list[DemoRow] = []
     started = time.perf_counter()
-    for i, (label, act, init, depth, norm) in enumerate(CONFIGS):
+    for i, (label, act, init, depth, norm, residual) in enumerate(CONFIGS):
         torch.manual_seed(seed)
-        model = mlp(64, 10, depth=depth, width=width, activation=act, init=init, norm=norm)
-        run_dir = base / f"{i:02d}-{act}-{init}-{norm}-d{depth}"
+        model = mlp(
+            64,
+            10,
+            depth=depth,
+            width=width,
+            activation=act,
+            init=init,
+            norm=norm,
+            residual=residual,
+        )
+        run_dir = base / f"{i:02d}-{act}-{init}-{norm}{'-residual' if residual else ''}-d{depth}"
+        t0 = time.perf_counter()
         result = train_classifier(model, data, run_dir=run_dir, steps=steps, seed=seed)
         kinds = load_run(result.run_dir).diagnose().kinds
         speeds = hidden_speeds(result.run_dir, depth)
-        rows.append(DemoRow(label, speeds, result.test_accuracy, run_dir, kinds))
+        row = DemoRow(label, speeds, result.test_accuracy, run_dir, kinds)
+        rows.append(row)
+        _write_summary(row, result, steps, time.perf_counter() - t0)
     _print_summary(console, rows, base, time.perf_counter() - started)
     return rows
+
+
+def _write_summary(row: DemoRow, result, steps: int, seconds: float) -> None:
+    """``summary.json`` in the run directory, in the format ``vanishing run`` writes."""
+    import json
+    import math
+
+    summary = {
+        "status": "diverged" if result.diverged else "completed",
+        "steps": steps,
+        "train_loss": result.final_loss if math.isfinite(result.final_loss) else None,
+        "test_loss": None,
+        "test_metric": result.test_accuracy,
+        "metric_name": "accuracy",
+        "first_last_ratio": row.ratio if math.isfinite(row.ratio) else None,
+        "kinds": row.kinds,
+        "seconds": seconds,
+        "error": None,
+        "label": row.label,
+    }
+    (row.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> None:

@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
             "--set",
             help="Override a field: --set model.depth=20 --set model.activation=relu.",
         ),
+        report: bool = typer.Option(
+            True, "--report/--no-report", help="Write the HTML report (report.html in the run)."
+        ),
     ) -> None:
         """Train one experiment from a config file, monitored, into a run directory."""
         from vanishing.cli.app import fail
@@ -51,7 +54,23 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"interrupted: the records up to now are in {run_dir}", err=True)
             raise typer.Exit(130) from None
         print_summary(summary, run_dir)
+        if report:
+            write_report_quietly(run_dir)
         raise typer.Exit(1 if summary["status"] == "failed" else 0)
+
+
+def write_report_quietly(target: Path) -> Path | None:
+    """Write ``target``'s HTML report and say where; a report that fails warns, never fails
+    the command whose records it would show (they are already on disk)."""
+    from vanishing.report.html import write_report
+
+    try:
+        page = write_report(target)
+    except Exception as e:  # noqa: BLE001 - the training result stands without its report
+        typer.echo(f"warning: could not write the report of {target}: {e}", err=True)
+        return None
+    typer.echo(f"Report: {page}")
+    return page
 
 
 def default_run_dir(name: str, root: Path = Path("runs")) -> Path:

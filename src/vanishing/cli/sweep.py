@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         retry_failed: bool = typer.Option(
             False, "--retry-failed", help="Also redo runs that failed before."
         ),
+        report: bool = typer.Option(
+            True, "--report/--no-report", help="Write the HTML report (report.html in the sweep)."
+        ),
     ) -> None:
         """Run every combination of a sweep config in worker processes into a SQLite store.
 
@@ -61,6 +64,10 @@ def register(app: typer.Typer) -> None:
             display.close()
         print_table(runs, rows)
         typer.echo(f"Results: {sweep_dir / DB} ({len(rows)} runs)")
+        if report:
+            from vanishing.cli.run import write_report_quietly
+
+            write_report_quietly(sweep_dir)
 
 
 class SweepDisplay:
