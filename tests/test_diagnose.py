@@ -403,3 +403,28 @@ def test_stalled_cause_tells_a_tiny_learning_rate_from_a_tiny_gradient(tmp_path)
     deep = causes["sigmoid_deep_default_stalls"]
     assert deep.cause.startswith("gradient") and deep.remedies[0].name == "he_init"
     assert deep.per_layer[deep.layers[0]]["relative_gradient"] < 1e-3
+
+
+def test_monitor_diagnose_measures_the_recurrent_weight_on_the_live_model(tmp_path):
+    """mon.diagnose() hands the watched model to the rules: a tanh RNN whose gradient vanishes
+    through time gets the largest singular value of weight_hh, as torch.linalg computes it."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 16, batch_first=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(0.3)  # contracting: the gradient shrinks every step back in time
+    head = nn.Linear(16, 1)
+    model = nn.ModuleDict({"rnn": rnn, "head": head})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 40, 3), torch.randn(16, 1)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r") as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            out, _ = rnn(x)
+            nn.functional.mse_loss(head(out[:, -1]), y).backward()
+            opt.step()
+        diag = mon.diagnose()
+        expected = torch.linalg.matrix_norm(rnn.weight_hh_l0.detach(), ord=2).item()
+    (finding,) = [f for f in diag.findings if f.kind == "vanishing_gradient"]
+    assert finding.layers == ["rnn"]
+    assert finding.evidence["sigma_max_recurrent"] == pytest.approx(expected, rel=1e-6)
+    assert "largest singular value" in finding.cause

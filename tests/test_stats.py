@@ -189,3 +189,29 @@ def test_fused_strategy_used_on_gpus_agrees_with_the_cpu_one():
     assert cpu[:2].tolist() == pytest.approx(fused[:2].tolist(), rel=1e-6)
     assert math.isnan(fused[2])
     assert nonfinite_counts(ts, fused=True).tolist() == nonfinite_counts(ts).tolist() == [0, 0, 2]
+
+
+def test_gpu_strategy_mixes_small_and_large_tensors_in_order(monkeypatch):
+    """The GPU strategy sums small tensors together and norms large ones alone; either way each
+    result is the float64 norm / non-finite count of its own tensor, in the input order."""
+    import vanishing.stats.norms as norms_module
+
+    monkeypatch.setattr(norms_module, "_LARGE", 10)
+    monkeypatch.setattr(norms_module, "_CHUNK", 16)  # several concatenation chunks too
+    g = torch.Generator().manual_seed(0)
+    ts = [
+        torch.randn(3, 4, generator=g),
+        torch.full((5,), 1e-30),
+        torch.tensor([1.0, float("nan"), float("inf")]),
+        torch.zeros(0),
+        torch.ones(2, dtype=torch.float16),
+        torch.randn(20, generator=g) * 1e-25,
+        torch.randn(7, generator=g),
+        torch.tensor([float("inf")] * 12),
+    ]
+    got = l2_norms(ts, fused=True).tolist()
+    want = [torch.linalg.vector_norm(t.double()).item() for t in ts]
+    for a, b in zip(got, want):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12)
+    counts = nonfinite_counts(ts, fused=True).tolist()
+    assert counts == [(~torch.isfinite(t)).sum().item() for t in ts]

@@ -392,10 +392,8 @@ class Monitor:
                 row.kind == "leaky_relu" and module.negative_slope <= 0
             )
         params, needs_input = row.params, row.needs_input
-        if inplace or output.device.type != "cpu":
-            # In place: the output overwrote the input and may be overwritten again. On a GPU
-            # the kernels queue without waiting and the caching allocator makes temporaries
-            # free, so measuring each call now costs no memory held until backward.
+        if inplace:
+            # In place: the output overwrote the input and may be overwritten again.
             vec = activation_stats(
                 row.kind,
                 z.detach() if (needs_input and not inplace) else None,
@@ -406,9 +404,11 @@ class Monitor:
             )
             self._pending_act.append(([row.index], vec.unsqueeze(0)))
             return
-        # CPU: kept until the end of the backward pass (autograd keeps most of them anyway),
-        # then the same-shaped outputs of all layers are measured together in buffers kept
-        # between steps: a few streaming kernels in all, and no allocation.
+        # Kept until the end of the backward pass (autograd keeps most of them anyway: the next
+        # layer saves its input), then the same-shaped outputs of all layers are measured
+        # together: a few kernels in all instead of a dozen per layer. On the CPU the buffers are
+        # kept between steps (no allocation); on a GPU they come from the caching allocator each
+        # step, so no device memory stays held between steps.
         z = z.detach() if needs_input else None
         y = output.detach()
         self._pending_act_tensors.append((row, z, y, y._version, params))
@@ -436,7 +436,13 @@ class Monitor:
             ys = [e[2] for e in entries]
             dtype = y0.dtype if y0.dtype in (torch.float32, torch.float64) else torch.float32
             shape = (len(ys), y0.numel())
-            buffers = self._act_buffers.get((shape, dtype))
+            if y0.device.type != "cpu":
+                buffers = (
+                    torch.empty(shape, dtype=dtype, device=y0.device),
+                    torch.empty(shape, dtype=dtype, device=y0.device),
+                )
+            else:
+                buffers = self._act_buffers.get((shape, dtype))
             if buffers is None:
                 buffers = self._act_buffers[(shape, dtype)] = (
                     torch.empty(shape, dtype=dtype),
@@ -903,7 +909,8 @@ class Monitor:
         self.flush()
         from vanishing.recorder.reader import load_run
 
-        return load_run(self.run_dir).diagnose()
+        # the live model lets the diagnosis measure the recurrent weights' singular values
+        return load_run(self.run_dir).diagnose(self._root)
 
     def __enter__(self) -> Monitor:
         return self

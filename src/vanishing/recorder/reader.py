@@ -160,11 +160,19 @@ class Run:
         order = [name for name in self.layers if name in table.columns]
         return table[order]
 
-    def diagnose(self):
-        """The diagnosis of this run (see :func:`vanishing.diagnose`)."""
+    def diagnose(self, model=None):
+        """The diagnosis of this run (see :func:`vanishing.diagnose`).
+
+        ``model``, the watched model as it is now, lets the diagnosis measure what the run does
+        not record (the recurrent weights' largest singular value).
+
+        Example:
+            >>> vanishing.load_run("runs/my-run").diagnose().kinds   # doctest: +SKIP
+            ['vanishing_gradient']
+        """
         from vanishing.diagnose import diagnose_run
 
-        return diagnose_run(self)
+        return diagnose_run(self, model)
 
 
 def load_run(path: str | os.PathLike) -> Run:

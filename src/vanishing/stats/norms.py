@@ -24,9 +24,11 @@ def l2_norms(
 ) -> Tensor:
     """L2 norm of each tensor, ``||t||_2 = sqrt(sum_i t_i^2)``, as one float64 vector.
 
-    On a GPU every norm is accumulated in float64 by ``torch._foreach_norm``, with no host sync
-    (measured on an H100 with torch 2.11: 42 tensors in 0.14 ms, the same as in float32, so the
-    exact float64 sums cost nothing extra there). On the CPU the
+    On a GPU, with no host sync and exact float64 sums: tensors of fewer than 2^20 entries are
+    concatenated and their squares summed per tensor with ``segment_reduce`` (a handful of kernels
+    however many small tensors there are: their cost is launching kernels), each larger tensor
+    gets its own float64 norm kernel (its cost is reading memory, so it is read once).
+    (``_foreach_norm`` runs one kernel per tensor anyway when asked for float64.) On the CPU the
     fast float32 kernel is used and only the norms that under- or overflowed are recomputed in
     float64: the non-finite ones, and (with ``exact_tiny``, the default) the zero ones whose
     tensor is not all zeros. Pass ``exact_tiny=False`` when entries cannot be below ~1e-19 unless
@@ -43,7 +45,11 @@ def l2_norms(
     if len(tensors) == 0:
         return torch.empty(0, dtype=torch.float64)
     if fused if fused is not None else tensors[0].device.type != "cpu":
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))
+        return _small_and_large(
+            tensors,
+            lambda small: _segment_sums(small, lambda f: f.to(torch.float64).square_()).sqrt_(),
+            lambda t: torch.linalg.vector_norm(t, dtype=torch.float64),
+        )
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
@@ -63,6 +69,65 @@ def l2_norms(
         for i in suspicious.nonzero().flatten().tolist():  # host sync: CPU only
             norms[i] = _exact_norm(tensors[i], norms[i])
     return norms
+
+
+_CHUNK = 2**24  # entries per float64 working copy on a GPU (128 MiB)
+_LARGE = 2**20  # on a GPU, a tensor this large gets its own kernel
+
+
+def _small_and_large(tensors: Sequence[Tensor], small_fn, large_fn) -> Tensor:
+    """``small_fn`` on all small tensors at once, ``large_fn`` on each large one, in order."""
+    large = [i for i, t in enumerate(tensors) if t.numel() >= _LARGE]
+    if not large:
+        return small_fn(tensors)
+    parts: list[Tensor | None] = [None] * len(tensors)
+    for i in large:
+        parts[i] = large_fn(tensors[i])
+    small = [i for i, t in enumerate(tensors) if t.numel() < _LARGE]
+    if small:
+        for i, v in zip(small, small_fn([tensors[i] for i in small]).unbind()):
+            parts[i] = v
+    return torch.stack(parts)
+
+
+_lengths_cache: dict[tuple, Tensor] = {}
+
+
+def _lengths(numels: tuple[int, ...], device: torch.device) -> Tensor:
+    key = (numels, str(device))
+    lengths = _lengths_cache.get(key)
+    if lengths is None:
+        if len(_lengths_cache) >= 256:
+            _lengths_cache.clear()
+        # host sync: one copy to the device per distinct list of sizes, then cached
+        lengths = _lengths_cache[key] = torch.tensor(numels, dtype=torch.long).to(device)
+    return lengths
+
+
+def _segment_sums(tensors: Sequence[Tensor], transform) -> Tensor:
+    """Per tensor, the sum of ``transform(entries)`` (float64), from one concatenation per chunk.
+
+    ``segment_reduce(..., unsafe=True)`` skips its check that the lengths add up (a host sync);
+    they do by construction.
+    """
+    sums: list[Tensor] = []
+    chunk: list[Tensor] = []
+    size = 0
+
+    def reduce() -> None:
+        flat = torch.cat([t.reshape(-1) for t in chunk])
+        numels = tuple(t.numel() for t in chunk)
+        lengths = _lengths(numels, flat.device)
+        sums.append(torch.segment_reduce(transform(flat), "sum", lengths=lengths, unsafe=True))
+
+    for t in tensors:
+        if chunk and size + t.numel() > _CHUNK:
+            reduce()
+            chunk, size = [], 0
+        chunk.append(t)
+        size += t.numel()
+    reduce()
+    return sums[0] if len(sums) == 1 else torch.cat(sums)
 
 
 _UP_1 = 2.0**63  # powers of two: scaling by them is exact
@@ -125,8 +190,11 @@ def nonfinite_counts(
     if len(tensors) == 0:
         return torch.empty(0, dtype=torch.float64)
     if fused if fused is not None else tensors[0].device.type != "cpu":
-        zeroed = torch._foreach_mul(list(tensors), 0.0)
-        return torch.stack(torch._foreach_norm(zeroed, 0, dtype=torch.float64))
+        return _small_and_large(
+            tensors,
+            lambda small: _segment_sums(small, lambda f: (~torch.isfinite(f)).to(torch.float64)),
+            lambda t: torch.count_nonzero(~torch.isfinite(t)).to(torch.float64),
+        )
     counts = torch.zeros(len(tensors), dtype=torch.float64)
     if norms is None:
         candidates = range(len(tensors))
