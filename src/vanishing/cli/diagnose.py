@@ -28,5 +28,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(diag.to_dict(), indent=2))
         else:
+            from rich.console import Console
+
+            from vanishing.report.terminal import diagnosis_table
+
+            if diag.findings:  # the summary first, then each finding in full
+                Console(highlight=False).print(diagnosis_table(diag))
             typer.echo(str(diag))
         raise typer.Exit(0 if diag.healthy else 1)
