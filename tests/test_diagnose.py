@@ -428,3 +428,62 @@ def test_monitor_diagnose_measures_the_recurrent_weight_on_the_live_model(tmp_pa
     assert finding.layers == ["rnn"]
     assert finding.evidence["sigma_max_recurrent"] == pytest.approx(expected, rel=1e-6)
     assert "largest singular value" in finding.cause
+
+
+def test_small_batches_do_not_make_healthy_relu_units_dead(tmp_path):
+    """Off for every example of a batch of 1 is a coin flip per unit, not death: neither the
+    recorded run (batch 1 for many steps) nor inspect on a batch of 1 may call it dead, while
+    units killed by a negative bias stay found."""
+    torch.manual_seed(0)
+    layers, d = [], 20
+    for _ in range(5):
+        lin = nn.Linear(d, 32)
+        nn.init.kaiming_normal_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+        d = 32
+    model = nn.Sequential(*layers, nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r") as mon:
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                model(torch.randn(1, 20)), torch.randint(0, 3, (1,))
+            ).backward()
+            opt.step()
+    assert "dead_units" not in mon.diagnose().kinds
+    one = vanishing.inspect(
+        model, torch.randn(1, 20), torch.randint(0, 3, (1,)), nn.functional.cross_entropy
+    )
+    assert "dead_units" not in one.kinds and any("dead units not judged" in n for n in one.notes)
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit of the first layer off for any input
+    big = vanishing.inspect(
+        model, torch.randn(64, 20), torch.randint(0, 3, (64,)), nn.functional.cross_entropy
+    )
+    assert "dead_units" in big.kinds
+
+
+def test_a_layer_never_used_in_forward_is_a_note_not_a_stalled_layer(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+            self.unused = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r") as mon:
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                model(torch.randn(32, 8)), torch.randint(0, 3, (32,))
+            ).backward()
+            opt.step()
+        diag = mon.diagnose()
+    assert "stalled_layers" not in diag.kinds
+    assert any("'unused'" in n and "no gradient" in n for n in diag.notes)

@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,6 +160,10 @@ def test_activation_statistics_match_autograd_derivatives(run_dir, act, kind):
     r = row(run, 0, "1", "")
     assert r.act_mean == pytest.approx(a.mean().item(), rel=1e-5)
     assert r.act_std == pytest.approx(a.std().item(), rel=1e-5)
+    # percentiles of the 512 outputs, nearest rank, as numpy's inverted_cdf computes them
+    values = a.detach().flatten().double().numpy()
+    assert r.act_p02 == pytest.approx(np.percentile(values, 2, method="inverted_cdf"), rel=1e-6)
+    assert r.act_p98 == pytest.approx(np.percentile(values, 98, method="inverted_cdf"), rel=1e-6)
     assert r.act_deriv_mean == pytest.approx(d.mean().item(), rel=1e-5, abs=1e-7)
     if kind == "relu":
         dead = ((z <= 0).all(dim=0)).double().mean().item()

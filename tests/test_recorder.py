@@ -135,3 +135,20 @@ def test_host_memory_stays_constant_as_the_run_grows(run_dir):
         tracemalloc.stop()
     assert late - early < 64 * 1024, (early, late)
     assert len(vanishing.load_run(run_dir).steps) == 3200
+
+
+def test_run_files_are_readable_by_others_as_with_open(run_dir):
+    """Atomic writes go through mkstemp (mode 0600); the files must end up as open() makes
+    them (0666 minus the umask), so a shared runs/ folder stays readable."""
+    import os
+    import stat
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with vanishing.watch(model, run_dir=run_dir):
+        model(torch.randn(4, 3)).sum().backward()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [run_dir / "manifest.json", *run_dir.glob("*/part-*.parquet")]
+    assert len(files) >= 3
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

@@ -269,6 +269,20 @@ def test_activation_plot_shows_the_derivative_and_its_bound(run_dir):
     assert (line.get_ydata() <= 0.25).all()
 
 
+def test_activation_band_spans_the_recorded_percentiles(run_dir):
+    """30 steps fit in the buckets, so each band edge is one step's recorded percentile."""
+    run = vanishing.load_run(run_dir)
+    fig = plots.activations(run)
+    ax = fig.axes[0]
+    assert "percentile" in ax.get_ylabel()
+    first_layer = run.pivot("act_p02").dropna(axis=1, how="all").columns[0]
+    low = run.pivot("act_p02")[first_layer].to_numpy()
+    high = run.pivot("act_p98")[first_layer].to_numpy()
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(low.min()) and band.max() == pytest.approx(high.max())
+    assert (low <= high).all()
+
+
 def test_absent_data_gives_no_plot(tmp_path):
     d = _record(tmp_path / "params", stats="parameters", opt=False, steps=4)
     assert plots.activations(d) is None
@@ -552,3 +566,12 @@ def test_cli_report(run_dir, tmp_path):
     r = _cli("report", tmp_path / "missing")
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'missing'}: no such directory"
+
+
+def test_a_damaged_part_is_skipped_with_a_warning_like_load_run(tmp_path):
+    d = _record(tmp_path / "run", steps=30, flush_every=10)
+    part = sorted((d / "metrics").glob("part-*.parquet"))[1]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        page = write_report(d)
+    assert "<img" in page.read_text()

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -140,8 +141,13 @@ def test_sigmoid_derivative_bound_is_a_quarter():
 def test_activation_stats_by_brute_force():
     z = torch.randn(50, 20) * 4
     y = torch.sigmoid(z)
-    mean, std, dmean, sat, dead = activation_stats("sigmoid", z, y).tolist()
+    mean, std, dmean, sat, dead, p02, p98 = activation_stats("sigmoid", z, y).tolist()
     ys = [float(v) for v in y.flatten()]
+    # nearest rank: the smallest value with at least 2% (98%) of the entries at or below it
+    ordered = sorted(ys)
+    assert p02 == pytest.approx(ordered[math.ceil(0.02 * len(ys)) - 1])
+    assert p98 == pytest.approx(ordered[math.ceil(0.98 * len(ys)) - 1])
+    assert p02 == pytest.approx(float(np.percentile(ys, 2, method="inverted_cdf")))
     m = sum(ys) / len(ys)
     assert mean == pytest.approx(m)
     assert std == pytest.approx(math.sqrt(sum((v - m) ** 2 for v in ys) / (len(ys) - 1)))
@@ -156,7 +162,7 @@ def test_dead_units_count_units_off_for_every_example():
     z[:, 3] = -torch.rand(32) - 0.1  # unit 3 never active
     z[:, 7] = -1.0  # unit 7 never active
     z[0, 5] = -1.0  # unit 5 sometimes active: not dead
-    _, _, dmean, sat, dead = activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()
+    _, _, dmean, sat, dead = activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[:5]
     assert dead == pytest.approx(2 / 10)
     assert math.isnan(sat)
     assert dmean == pytest.approx(float((z > 0).double().mean()))
@@ -215,3 +221,15 @@ def test_gpu_strategy_mixes_small_and_large_tensors_in_order(monkeypatch):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12)
     counts = nonfinite_counts(ts, fused=True).tolist()
     assert counts == [(~torch.isfinite(t)).sum().item() for t in ts]
+
+
+def test_percentiles_of_a_large_output_come_from_an_even_sample():
+    """Above PERCENTILE_SAMPLE entries the percentiles are read from an evenly strided sample:
+    on a uniform ramp they land within a sample step of the exact ones."""
+    from vanishing.stats.activations import PERCENTILE_SAMPLE
+
+    n = PERCENTILE_SAMPLE * 25
+    y = torch.linspace(0, 1, n).reshape(100, -1)
+    p02, p98 = activation_stats("sigmoid", None, y).tolist()[5:]
+    assert abs(p02 - 0.02) < 2 / PERCENTILE_SAMPLE
+    assert abs(p98 - 0.98) < 2 / PERCENTILE_SAMPLE

@@ -101,6 +101,7 @@ class _ModuleRow:
     max_deriv: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     needs_input: bool = False
+    examples_per_unit: int | None = None  # entries per unit in one call (batch x positions)
 
 
 @dataclass
@@ -386,6 +387,8 @@ class Monitor:
             last = last.module if last is not None else None
             channels_first = output.dim() >= 3 and isinstance(last, _CHANNEL_FIRST)
             row.unit_dim = 1 if (channels_first or output.dim() == 2) else -1
+            if output.dim() >= 2 and output.shape[row.unit_dim] > 0:
+                row.examples_per_unit = output.numel() // output.shape[row.unit_dim]
             row.max_deriv = max_derivative(row.kind, module)
             row.params = activation_params(row.kind, module)
             row.needs_input = row.kind in _NEEDS_INPUT or (
@@ -760,6 +763,8 @@ class Monitor:
                     "ran_forward": r.name in self._ran,
                 }
             )
+            if r.examples_per_unit is not None:
+                layers[-1]["examples_per_unit"] = r.examples_per_unit
         opt = self._optimizer
         return {
             "schema_version": SCHEMA_VERSION,

@@ -37,6 +37,8 @@ MODULE_STATS = (
     "act_deriv_mean",
     "act_saturated",
     "act_dead",
+    "act_p02",
+    "act_p98",
 )
 #: Per-step statistics.
 STEP_STATS = ("loss", "loss_nonfinite", "n_backward")

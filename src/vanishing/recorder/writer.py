@@ -14,6 +14,7 @@ from vanishing.recorder.schema import MANIFEST, PART_FORMAT, TABLES
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (never a torn file)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    _umask_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -55,6 +56,7 @@ class RunWriter:
             path = self.run_dir / table / name
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + name, suffix=".tmp")
             os.close(fd)
+            _umask_mode(tmp)
             try:
                 pq.write_table(t, tmp, compression="zstd")
                 os.replace(tmp, path)
@@ -62,3 +64,15 @@ class RunWriter:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         self.next_part += 1
+
+
+_umask: int | None = None
+
+
+def _umask_mode(path: str) -> None:
+    """Give a temporary file the mode a plain open() would (mkstemp makes it private: 0600)."""
+    global _umask
+    if _umask is None:  # read once: os.umask can only be read by setting it
+        _umask = os.umask(0o022)
+        os.umask(_umask)
+    os.chmod(path, 0o666 & ~_umask)

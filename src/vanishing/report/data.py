@@ -47,7 +47,15 @@ __all__ = [
 #: Statistics aggregated in log10 space (magnitudes that span decades).
 LOG_STATS = ("grad_norm", "param_norm", "update_norm", "grad_ratio", "update_ratio", "error_norm")
 #: Statistics aggregated linearly.
-LINEAR_STATS = ("act_mean", "act_std", "act_deriv_mean", "act_saturated", "act_dead")
+LINEAR_STATS = (
+    "act_mean",
+    "act_std",
+    "act_deriv_mean",
+    "act_saturated",
+    "act_dead",
+    "act_p02",
+    "act_p98",
+)
 
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _NOT_HIDDEN = (
@@ -62,6 +70,20 @@ _NOT_HIDDEN = (
 )
 _CHUNK_ROWS = 200_000  # rows read before one group-by: bounds memory, amortises overhead
 _PARTIAL_ROWS = 300_000  # partial aggregates kept before they are combined
+
+
+def _readable(path: Path, read: Any) -> Any:
+    """``read(ParquetFile(path))``, or None with a warning for a damaged file (as load_run)."""
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return read(pq.ParquetFile(path))
+    except (OSError, pa.ArrowException) as e:
+        warnings.warn(f"vanishing: skipping unreadable {path}: {e}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _parts(directory: Path) -> dict[int, Path]:
@@ -289,9 +311,12 @@ class RunData:
         """Every recorded step's row of the ``steps`` table (one row per step: small)."""
         import pandas as pd
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        tables = [pq.ParquetFile(p).read(use_threads=False) for p in self._committed("steps")]
+        tables = [
+            t
+            for p in self._committed("steps")
+            if (t := _readable(p, lambda f: f.read(use_threads=False))) is not None
+        ]
         if not tables:
             return pd.DataFrame({c: [] for c in STEP_COLUMNS})
         df = pa.concat_tables(tables, promote_options="default").to_pandas()
@@ -315,11 +340,12 @@ class RunData:
     def parts(self) -> list[dict[str, Any]]:
         """The committed ``metrics`` parts from their Parquet footers (no data read): path,
         rows, first and last step, and each statistic's minimum and maximum."""
-        import pyarrow.parquet as pq
 
         out = []
         for path in self._committed("metrics"):
-            md = pq.ParquetFile(path).metadata
+            md = _readable(path, lambda f: f.metadata)
+            if md is None:
+                continue
             names = md.schema.names
             info: dict[str, Any] = {"path": path, "rows": md.num_rows, "lo": {}, "hi": {}}
             for c in ("step", *LOG_STATS, *LINEAR_STATS):

@@ -175,6 +175,7 @@ def _diagnosis_html(diag: Any, note: str) -> str:
             f'<div class="finding {sev}"><span class="badge {sev}">{_e(f.severity)}</span>'
             f"<b>{_e(f.kind)}</b>: {_e(f.message)}"
             + (f"<div>layers: <code>{_e(layers)}</code></div>" if layers else "")
+            + (f"<div><b>Cause</b>: {_e(f.cause)}</div>" if getattr(f, "cause", "") else "")
             + (
                 f"<h3>Evidence</h3><table><tr><th>measure</th><th>value</th></tr>{evidence}</table>"
                 if evidence

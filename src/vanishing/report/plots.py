@@ -330,8 +330,9 @@ def speed_curves(run: Any) -> Figure | None:
 
 
 def activations(run: Any) -> Figure | None:
-    """Activation values per layer over training (mean, band = ±1 std, as in Glorot & Bengio's
-    saturation figure) and the mean derivative phi'(z) per layer against its bound max |phi'|.
+    """Activation values per layer over training (mean, band = 2nd to 98th percentile, as in
+    Glorot & Bengio's figures; ±1 std for runs recorded before percentiles were) and the mean
+    derivative phi'(z) per layer against its bound max |phi'|.
 
     Example:
         >>> from vanishing.report.data import example_run
@@ -345,6 +346,9 @@ def activations(run: Any) -> Figure | None:
     data = as_run_data(run)
     mean = data.agg("act_mean", None, data.activation_layers)
     std = data.agg("act_std", None, data.activation_layers)
+    low = data.agg("act_p02", None, data.activation_layers)
+    high = data.agg("act_p98", None, data.activation_layers)
+    percentiles = not low.empty and low.mean.notna().to_numpy().any()
     deriv_at = data.at_steps("act_deriv_mean", None, data.profile_steps())
     deriv_at = deriv_at[[n for n in data.activation_layers if n in deriv_at.columns]]
     has_mean = not mean.empty
@@ -360,12 +364,17 @@ def activations(run: Any) -> Figure | None:
         colors = _colors(len(shown))
         for color, name in zip(colors, shown):
             m = mean.mean[name].to_numpy(float)
-            s = std.mean[name].to_numpy(float) if name in std.mean.columns else np.zeros_like(m)
+            if percentiles and name in low.mean.columns and name in high.mean.columns:
+                lo, hi = low.mean[name].to_numpy(float), high.mean[name].to_numpy(float)
+            else:
+                s = std.mean[name].to_numpy(float) if name in std.mean.columns else 0 * m
+                lo, hi = m - s, m + s
             i = all_names.index(name) + 1
             ax.plot(mean.x, m, color=color, lw=1.3, label=f"{i}: {_label(name, 16)}")
-            ax.fill_between(mean.x, m - s, m + s, color=color, alpha=0.15, lw=0)
+            ax.fill_between(mean.x, lo, hi, color=color, alpha=0.15, lw=0)
         ax.set_xlabel("training step")
-        ax.set_ylabel("activation value (mean, band ±1 std)")
+        band = "2nd-98th percentile" if percentiles else "±1 std"
+        ax.set_ylabel(f"activation value (mean, band {band})")
         title = "Activations over training"
         if len(shown) < len(all_names):
             title += f" ({len(shown)} of {len(all_names)} layers)"

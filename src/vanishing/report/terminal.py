@@ -123,7 +123,9 @@ def diagnosis_table(diag: Any):
         )
         style = "bold red" if f.severity == "critical" else "yellow"
         table.add_row(
-            Text(f.kind, style="bold") + Text("\n" + f.message, style="dim"),
+            Text(f.kind, style="bold")
+            + Text("\n" + f.message, style="dim")
+            + (Text("\ncause: " + f.cause) if getattr(f, "cause", "") else Text("")),
             Text(f.severity, style=style),
             Text(layers),
             Text("\n".join(f"{r.name}: {r.why}" for r in f.remedies)),

@@ -52,7 +52,17 @@ __all__ = [
 SATURATION_THRESHOLD = 0.05
 
 #: The statistics :func:`activation_stats` returns, in order.
-STAT_NAMES = ("act_mean", "act_std", "act_deriv_mean", "act_saturated", "act_dead")
+STAT_NAMES = (
+    "act_mean",
+    "act_std",
+    "act_deriv_mean",
+    "act_saturated",
+    "act_dead",
+    "act_p02",
+    "act_p98",
+)
+#: Percentiles are read from at most this many evenly strided entries of each call's output.
+PERCENTILE_SAMPLE = 4096
 
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
@@ -235,10 +245,12 @@ def activation_stats(
 ) -> Tensor:
     """Statistics of one activation call, as a float64 vector in :data:`STAT_NAMES` order.
 
-    ``[mean(y), std(y), mean(phi'(z)), saturated fraction, dead fraction]`` where the saturated
-    fraction is the share of entries with ``|phi'(z)| < 0.05 * max|phi'|`` and the dead fraction
-    the share of units (indices along ``unit_dim``; the first axis is the batch) whose input is
-    ``<= 0`` for every example. Entries that do not apply to ``kind``, or that cannot be computed
+    ``[mean(y), std(y), mean(phi'(z)), saturated fraction, dead fraction, p2(y), p98(y)]`` where
+    the saturated fraction is the share of entries with ``|phi'(z)| < 0.05 * max|phi'|``, the dead
+    fraction the share of units (indices along ``unit_dim``; the first axis is the batch) whose
+    input is ``<= 0`` for every example, and p2, p98 the 2nd and 98th percentiles of the output
+    (nearest rank, i.e. the smallest value with at least that share of entries at or below it;
+    from at most :data:`PERCENTILE_SAMPLE` evenly strided entries). Entries that do not apply to ``kind``, or that cannot be computed
     from the tensors given, are NaN. Everything stays on the tensors' device.
 
     Example:
@@ -265,7 +277,7 @@ def activation_stats_stacked(
 ) -> Tensor:
     """:func:`activation_stats` of ``L`` calls at once: ``z``, ``y`` are stacked ``[L, batch, ...]``.
 
-    Returns an ``[L, 5]`` float64 tensor; one reduction kernel per statistic serves all ``L``
+    Returns an ``[L, 7]`` float64 tensor; one reduction kernel per statistic serves all ``L``
     calls (the monitor stacks the same-shaped outputs of all layers of one kind).
 
     Example:
@@ -310,6 +322,7 @@ def stats_into(
     """
     L = work.shape[0]
     nan = torch.full((L,), float("nan"), dtype=work.dtype, device=work.device)
+    p02, p98 = _percentiles(work)  # before `work` is overwritten
     dead = nan
     if kind in _HAS_OFF_SIDE and y.dim() >= 3:
         x = z if z is not None else y
@@ -337,7 +350,19 @@ def stats_into(
         std = torch.linalg.vector_norm(work.sub_(mean.unsqueeze(1)), dim=1).div_(math.sqrt(n - 1))
     else:
         std = nan
-    return torch.stack([mean, std, deriv_mean, saturated, dead], dim=1).to(torch.float64)
+    return torch.stack([mean, std, deriv_mean, saturated, dead, p02, p98], dim=1).to(torch.float64)
+
+
+def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest-rank 2nd and 98th percentiles of each row, from a strided sample of the row."""
+    n = work.shape[1]
+    if n == 0:
+        nan = torch.full((work.shape[0],), float("nan"), dtype=work.dtype, device=work.device)
+        return nan, nan
+    stride = -(-n // PERCENTILE_SAMPLE)  # ceil: at most PERCENTILE_SAMPLE entries per row
+    ordered = work[:, ::stride].sort(dim=1).values
+    m = ordered.shape[1]
+    return tuple(ordered[:, max(math.ceil(q * m) - 1, 0)] for q in (0.02, 0.98))
 
 
 def _derivative_into(kind, z, y, work, scratch, params) -> Tensor | None:

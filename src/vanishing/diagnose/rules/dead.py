@@ -5,7 +5,14 @@ from __future__ import annotations
 from vanishing.diagnose.findings import Finding, Remedy
 from vanishing.diagnose.view import RunView
 
-MIN_DEAD = 0.5  # share of a layer's units off for every example, median over the window
+MIN_DEAD = 0.5  # share of a layer's units off for every example, in (nearly) every step
+#: The share must hold at this quantile of the window's steps: a dead unit stays dead, while a
+#: healthy unit that happens to be off for a whole small batch (chance 0.5^B) is not off in
+#: every batch, so small batches do not raise false alarms.
+PERSISTENCE_QUANTILE = 0.1
+#: Below this many examples per unit in one call, "off for every example" is too likely for a
+#: healthy unit (chance 0.5^n) to be called death: such layers get a note instead.
+MIN_EXAMPLES = 8
 _DEAD_KINDS = {"relu", "relu6"}  # leaky/elu/selu units still pass some gradient when "off"
 
 
@@ -17,7 +24,20 @@ def check(view: RunView) -> list[Finding]:
     ]
     if rows.empty:
         return []
-    med = rows.groupby("layer")["act_dead"].median()
+    small = {
+        n
+        for n in rows["layer"].unique()
+        if (view.by_name.get(n, {}).get("examples_per_unit") or MIN_EXAMPLES) < MIN_EXAMPLES
+    }
+    if small:
+        view.notes.append(
+            f"dead units not judged in {len(small)} layer(s): fewer than {MIN_EXAMPLES} examples "
+            "per unit in a batch, where a healthy ReLU unit is off for all of them by chance"
+        )
+        rows = rows[~rows["layer"].isin(small)]
+    if rows.empty:
+        return []
+    med = rows.groupby("layer")["act_dead"].quantile(PERSISTENCE_QUANTILE)
     bad = med[med >= MIN_DEAD]
     if bad.empty:
         return []

@@ -25,6 +25,21 @@ def check(view: RunView) -> list[Finding]:
     med = med[
         [n in layers and not view.by_name[n]["type"].startswith("Embedding") for n in med.index]
     ]
+    # a layer with no gradient at all in the window is not slow but unused (or detached)
+    no_grad = (
+        m[m["param"] == "weight"]
+        .groupby("layer")["grad_norm"]
+        .apply(lambda g: bool(g.isna().all()))
+    )
+    silent = [n for n in med.index if no_grad.get(n, False)]
+    if silent:
+        view.notes.append(
+            f"{len(silent)} layer(s) received no gradient in the window ("
+            + ", ".join(f"'{n}'" for n in silent[:5])
+            + (", ..." if len(silent) > 5 else "")
+            + "): not used in the forward pass, or detached from the loss; not judged as stalled"
+        )
+        med = med.drop(silent)
     if len(med) < 3:
         return []
     typical = float(med.quantile(0.9))
