@@ -62,7 +62,7 @@ STAT_NAMES = (
     "act_p98",
 )
 #: Percentiles are read from at most this many evenly strided entries of each call's output.
-PERCENTILE_SAMPLE = 4096
+PERCENTILE_SAMPLE = 1024
 
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
@@ -354,15 +354,21 @@ def stats_into(
 
 
 def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest-rank 2nd and 98th percentiles of each row, from a strided sample of the row."""
+    """Nearest-rank 2nd and 98th percentiles of each row, from a strided sample of the row.
+
+    Two selections (``kthvalue``) on at most PERCENTILE_SAMPLE entries: a full sort of the
+    sample costs several times more.
+    """
     n = work.shape[1]
     if n == 0:
         nan = torch.full((work.shape[0],), float("nan"), dtype=work.dtype, device=work.device)
         return nan, nan
     stride = -(-n // PERCENTILE_SAMPLE)  # ceil: at most PERCENTILE_SAMPLE entries per row
-    ordered = work[:, ::stride].sort(dim=1).values
-    m = ordered.shape[1]
-    return tuple(ordered[:, max(math.ceil(q * m) - 1, 0)] for q in (0.02, 0.98))
+    sample = work[:, ::stride]
+    m = sample.shape[1]
+    return tuple(
+        torch.kthvalue(sample, max(math.ceil(q * m), 1), dim=1).values for q in (0.02, 0.98)
+    )
 
 
 def _derivative_into(kind, z, y, work, scratch, params) -> Tensor | None:
