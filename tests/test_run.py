@@ -327,6 +327,9 @@ def test_cli_run_trains_and_prints_a_summary(tmp_path):
 def test_cli_run_bad_input_is_one_line_exit_2(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[model]\nactivation = 'sigmod'\n")
+    kept = tmp_path / "occupied" / "notes.txt"  # a user's directory: nothing may be overwritten
+    kept.parent.mkdir()
+    kept.write_text("mine")
     cases = [
         (("run", cfg), "model.activation: 'sigmod' is not one of sigmoid"),
         (("run", tmp_path / "missing.toml"), "no such config file"),
@@ -342,12 +345,26 @@ def test_cli_run_bad_input_is_one_line_exit_2(tmp_path):
             ),
             "is not a directory",
         ),
+        (
+            (
+                "run",
+                ROOT / "configs/deep_sigmoid.toml",
+                "--set",
+                "task.name=mnist",
+                "--set",
+                f"task.data_dir={tmp_path}",  # a directory without the IDX files
+            ),
+            "MNIST file train-images-idx3-ubyte not found",
+        ),
+        (("run", ROOT / "configs/relu_he.toml", "--out", cfg), "is a file"),
+        (("run", ROOT / "configs/relu_he.toml", "--out", kept.parent), "is not empty"),
     ]
     for args, text in cases:
         r = _cli(*args, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("error: ") and text in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert [p.name for p in kept.parent.iterdir()] == ["notes.txt"] and kept.read_text() == "mine"
 
 
 def test_every_model_kind_trains_with_a_hidden_layer_profile(tmp_path):

@@ -1,6 +1,7 @@
 """`vanishing sweep`: grid expansion into a SQLite store, worker processes, and resuming after a
 real SIGKILL without redoing or duplicating runs."""
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -281,3 +283,87 @@ def test_two_sweeps_cannot_share_a_directory(tmp_path):
         r = _cli("sweep", cfg, "--out", out)
         assert r.returncode == 2 and "another vanishing sweep is running" in r.stderr
     assert not (out / "sweep.sqlite").exists()  # nothing was touched
+
+
+def _descendants(pid):
+    """PIDs of every process under ``pid`` (Linux /proc)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for c in map(int, children):
+                if c not in out:
+                    out.add(c)
+                    todo.append(c)
+    return out
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_do_not_outlive_a_killed_sweep(tmp_path):
+    """SIGKILL of the sweep process alone (not its group): its workers stop within seconds
+    instead of training on, orphaned, into run directories a restart will redo."""
+    cfg = _write(tmp_path, steps=20000)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "vanishing", "sweep", str(cfg), "--out", str(out), "-w", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        workers = set()
+        while time.monotonic() < deadline and len(workers) < 3:  # forkserver + 2 workers
+            workers = _descendants(proc.pid)
+            time.sleep(0.2)
+        assert len(workers) >= 3, "the sweep started no workers"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        left = [p for p in workers if _alive(p)]
+        assert not left, f"processes left behind: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
+    cfg = _write(tmp_path, steps=20000)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "vanishing", "sweep", str(cfg), "--out", str(out), "-w", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        running = False
+        while time.monotonic() < deadline and not running:  # both workers are training
+            time.sleep(0.2)
+            with contextlib.suppress(sqlite3.Error, FileNotFoundError):
+                running = (
+                    sum(r["status"] == "running" for r in _db_rows(out)) >= 2
+                    if (out / "sweep.sqlite").exists()
+                    else False
+                )
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    # interrupted runs stay 'running' in the store: the next start redoes them
+    assert {r["status"] for r in _db_rows(out)} <= {"pending", "running", "completed"}

@@ -37,7 +37,14 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Watch the vanishing gradient happen in a deep sigmoid net, and the remedies cure it."""
-        rows = run_demo(out=out, steps=steps or (80 if quick else 400))
+        from vanishing.cli.app import fail
+
+        if out.exists() and not out.is_dir():
+            raise fail(f"--out {out} is a file; pass a directory for the demo's runs")
+        try:
+            rows = run_demo(out=out, steps=steps or (80 if quick else 400))
+        except OSError as e:
+            raise fail(f"cannot write the demo's runs to {out}: {e.strerror or e}") from None
         if report and rows:
             from vanishing.cli.run import write_report_quietly
 

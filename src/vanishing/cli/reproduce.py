@@ -94,6 +94,8 @@ def _nielsen(*, as_json: bool, seeds: int, steps: int, data_dir: Path | None, ou
             )
     except ValueError as e:
         raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot write the results: {e.strerror or e} ({e.filename or ''})") from None
     seconds = time.perf_counter() - started
     if as_json:
         typer.echo(json.dumps(result.to_dict()))

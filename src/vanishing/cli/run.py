@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             typer.echo(f"interrupted: the records up to now are in {run_dir}", err=True)
             raise typer.Exit(130) from None
+        except OSError as e:  # the run directory cannot be made or written
+            raise fail(f"cannot write the run to {run_dir}: {e.strerror or e}") from None
         print_summary(summary, run_dir)
         if report:
             write_report_quietly(run_dir)
@@ -104,13 +106,24 @@ def preflight(cfg, run_dir: Path) -> str | None:
     """
     from vanishing.experiments.config import ConfigError
 
-    if cfg.task.name == "mnist" and not Path(cfg.task.data_dir).is_dir():
-        return (
-            f"task.data_dir: {cfg.task.data_dir} is not a directory "
-            "(it should hold the four MNIST IDX files)"
-        )
-    if (run_dir / "manifest.json").exists() or (run_dir / "summary.json").exists():
-        return f"{run_dir} already holds a run; pass a new --out directory"
+    if cfg.task.name == "mnist":
+        from vanishing.experiments.idx import MNIST_FILES, _find
+
+        data_dir = Path(cfg.task.data_dir).expanduser()
+        if not data_dir.is_dir():
+            return (
+                f"task.data_dir: {cfg.task.data_dir} is not a directory "
+                "(it should hold the four MNIST IDX files)"
+            )
+        try:
+            for name in MNIST_FILES:
+                _find(data_dir, name)
+        except ValueError as e:
+            return f"task.data_dir: {e}"
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"--out {run_dir} is a file; pass a new directory for the run"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return f"{run_dir} is not empty; pass a new --out directory (nothing there is overwritten)"
     if cfg.train.device != "cpu":
         from vanishing.experiments.runner import resolve_device
 

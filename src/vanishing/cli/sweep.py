@@ -34,12 +34,22 @@ def register(app: typer.Typer) -> None:
         Started again (after a crash, a kill or Ctrl-C) with the same config and directory, it
         redoes only the runs that did not finish.
         """
+        import signal
+        import sqlite3
+
         from vanishing.cli.app import fail
         from vanishing.experiments.config import ConfigError
         from vanishing.experiments.sweep import DB, SweepBusyError, run_sweep
 
         sweep_dir = out if out is not None else Path("sweeps") / config.stem
+        if sweep_dir.exists() and not sweep_dir.is_dir():
+            raise fail(f"--out {sweep_dir} is a file; pass a directory for the sweep")
         display = SweepDisplay()
+
+        def _terminated(signum, frame):  # SIGTERM (timeout, schedulers): stop workers as Ctrl-C
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             runs, rows = run_sweep(
                 config,
@@ -54,6 +64,10 @@ def register(app: typer.Typer) -> None:
             raise fail(prefix + message) from None
         except SweepBusyError as e:
             raise fail(str(e)) from None
+        except sqlite3.DatabaseError as e:
+            raise fail(f"{sweep_dir / DB} is not a sweep store ({e}); pass another --out") from None
+        except OSError as e:
+            raise fail(f"cannot write the sweep to {sweep_dir}: {e.strerror or e}") from None
         except KeyboardInterrupt:
             display.close()
             typer.echo(
@@ -61,6 +75,7 @@ def register(app: typer.Typer) -> None:
             )
             raise typer.Exit(130) from None
         finally:
+            signal.signal(signal.SIGTERM, previous)
             display.close()
         print_table(runs, rows)
         typer.echo(f"Results: {sweep_dir / DB} ({len(rows)} runs)")

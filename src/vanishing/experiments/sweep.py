@@ -224,8 +224,22 @@ def read_sweep(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- workers
-def _init_worker() -> None:
+def _init_worker(sweep_pid: int) -> None:
+    import threading
+
     import torch
+
+    def watch_parent() -> None:  # a sweep killed outright (SIGKILL) leaves no orphans behind
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(sweep_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except OSError:
+                pass  # alive, owned by someone else: keep going
+
+    threading.Thread(target=watch_parent, name="vanishing-sweep-parent", daemon=True).start()
 
     torch.set_num_threads(1)  # one core per worker: N workers use N cores, not N x N threads
     with contextlib.suppress(RuntimeError):  # already set in the forkserver's torch
@@ -278,10 +292,13 @@ def _failed(error: str) -> dict[str, Any]:
 
 
 def _terminate(pool: Any) -> None:
-    for process in list(getattr(pool, "_processes", {}).values()):
+    # shut down first, so that the pool does not ask the forkserver for replacement workers
+    # while the current ones are being terminated (that request fails, noisily, on exit)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
         if process.is_alive():
             process.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -409,7 +426,9 @@ def _execute(
     from concurrent.futures.process import BrokenProcessPool
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker)
+        return ProcessPoolExecutor(
+            workers, mp_context=_context(), initializer=_init_worker, initargs=(os.getpid(),)
+        )
 
     pool = new_pool()
     inflight: dict[Any, SweepRun] = {}
