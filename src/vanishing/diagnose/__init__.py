@@ -44,7 +44,13 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
     for rule in RULES:
         findings.extend(rule(view))
     n = len(view.steps)
-    notes = [f"{n} recorded step(s); persistence judged on the last {len(view.window_steps)}"]
+    w = len(view.window_steps)
+    notes = [
+        f"{n} recorded step(s); persistence judged on the last {w}"
+        if w
+        else f"{n} recorded step(s), none before the first non-finite value: only non_finite "
+        "is judged"
+    ]
     label, _ = view.depth_signal
     if label:
         notes.append(f"gradient through depth read from the {label} (per unit)")
