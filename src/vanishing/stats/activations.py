@@ -257,7 +257,7 @@ def activation_stats(
         >>> import torch
         >>> from vanishing.stats import activation_stats
         >>> z = torch.tensor([[-1.0, 2.0], [-3.0, 4.0]])
-        >>> activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[2:]
+        >>> activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[2:5]
         [0.5, nan, 0.5]
     """
     zs = z.unsqueeze(0) if z is not None else None
