@@ -367,3 +367,17 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     # interrupted runs stay 'running' in the store: the next start redoes them
     assert {r["status"] for r in _db_rows(out)} <= {"pending", "running", "completed"}
+
+
+def test_sweep_progress_shows_the_finished_runs_gradient_strip(tmp_path):
+    from vanishing.cli.sweep import SweepDisplay
+    from vanishing.report.terminal import gradient_strip
+
+    cfg = _write(tmp_path)
+    runs, _ = run_sweep(cfg, tmp_path / "out", workers=1)
+    run = runs[0]
+    recorded = vanishing.load_run(tmp_path / "out" / run.run_dir)
+    last = recorded.pivot("grad_norm", param="weight").iloc[-1]  # columns in forward order
+    strip = SweepDisplay(tmp_path / "out").strip(run)
+    assert len(strip) == run.config.model.depth + 1  # one cell per Linear, head included
+    assert strip == gradient_strip(last.tolist())

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         sweep_dir = out if out is not None else Path("sweeps") / config.stem
         if sweep_dir.exists() and not sweep_dir.is_dir():
             raise fail(f"--out {sweep_dir} is a file; pass a directory for the sweep")
-        display = SweepDisplay()
+        display = SweepDisplay(sweep_dir)
 
         def _terminated(signum, frame):  # SIGTERM (timeout, schedulers): stop workers as Ctrl-C
             raise KeyboardInterrupt
@@ -86,12 +86,14 @@ def register(app: typer.Typer) -> None:
 
 
 class SweepDisplay:
-    """Progress of a sweep: a rich bar with ETA on a terminal, one plain line per finished run
-    (with the ETA) otherwise."""
+    """Progress of a sweep: a rich bar with ETA and the gradient strip of the run that finished
+    last (one cell per layer, shaded by its weight-gradient norm at the last recorded step) on a
+    terminal; one plain line per finished run (with the ETA) otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, sweep_dir: Path | None = None) -> None:
         from rich.console import Console
 
+        self.sweep_dir = sweep_dir
         self.console = Console(highlight=False)
         self.live = self.console.is_terminal
         self.bar = None
@@ -134,7 +136,12 @@ class SweepDisplay:
             line = f"{_params(run.params)}: {_outcome(info)}"
             if self.bar is not None:
                 last = f"{_params(run.params)}: {info['status']}"
-                self.bar.update(self.task, advance=1, description=_clip(last, 48))
+                strip = self.strip(run)
+                self.bar.update(
+                    self.task,
+                    advance=1,
+                    description=_clip(last, 48) + (f"  {strip}" if strip else ""),
+                )
             else:
                 elapsed = time.monotonic() - self.started
                 eta = elapsed / self.done * (self.todo - self.done)
@@ -143,6 +150,23 @@ class SweepDisplay:
                     f"ETA {_clock(eta)})",
                     soft_wrap=True,
                 )
+
+    def strip(self, run) -> str:
+        """The finished run's per-layer gradient strip ("" when it recorded nothing)."""
+        if self.sweep_dir is None:
+            return ""
+        try:
+            import vanishing
+            from vanishing.report.terminal import gradient_strip
+
+            r = vanishing.load_run(self.sweep_dir / run.run_dir)
+            m = r.metrics
+            m = m[(m["param"] == "weight") & (m["step"] == m["step"].max())]
+            order = {name: i for i, name in enumerate(r.layers)}
+            values = m.sort_values("layer", key=lambda s: s.map(order))["grad_norm"].tolist()
+            return gradient_strip(values)
+        except Exception:  # noqa: BLE001 - a display nicety must never stop the sweep
+            return ""
 
     def close(self) -> None:
         if self.bar is not None:
