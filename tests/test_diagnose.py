@@ -487,3 +487,64 @@ def test_a_layer_never_used_in_forward_is_a_note_not_a_stalled_layer(tmp_path):
         diag = mon.diagnose()
     assert "stalled_layers" not in diag.kinds
     assert any("'unused'" in n and "no gradient" in n for n in diag.notes)
+
+
+class _BasicBlock(nn.Module):
+    """He et al.'s block, written as torchvision writes it (``out += identity``)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        identity = x
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return torch.relu(out)
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.f(x) if x.sum() > 0 else x  # data-dependent: cannot be traced
+
+
+def test_skip_connections_are_found_from_a_trace():
+    from vanishing.diagnose.causes import skip_connections
+
+    class Bias(nn.Module):  # adding a constant is not a skip connection
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.f(x) + 1.0
+
+    plain = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    assert skip_connections(plain) is False
+    assert skip_connections(Bias()) is False
+    assert skip_connections(nn.Sequential(_BasicBlock(3), nn.Flatten())) is True
+    layer = nn.TransformerEncoderLayer(8, 2, batch_first=True)
+    assert skip_connections(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)) is True
+    assert skip_connections(_Gated()) is None
+
+
+def test_vanishing_cause_names_the_missing_skip_connection():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(10):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 4))
+    diag = vanishing.inspect(
+        model, torch.randn(64, 32), torch.randint(0, 4, (64,)), nn.functional.cross_entropy
+    )
+    (finding,) = [f for f in diag.findings if f.kind == "vanishing_gradient"]
+    assert finding.evidence["skip_connections"] == 0.0
+    assert "no skip connection" in finding.cause
+    residual = [r for r in finding.remedies if r.name == "residual"]
+    assert residual and residual[0].why.startswith("the model has no skip connection")

@@ -58,9 +58,13 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
     return Diagnosis(findings=findings, notes=notes)
 
 
+MODEL_FACTS = "<model>"  # key of the facts about the whole model (not a module name)
+
+
 def model_facts(model: Any) -> dict[str, dict[str, float]]:
     """Per recurrent layer of ``model``: the largest singular value of its recurrent weight
-    (``sigma_max_recurrent``; for LSTM/GRU of the stacked gate matrix).
+    (``sigma_max_recurrent``; for LSTM/GRU of the stacked gate matrix); under ``"<model>"``,
+    whether the model has skip connections (when its forward can be traced).
 
     Example:
         >>> import torch
@@ -69,7 +73,7 @@ def model_facts(model: Any) -> dict[str, dict[str, float]]:
         >>> with torch.no_grad():
         ...     _ = rnn.weight_hh_l0.copy_(0.5 * torch.eye(4))
         >>> model_facts(torch.nn.Sequential(rnn))
-        {'0': {'sigma_max_recurrent': 0.5}}
+        {'0': {'sigma_max_recurrent': 0.5}, '<model>': {'skip_connections': 0.0}}
     """
     import torch
 
@@ -83,6 +87,11 @@ def model_facts(model: Any) -> dict[str, dict[str, float]]:
                 with torch.no_grad():
                     sigma = torch.linalg.matrix_norm(w.detach().double(), ord=2)
                 out[name] = {"sigma_max_recurrent": round(float(sigma), 12)}
+    from vanishing.diagnose.causes import skip_connections
+
+    skip = skip_connections(_unwrap(model))
+    if skip is not None:
+        out[MODEL_FACTS] = {"skip_connections": float(skip)}
     return out
 
 

@@ -211,6 +211,12 @@ class RunView:
         ]
         return df[(df["param"] == "") & (df["layer"].isin(names))]
 
+    @property
+    def skip_connections(self) -> bool | None:
+        """Whether the watched model has skip connections (None: not known from the records)."""
+        value = self.facts.get("<model>", {}).get("skip_connections")
+        return None if value is None else bool(value)
+
     def weight_gain(self, layer: str) -> float:
         """Measured std(W) * sqrt(fan_in) of a layer's weight in the window (He for ReLU: sqrt 2)."""
         info = self.by_name.get(layer, {})

@@ -145,13 +145,15 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 "layer)",
             )
         )
-    remedies.append(
-        Remedy(
-            "residual",
-            "skip connections add an identity path, so the gradient "
-            f"reaches '{layers[0]}' without passing through every layer",
+    if view.skip_connections is not True:  # a model that has them gets no such advice
+        remedies.append(
+            Remedy(
+                "residual",
+                ("the model has no skip connection; " if view.skip_connections is False else "")
+                + "skip connections add an identity path, so the gradient "
+                f"reaches '{layers[0]}' without passing through every layer",
+            )
         )
-    )
     if dominant in _BOUNDED and act_costs and len(layers) >= 6:
         remedies.append(
             Remedy(
