@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vanishing.experiments.config import ExperimentConfig, expand_sweep, read_toml
+from vanishing.experiments.config import ConfigError, ExperimentConfig, expand_sweep, read_toml
 
 __all__ = [
     "SweepStore",
@@ -305,6 +305,29 @@ def _terminate(pool: Any) -> None:
 OnEvent = Callable[[str, "SweepRun | None", "dict[str, Any] | None"], None]
 
 
+def _changed_fixed_field(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """The first field that is a single value in both configs and differs ("" if none).
+
+    Swept fields (lists, ``seeds``) may grow: a sweep extended with more values or seeds
+    resumes in the same store. A fixed field that changed makes a different experiment.
+    """
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) or isinstance(b, dict):
+            found = _changed_fixed_field(a or {}, b or {}, name + ".")
+            if found:
+                return found
+        elif (
+            key not in ("name", "seeds")
+            and not isinstance(a, list)
+            and not isinstance(b, list)
+            and a != b
+        ):
+            return f"{name} was {a!r}, now {b!r}"
+    return ""
+
+
 def run_sweep(
     config_path: str | os.PathLike,
     sweep_dir: str | os.PathLike,
@@ -346,6 +369,14 @@ def run_sweep(
     from vanishing.recorder.writer import atomic_write_bytes
 
     lock = _lock(sweep_dir)
+    if (sweep_dir / COPY).is_file():
+        problem = _changed_fixed_field(read_toml(sweep_dir / COPY), raw)
+        if problem:
+            lock.close()
+            raise ConfigError(
+                f"{sweep_dir} holds a sweep whose {problem}; its results would mix with this "
+                "one's: pass another --out (more seeds or more values of a swept field are fine)"
+            )
     atomic_write_bytes(sweep_dir / COPY, config_path.read_bytes())
     store = SweepStore(sweep_dir / DB)
     try:
