@@ -9,16 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-_NOT_IN_PROFILE = (
-    "Embedding",
-    "EmbeddingBag",
-    "BatchNorm",
-    "LayerNorm",
-    "GroupNorm",
-    "RMSNorm",
-    "InstanceNorm",
-    "LocalResponseNorm",
-)
+from vanishing.recorder.reader import NOT_IN_DEPTH_PROFILE as _NOT_IN_PROFILE
+from vanishing.recorder.reader import hidden_layers
+
 _BOUNDED = {"sigmoid", "tanh", "softsign", "hardtanh"}
 
 
@@ -57,17 +50,8 @@ class RunView:
 
     @cached_property
     def hidden(self) -> list[str]:
-        """Layers whose gradient profile tells depth: parameter-owning, non-recurrent modules in
-        forward order, without the output layer (the last one), embeddings and norm layers."""
-        names = [
-            layer["name"]
-            for layer in self.layers
-            if layer["role"] == "layer"
-            and not layer["recurrent"]
-            and layer["num_params"] > 0
-            and not layer["type"].startswith(_NOT_IN_PROFILE)
-        ]
-        return names[:-1]
+        """Layers whose gradient profile tells depth: see :func:`hidden_layers`."""
+        return hidden_layers(self.layers)
 
     def profile(self, stat: str, param: str | None = None) -> pd.DataFrame:
         """step x hidden layer table of ``stat`` over the window (NaN where missing)."""

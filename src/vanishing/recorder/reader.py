@@ -40,6 +40,67 @@ def _parts(directory: Path) -> dict[int, Path]:
     return out
 
 
+def committed_parts(run_dir: Path, table: str) -> list[Path]:
+    """A table's part files in order, without the torn tail: parts numbered after the last
+    ``steps`` part were written by a flush that did not finish (``steps`` is written last)."""
+    done = max(_parts(run_dir / "steps"), default=-1)
+    return [p for i, p in sorted(_parts(run_dir / table).items()) if i <= done]
+
+
+def read_part(path: Path, read: Any = None) -> Any:
+    """``read(pyarrow.parquet.ParquetFile(path))`` (default: the whole table), or None with a
+    warning when the file is damaged: one bad part never hides the rest of a run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+        return f.read() if read is None else read(f)
+    except (OSError, pa.ArrowException) as e:
+        warnings.warn(
+            f"vanishing: skipping unreadable part {path}: {e}", RuntimeWarning, stacklevel=3
+        )
+        return None
+
+
+#: module types whose gradient does not belong to the profile through depth
+NOT_IN_DEPTH_PROFILE = (
+    "Embedding",
+    "EmbeddingBag",
+    "BatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "InstanceNorm",
+    "LocalResponseNorm",
+)
+
+
+def hidden_layers(layer_info: list[dict[str, Any]]) -> list[str]:
+    """The hidden layers of a run, in forward order: modules that own parameters, without
+    recurrent layers, embeddings, normalisation layers and the output layer (the last one).
+    Their gradient profile is what tells depth (the diagnosis and the report both read it).
+
+    Example:
+        >>> from vanishing.recorder.reader import hidden_layers
+        >>> info = [{"name": n, "role": r, "recurrent": False, "num_params": p, "type": t}
+        ...         for n, r, p, t in [("0", "layer", 40, "Linear"), ("1", "activation", 0, "Sigmoid"),
+        ...                            ("2", "layer", 72, "Linear"), ("3", "layer", 16, "BatchNorm1d"),
+        ...                            ("4", "layer", 9, "Linear")]]
+        >>> hidden_layers(info)
+        ['0', '2']
+    """
+    names = [
+        layer["name"]
+        for layer in layer_info
+        if layer.get("role") == "layer"
+        and not layer.get("recurrent")
+        and layer.get("num_params", 0) > 0
+        and not str(layer.get("type", "")).startswith(NOT_IN_DEPTH_PROFILE)
+    ]
+    return names[:-1]
+
+
 class Run:
     """The records of one monitored run, read from its run directory.
 
@@ -93,24 +154,13 @@ class Run:
         """The manifest's description of each watched module, in forward order."""
         return list(self.manifest.get("layers", []))
 
-    @functools.cached_property
-    def _committed(self) -> int:
-        parts = _parts(self.path / "steps")
-        return max(parts) if parts else -1
-
     def _read(self, table: str) -> pd.DataFrame:
         import pandas as pd
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        frames = []
-        for index, path in sorted(_parts(self.path / table).items()):
-            if index > self._committed:
-                continue  # written by a flush that did not finish: the torn tail
-            try:
-                frames.append(pq.read_table(path))
-            except (OSError, pa.ArrowException) as e:
-                warnings.warn(f"skipping unreadable part {path}: {e}", stacklevel=3)
+        frames = [
+            t for path in committed_parts(self.path, table) if (t := read_part(path)) is not None
+        ]
         if not frames:
             return pd.DataFrame({c: [] for c in _COLUMNS[table]})
         return pa.concat_tables(frames, promote_options="default").to_pandas()

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vanishing.recorder.reader import committed_parts, hidden_layers, read_part
 from vanishing.recorder.schema import MANIFEST, METRIC_COLUMNS, STEP_COLUMNS, TEMPORAL_COLUMNS
 
 if TYPE_CHECKING:
@@ -57,70 +57,8 @@ LINEAR_STATS = (
     "act_p98",
 )
 
-_PART = re.compile(r"^part-(\d{5,})\.parquet$")
-_NOT_HIDDEN = (
-    "Embedding",
-    "EmbeddingBag",
-    "BatchNorm",
-    "LayerNorm",
-    "GroupNorm",
-    "RMSNorm",
-    "InstanceNorm",
-    "LocalResponseNorm",
-)
 _CHUNK_ROWS = 200_000  # rows read before one group-by: bounds memory, amortises overhead
 _PARTIAL_ROWS = 300_000  # partial aggregates kept before they are combined
-
-
-def _readable(path: Path, read: Any) -> Any:
-    """``read(ParquetFile(path))``, or None with a warning for a damaged file (as load_run)."""
-    import warnings
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return read(pq.ParquetFile(path))
-    except (OSError, pa.ArrowException) as e:
-        warnings.warn(f"vanishing: skipping unreadable {path}: {e}", RuntimeWarning, stacklevel=3)
-        return None
-
-
-def _parts(directory: Path) -> dict[int, Path]:
-    if not directory.is_dir():
-        return {}
-    out = {}
-    for p in directory.iterdir():
-        m = _PART.match(p.name)
-        if m:
-            out[int(m.group(1))] = p
-    return out
-
-
-def hidden_layers(layer_info: list[dict[str, Any]]) -> list[str]:
-    """The hidden layers of a run, in forward order: modules that own parameters, without
-    recurrent layers, embeddings, normalisation layers and the output layer (the last one).
-
-    This is how the diagnosis picks the layers whose gradient profile tells depth.
-
-    Example:
-        >>> from vanishing.report.data import hidden_layers
-        >>> info = [{"name": n, "role": r, "recurrent": False, "num_params": p, "type": t}
-        ...         for n, r, p, t in [("0", "layer", 40, "Linear"), ("1", "activation", 0, "Sigmoid"),
-        ...                            ("2", "layer", 72, "Linear"), ("3", "layer", 16, "BatchNorm1d"),
-        ...                            ("4", "layer", 9, "Linear")]]
-        >>> hidden_layers(info)
-        ['0', '2']
-    """
-    names = [
-        layer["name"]
-        for layer in layer_info
-        if layer.get("role") == "layer"
-        and not layer.get("recurrent")
-        and layer.get("num_params", 0) > 0
-        and not str(layer.get("type", "")).startswith(_NOT_HIDDEN)
-    ]
-    return names[:-1]
 
 
 @dataclass
@@ -303,8 +241,7 @@ class RunData:
     # ---- steps ------------------------------------------------------------------------------
 
     def _committed(self, table: str) -> list[Path]:
-        done = max(_parts(self.path / "steps"), default=-1)
-        return [p for i, p in sorted(_parts(self.path / table).items()) if i <= done]
+        return committed_parts(self.path, table)
 
     @cached_property
     def steps(self) -> pd.DataFrame:
@@ -315,7 +252,7 @@ class RunData:
         tables = [
             t
             for p in self._committed("steps")
-            if (t := _readable(p, lambda f: f.read(use_threads=False))) is not None
+            if (t := read_part(p, lambda f: f.read(use_threads=False))) is not None
         ]
         if not tables:
             return pd.DataFrame({c: [] for c in STEP_COLUMNS})
@@ -343,7 +280,7 @@ class RunData:
 
         out = []
         for path in self._committed("metrics"):
-            md = _readable(path, lambda f: f.metadata)
+            md = read_part(path, lambda f: f.metadata)
             if md is None:
                 continue
             names = md.schema.names
