@@ -126,15 +126,16 @@ def test_host_memory_stays_constant_as_the_run_grows(run_dir):
     with vanishing.watch(model, optimizer=opt, run_dir=run_dir, flush_every=20):
         steps(200)
         tracemalloc.start()
-        # warm-up while traced: torch's autograd engine keeps ~1000 small objects of recent
-        # backward passes alive (a bounded pool, seen without vanishing too)
-        steps(1500)
+        # warm-up while traced: torch's autograd engine keeps a bounded pool of ~2000 small
+        # objects of recent backward passes alive (seen without vanishing too); how many steps
+        # it takes to fill depends on what ran before in the process, so warm up long enough
+        steps(3000)
         early, _ = tracemalloc.get_traced_memory()
         steps(1500)
         late, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert late - early < 64 * 1024, (early, late)
-    assert len(vanishing.load_run(run_dir).steps) == 3200
+    assert len(vanishing.load_run(run_dir).steps) == 4700
 
 
 def test_run_files_are_readable_by_others_as_with_open(run_dir):
