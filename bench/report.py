@@ -23,21 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_FLOATS = (
-    "grad_norm",
-    "param_norm",
-    "update_norm",
-    "grad_nonfinite",
-    "param_nonfinite",
-    "grad_ratio",
-    "update_ratio",
-    "error_norm",
-    "act_mean",
-    "act_std",
-    "act_deriv_mean",
-    "act_saturated",
-    "act_dead",
-)
+from vanishing.recorder.schema import METRIC_COLUMNS
+
+#: every float column of the metrics table, from the schema (step, layer, param, depth first)
+METRIC_FLOATS = METRIC_COLUMNS[4:]
 
 
 def manifest(layers: int, width: int = 32) -> dict:
@@ -190,15 +179,6 @@ def make_run(
             "grad_ratio": (g / pn).ravel(),
             "update_ratio": (un / pn).ravel(),
         }
-        for c in (
-            "error_norm",
-            "act_mean",
-            "act_std",
-            "act_deriv_mean",
-            "act_saturated",
-            "act_dead",
-        ):
-            cols[c] = np.full(n * P, np.nan)
         err = np.full((n, M), np.nan)
         err[:, :n_lay] = 10 ** (p_level[::2][None, :] - 1 + 0.1 * rng.standard_normal((n, n_lay)))
         act = {
@@ -214,26 +194,19 @@ def make_run(
         act["act_saturated"][:, n_lay:] = np.clip(
             0.6 * frac + 0.05 * rng.standard_normal((n, M - n_lay)), 0, 1
         )
+        act["act_p02"] = act["act_mean"] - 2 * act["act_std"]
+        act["act_p98"] = act["act_mean"] + 2 * act["act_std"]
         mcols = {
             "step": np.repeat(s, M),
             "layer": np.tile(m_names, n),
             "param": np.full(n * M, "", dtype=object),
             "depth": np.tile(m_depth, n),
             "error_norm": err.ravel(),
+            **{c: v.ravel() for c, v in act.items()},
         }
-        for c in (
-            "grad_norm",
-            "param_norm",
-            "update_norm",
-            "grad_nonfinite",
-            "param_nonfinite",
-            "grad_ratio",
-            "update_ratio",
-            "act_dead",
-        ):
-            mcols[c] = np.full(n * M, np.nan)
-        for c in ("act_mean", "act_std", "act_deriv_mean", "act_saturated"):
-            mcols[c] = act[c].ravel()
+        for c in METRIC_FLOATS:  # the statistics a row kind does not have are NaN
+            cols.setdefault(c, np.full(n * P, np.nan))
+            mcols.setdefault(c, np.full(n * M, np.nan))
 
         def column(name, p=cols, q=mcols):
             v = np.concatenate([p[name], q[name]])
