@@ -15,7 +15,7 @@ from vanishing.stats import (
     temporal_profile,
 )
 from vanishing.stats.activations import ACTIVATION_KINDS, max_derivative
-from vanishing.stats.norms import time_points
+from vanishing.stats.norms import l2_norm, time_points
 
 
 def brute_norm(t):
@@ -30,11 +30,22 @@ def test_l2_norms_match_float64_brute_force():
         assert g == pytest.approx(brute_norm(t), rel=1e-6)
 
 
-@pytest.mark.parametrize("scale", [1e-25, 1e-40, 1e25])
+@pytest.mark.parametrize("scale", [1e-25, 1e-40, 1e25, 3e-23, 1e-21, 7e-21])
 def test_l2_norms_survive_float32_under_and_overflow(scale):
+    # 3e-23 .. 7e-21: the squares are denormal floats (a float32 sum of them is off by up to
+    # 50%: 3e-23 squared rounds to 1.4e-45), yet not zero, so only their size gives them away
     t = torch.full((100,), scale, dtype=torch.float32)
     expected = float(t.double()[0]) * 10.0  # sqrt(100 x^2), with x as float32 stores it
-    assert l2_norms([t, torch.ones(4)]).tolist() == pytest.approx([expected, 2.0], rel=1e-6)
+    assert l2_norms([t, torch.ones(4)]).tolist() == pytest.approx([expected, 2.0], rel=1e-6, abs=0)
+    assert l2_norm(t).item() == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_l2_norms_of_random_entries_across_the_denormal_range_match_float64():
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(300, generator=gen) * 10.0**-e for e in range(15, 26)]
+    ts += [torch.randn(256, 256, generator=gen) * 1e-20]
+    got = l2_norms(ts).tolist()
+    assert got == pytest.approx([brute_norm(t) for t in ts], rel=2e-6, abs=0)
 
 
 def test_l2_norms_mixed_dtypes_and_empty():

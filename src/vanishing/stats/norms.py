@@ -1,13 +1,16 @@
 """Norms of many tensors at once, robust to the float32 range.
 
 A squared L2 norm underflows in float32 once the entries fall below ~1e-19 and overflows above
-~1e19: exactly the regimes of vanishing and exploding gradients. ``l2_norms`` therefore returns
-float64 norms and recomputes in float64 any norm that came out as 0 or non-finite.
+~1e19: exactly the regimes of vanishing and exploding gradients (and squares below ~1e-38 are
+denormal floats, with few significant bits). ``l2_norms`` therefore returns float64 norms and, on
+the CPU, recomputes in float64 any float32 norm that came out as 0, non-finite, or so small that
+its squares were denormal.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,10 +32,11 @@ def l2_norms(
     however many small tensors there are: their cost is launching kernels), each larger tensor
     gets its own float64 norm kernel (its cost is reading memory, so it is read once).
     (``_foreach_norm`` runs one kernel per tensor anyway when asked for float64.) On the CPU the
-    fast float32 kernel is used and only the norms that under- or overflowed are recomputed in
-    float64: the non-finite ones, and (with ``exact_tiny``, the default) the zero ones whose
-    tensor is not all zeros. Pass ``exact_tiny=False`` when entries cannot be below ~1e-19 unless
-    they are exactly 0 (e.g. differences of float32 weights of ordinary size). ``fused`` forces
+    fast float32 kernel is used and only the norms it cannot get right are recomputed in float64:
+    the non-finite ones, those whose mean square is below 4e-40 (their squares are denormal
+    floats, which carry few significant bits: see ``_TRUSTED_MEAN_SQUARE``) and, with
+    ``exact_tiny`` (the default), the zero ones. Pass ``exact_tiny=False`` when a zero norm can
+    only mean all zeros (e.g. differences of float32 weights of ordinary size). ``fused`` forces
     the GPU strategy (default: GPU strategy off the CPU).
 
     Example:
@@ -53,22 +57,36 @@ def l2_norms(
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
-    norms = torch.empty(len(tensors), dtype=torch.float64)
+    values = [0.0] * len(tensors)
     for dtype, idx in by_dtype.items():
         group = [tensors[i] for i in idx]
         kwargs = {} if dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
-        values = torch.stack(torch._foreach_norm(group, 2, **kwargs)).to(torch.float64)
-        if len(idx) == len(tensors):
-            norms = values
-        else:
-            norms[idx] = values
-    suspicious = ~torch.isfinite(norms)
-    if exact_tiny:
-        suspicious |= norms == 0
-    if suspicious.any():  # host sync: CPU tensors only, where it costs nothing
-        for i in suspicious.nonzero().flatten().tolist():  # host sync: CPU only
-            norms[i] = _exact_norm(tensors[i], norms[i])
-    return norms
+        fast = torch.stack(torch._foreach_norm(group, 2, **kwargs)).tolist()  # host sync: CPU
+        for i, t, v in zip(idx, group, fast):
+            values[i] = v if _trusted(v, t.numel(), exact_tiny) else _exact_norm(t)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+#: A float32 sum of squares is trusted when its mean square is at least this: each square below
+#: the smallest normal float32 (1.2e-38) is rounded to a multiple of 1.4e-45 (or flushed to 0),
+#: an error of at most 0.7e-45 per entry, so the relative error of the sum is then <= 1.75e-6
+#: (of the norm <= 0.9e-6). An RMS entry of 2e-20: far inside the vanishing-gradient regime.
+_TRUSTED_MEAN_SQUARE = 4e-40
+_INF = float("inf")
+
+
+def _trusted(norm: float, numel: int, exact_tiny: bool = True) -> bool:
+    """Whether a float32 norm is exact to float32 precision (not under/overflowed, not NaN)."""
+    if not norm < _INF:  # inf or NaN: overflowed, or non-finite entries
+        return False
+    if norm == 0.0:  # all zeros, or every square flushed to 0
+        return not exact_tiny
+    return norm * norm >= numel * _TRUSTED_MEAN_SQUARE
+
+
+def _exact_norm(t: Tensor) -> float:
+    """The float64 norm of a tensor whose float32 norm was not trusted (CPU only)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64).item()  # host sync: CPU only
 
 
 _CHUNK = 2**24  # entries per float64 working copy on a GPU (128 MiB)
@@ -130,30 +148,6 @@ def _segment_sums(tensors: Sequence[Tensor], transform) -> Tensor:
     return sums[0] if len(sums) == 1 else torch.cat(sums)
 
 
-_UP_1 = 2.0**63  # powers of two: scaling by them is exact
-_UP_2 = 2.0**126
-
-
-def _exact_norm(t: Tensor, fast: Tensor) -> Tensor:
-    """Recompute a float32 norm that came out 0 or non-finite (CPU; host syncs are free there).
-
-    Zero: either the tensor is all zeros or its squares underflowed. Scaling by 2^63 brings
-    entries down to ~1e-26 back into range; by 2^126 even the smallest float32 (1.4e-45), so a
-    norm still 0 then is a true 0. Both are one float32 multiply and norm, several times faster
-    than a float64 norm. Non-finite: NaN/inf entries stay so; an overflow is redone in float64.
-    """
-    if t.dtype == torch.float32 and fast == 0:
-        for up in (_UP_1, _UP_2):
-            scaled = torch.linalg.vector_norm(t * up)
-            if scaled > 0 and torch.isfinite(scaled):  # host sync: CPU only
-                return scaled.to(torch.float64) / up
-            if not torch.isfinite(scaled):  # host sync: CPU only
-                break
-        else:
-            return torch.zeros((), dtype=torch.float64)
-    return torch.linalg.vector_norm(t, dtype=torch.float64)
-
-
 def l2_norm(t: Tensor) -> Tensor:
     """L2 norm of one tensor as a float64 scalar, exact where float32 would under/overflow.
 
@@ -165,10 +159,14 @@ def l2_norm(t: Tensor) -> Tensor:
     """
     if t.device.type != "cpu":
         return torch.linalg.vector_norm(t, dtype=torch.float64)
-    norm = torch.linalg.vector_norm(t)
-    if not (0 < norm < float("inf")):  # host sync: CPU only, where it is free
-        return _exact_norm(t, norm)
-    return norm.to(torch.float64)
+    fast = torch.linalg.vector_norm(t.float() if t.dtype not in _EXACT_DTYPES else t)
+    value = fast.item()  # host sync: CPU only, where it is free
+    if _trusted(value, t.numel()):
+        return fast.to(torch.float64)
+    return torch.tensor(_exact_norm(t), dtype=torch.float64)
+
+
+_EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 def nonfinite_counts(
@@ -199,10 +197,8 @@ def nonfinite_counts(
     if norms is None:
         candidates = range(len(tensors))
     else:
-        bad = ~torch.isfinite(norms)
-        if not bad.any():  # host sync: CPU tensors only, where it costs nothing
-            return counts
-        candidates = bad.nonzero().flatten().tolist()  # host sync: CPU only
+        values = norms.tolist()  # host sync: CPU tensors only, where it costs nothing
+        candidates = [i for i, v in enumerate(values) if not math.isfinite(v)]
     for i in candidates:
         counts[i] = (~torch.isfinite(tensors[i])).sum()
     return counts
