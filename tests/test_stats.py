@@ -150,7 +150,7 @@ def test_sigmoid_derivative_bound_is_a_quarter():
 
 
 def test_activation_stats_by_brute_force():
-    z = torch.randn(50, 20) * 4
+    z = torch.randn(12, 20) * 4  # 240 entries: below PERCENTILE_SAMPLE, so exact ranks
     y = torch.sigmoid(z)
     mean, std, dmean, sat, dead, p02, p98 = activation_stats("sigmoid", z, y).tolist()
     ys = [float(v) for v in y.flatten()]

@@ -9,7 +9,10 @@ The update a step makes is measured, not modelled: a snapshot of the weights bef
   times slower than a row-wise norm of a matrix. So parameters of equal size are stacked into
   ``[k x n]`` matrices, and every norm is one row-wise kernel per size group. The weights stacked
   after a step are kept as the next step's snapshot, reused as long as no parameter's version
-  counter moved in between (so nothing is copied twice). Costs two copies of the parameters.
+  counter moved in between (so nothing is copied twice), and their norms, measured while they
+  are in cache, are the next step's weight norms. Costs two copies of the parameters. A change
+  made through ``p.data`` (which has a version counter of its own) between two steps is not
+  seen, and is counted in the next step's update: change weights under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vanishing.stats.norms import l2_norms
+from vanishing.stats.norms import _exact_norm, _trusted, l2_norms
 
 
-def _row_norms(matrix: Tensor) -> Tensor:
-    norms = torch.linalg.vector_norm(matrix, dim=1).to(torch.float64)
-    bad = ~torch.isfinite(norms) | (norms == 0)
-    if bad.any():  # host sync: CPU tensors only, where it costs nothing
-        for i in bad.nonzero().flatten().tolist():  # host sync: CPU only
-            norms[i] = l2_norms([matrix[i]])[0]
-    return norms
+def _row_norms(matrix: Tensor, *, exact_tiny: bool = True) -> list[float]:
+    """L2 norm of each row, as Python floats; float32 ones that are not trusted redone in float64."""
+    kwargs = {} if matrix.dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
+    values = torch.linalg.vector_norm(matrix, dim=1, **kwargs).tolist()  # host sync: CPU only
+    n = matrix.shape[1]
+    for i, v in enumerate(values):
+        if not _trusted(v, n, exact_tiny):
+            values[i] = _exact_norm(matrix[i])
+    return values
 
 
 class UpdateTracker:
@@ -58,13 +63,14 @@ class UpdateTracker:
             self._groups = []
             for (numel, dtype), idx in groups.items():
                 flat = [views[i].view(-1) for i in idx]
-                before = torch.empty(len(idx), numel, dtype=dtype)
-                after = torch.empty(len(idx), numel, dtype=dtype)
-                self._groups.append([idx, flat, before, after])
+                snapshot = torch.empty(len(idx), numel, dtype=dtype)
+                self._groups.append((idx, flat, snapshot, list(snapshot.unbind(0))))
             order = [i for g in self._groups for i in g[0]]
-            self._inverse = torch.empty(len(order), dtype=torch.long)
-            self._inverse[torch.tensor(order)] = torch.arange(len(order))
+            self._position = [0] * len(order)  # parameter i is entry _position[i] in group order
+            for pos, i in enumerate(order):
+                self._position[i] = pos
             self._versions: list[int] | None = None
+            self._weight_norms: list[float] = []  # of the weights in the snapshot
         else:
             self._snapshot = [torch.empty_like(p) for p in views]
 
@@ -73,6 +79,9 @@ class UpdateTracker:
             return False
         return all(p._version == v for p, v in zip(self.params, self._versions))
 
+    def _in_order(self, grouped: list[float]) -> Tensor:
+        return torch.tensor([grouped[pos] for pos in self._position], dtype=torch.float64)
+
     def before_step(self) -> Tensor:
         """Take the snapshot (unless the last one is still current); return the weight norms."""
         if not self.grouped:
@@ -80,22 +89,28 @@ class UpdateTracker:
             torch._foreach_copy_(self._snapshot, views)
             return l2_norms(views)
         if not self._current():
-            for _, flat, before, _ in self._groups:
-                torch.stack(flat, out=before)
-        norms = torch.cat([_row_norms(before) for _, _, before, _ in self._groups])
-        return norms[self._inverse]
+            self._weight_norms = []
+            for _, flat, snapshot, _ in self._groups:
+                torch.stack(flat, out=snapshot)
+                self._weight_norms += _row_norms(snapshot)
+        return self._in_order(self._weight_norms)
 
     def after_step(self) -> Tensor:
-        """The norm of the change each parameter went through since :meth:`before_step`."""
+        """The norm of the change each parameter went through since :meth:`before_step`.
+
+        On the CPU this also measures the new weights' norms while they are in cache: they are
+        the next :meth:`before_step`'s, as long as no parameter changes in between.
+        """
         if not self.grouped:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
             return l2_norms(self._snapshot, exact_tiny=False)
-        out = []
-        for group in self._groups:
-            _, flat, before, after = group
-            torch.stack(flat, out=after)
-            torch.sub(after, before, out=before)
-            out.append(torch.linalg.vector_norm(before, dim=1).to(torch.float64))
-            group[2], group[3] = after, before  # the weights after this step: next snapshot
+        weight_norms: list[float] = []
+        update_norms: list[float] = []
+        for _, flat, snapshot, rows in self._groups:
+            torch._foreach_sub_(rows, flat)  # the snapshot becomes before - after, in place
+            update_norms += _row_norms(snapshot, exact_tiny=False)
+            torch.stack(flat, out=snapshot)  # the weights after this step: next snapshot
+            weight_norms += _row_norms(snapshot)
+        self._weight_norms = weight_norms
         self._versions = [p._version for p in self.params]
-        return torch.cat(out)[self._inverse]
+        return self._in_order(update_norms)

@@ -20,8 +20,7 @@ gelu           Phi(z) + z phi(z)  (or the tanh form)         1.1289 (1.1290)
 silu           sigmoid(z) (1 + z (1 - sigmoid(z)))           1.0998
 =============  ===========================================  ===============
 
-*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails; an entry exactly at the
-threshold counts one half). It is defined for the
+*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails). It is defined for the
 activations that have a flat tail (sigmoid, tanh, softsign, hardtanh, relu6, elu, selu, gelu,
 silu) and NaN for the piecewise-linear ReLU family, whose zero side is counted as *dead* instead.
 A *dead unit* is a unit (a feature, or a channel of a convolutional map) whose input is <= 0 for
@@ -61,8 +60,10 @@ STAT_NAMES = (
     "act_p02",
     "act_p98",
 )
-#: Percentiles are read from at most this many evenly strided entries of each call's output.
-PERCENTILE_SAMPLE = 1024
+#: Percentiles are read from at most this many evenly strided entries of each call's output
+#: (a sample of 256 puts a 2nd percentile within ~1 percentile point; selecting from it costs
+#: ~1/3 of a 1024-entry selection once training has pushed the buffers out of the cache).
+PERCENTILE_SAMPLE = 256
 
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
@@ -340,9 +341,8 @@ def stats_into(
             bound = max_deriv if max_deriv is not None else max_derivative(kind)
             if kind in _SIGNED_DERIVATIVE:
                 d.abs_()
-            # 1 where |phi'| < threshold, else 0 (d is consumed)
-            below = d.sub_(SATURATION_THRESHOLD * bound).mul_(-1e30).clamp_(0.0, 1.0)
-            saturated = below.mean(dim=1)
+            # 1.0 where |phi'| < threshold, else 0.0, written over d: one pass, no bool tensor
+            saturated = torch.lt(d, SATURATION_THRESHOLD * bound, out=d).mean(dim=1)
         else:
             saturated = nan
     n = work.shape[1]
@@ -364,7 +364,7 @@ def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
         nan = torch.full((work.shape[0],), float("nan"), dtype=work.dtype, device=work.device)
         return nan, nan
     stride = -(-n // PERCENTILE_SAMPLE)  # ceil: at most PERCENTILE_SAMPLE entries per row
-    sample = work[:, ::stride]
+    sample = work[:, ::stride].contiguous()  # kthvalue is ~1.4x slower on a strided view
     m = sample.shape[1]
     return tuple(
         torch.kthvalue(sample, max(math.ceil(q * m), 1), dim=1).values for q in (0.02, 0.98)
@@ -373,10 +373,11 @@ def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
 
 def _derivative_into(kind, z, y, work, scratch, params) -> Tensor | None:
     """phi' as an [L, N] tensor, written into ``scratch`` for the common bounded kinds."""
-    if kind == "sigmoid":  # y - y^2
-        return torch.mul(work, work, out=scratch).neg_().add_(work)
-    if kind == "tanh":  # 1 - y^2
-        return torch.mul(work, work, out=scratch).neg_().add_(1.0)
+    if kind == "sigmoid":  # y - y^2, in one pass
+        return torch.addcmul(work, work, work, value=-1.0, out=scratch)
+    if kind == "tanh":  # 1 - y^2, in one pass
+        one = torch.ones((), dtype=work.dtype, device=work.device)
+        return torch.addcmul(one, work, work, value=-1.0, out=scratch)
     if kind == "softsign":  # (1 - |y|)^2
         return torch.abs(work, out=scratch).neg_().add_(1.0).square_()
     if kind == "prelu" and params.get("weight") is not None and y.dim() >= 3:
