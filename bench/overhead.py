@@ -59,6 +59,7 @@ VARIANTS: dict[str, str] = {
     "vanishing-params": "vanishing (gradients+updates)",
     "vanishing-all": "vanishing (all statistics)",
     "vanishing-all-every10": "vanishing (all statistics, every=10)",
+    "floor": "bare tensor ops of exact grad+update stats",
     "wandb": "wandb.watch (gradients, log_freq=1)",
     "tensorboard": "tensorboard (add_histogram grads)",
     "cockpit": "cockpit (economy)",
@@ -198,6 +199,51 @@ def setup_vanishing_all_every10(task: Task, tmp: Path, args) -> Runner:
     return _vanishing_runner("vanishing-all-every10", "all", task, tmp, every=10)
 
 
+def setup_floor(task: Task, tmp: Path, args) -> Runner:
+    """The bare tensor work of an exact gradient + update measurement, with no bookkeeping.
+
+    Per step: every gradient's norm (one multi-tensor norm), then, for the parameters grouped
+    by size into a persistent snapshot, the change the step made (subtract in place, row
+    norms) and the next snapshot (copy, row norms): three reads of the gradients/weights and
+    two of the snapshot, the least a measurement of the actual update can touch with PyTorch's
+    kernels. Nothing is recorded; it shows how far below ``vanishing-params`` the cost can go.
+    """
+    model, opt = task.fresh()
+    params = [p.detach() for p in model.parameters()]
+    groups: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.numel(), []).append(p.view(-1))
+    snaps = {n: torch.stack(ps) for n, ps in groups.items()}
+    rows = {n: list(s.unbind(0)) for n, s in snaps.items()}
+    sync = DEVICE.type == "cpu"  # reading values back is free on the CPU only
+
+    def grad_norms(*_args) -> None:
+        norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()]))
+        if sync:
+            norms.tolist()
+
+    def update_norms(*_args) -> None:
+        for n, ps in groups.items():
+            torch._foreach_sub_(rows[n], ps)
+            u = torch.linalg.vector_norm(snaps[n], dim=1)
+            torch.stack(ps, out=snaps[n])
+            w = torch.linalg.vector_norm(snaps[n], dim=1)
+            if sync:
+                u.tolist(), w.tolist()
+
+    handles = [
+        opt.register_step_pre_hook(grad_norms),
+        opt.register_step_post_hook(update_norms),
+    ]
+
+    def close() -> None:
+        for h in handles:
+            h.remove()
+
+    step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
+    return Runner("floor", step, close=close)
+
+
 def setup_wandb(task: Task, tmp: Path, args) -> Runner:
     # Offline, quiet, and every file wandb writes kept under the temp dir.
     wdir = tmp / "wandb"
@@ -314,6 +360,7 @@ SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
     "vanishing-params": setup_vanishing_params,
     "vanishing-all": setup_vanishing_all,
     "vanishing-all-every10": setup_vanishing_all_every10,
+    "floor": setup_floor,
     "wandb": setup_wandb,
     "tensorboard": setup_tensorboard,
     "cockpit": setup_cockpit,

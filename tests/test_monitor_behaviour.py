@@ -2,6 +2,7 @@
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -319,3 +320,55 @@ def test_latest_gives_last_recorded_step_per_layer_in_forward_order(tmp_path):
             assert got[name] == pytest.approx(expected[name], rel=1e-6)
         with pytest.raises(ValueError, match="unknown stat"):
             mon.latest("loss")
+
+
+class _Mixed(nn.Module):
+    """A block called twice per forward, an LSTM, a frozen layer and a layer the optimizer lacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.block = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)
+        self.extra = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.rnn(x)[0][:, -1]
+        h = self.act(self.block(self.act(self.block(h))))
+        return self.head(self.extra(self.frozen(h)))
+
+
+def _record(run_dir, host_writes):
+    torch.manual_seed(0)
+    model = _Mixed()
+    held = [p for n, p in model.named_parameters() if not n.startswith("extra")]
+    opt = torch.optim.Adam(held, lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    with vanishing.watch(model, optimizer=opt, run_dir=run_dir, flush_every=4) as mon:
+        mon._host_writes = host_writes
+        for _ in range(6):
+            opt.zero_grad()
+            for _ in range(2):  # two micro-batches: two losses per step
+                x = torch.randn(5, 7, 3, generator=g)
+                y = torch.randint(0, 2, (5,), generator=g)
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return vanishing.load_run(run_dir)
+
+
+def test_cpu_rows_written_through_numpy_equal_the_device_path(tmp_path):
+    # On the CPU the monitor writes each step's row through NumPy views; GPUs use torch ops.
+    # Both must record the same numbers (the device path is forced here on the CPU).
+    host, device = _record(tmp_path / "host", True), _record(tmp_path / "device", False)
+    for table in ("steps", "metrics", "temporal"):
+        a, b = getattr(host, table), getattr(device, table)
+        assert len(a) > 0 and list(a.columns) == list(b.columns)
+        cols = [c for c in a.columns if c != "time"]
+        pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-15, atol=0)
+    m = host.metrics
+    assert m[(m.layer == "block") & (m.param == "")].error_norm.notna().all()  # mean of 2 calls
+    assert m[(m.layer == "extra") & (m.param == "weight")].update_norm.isna().all()
+    assert m[(m.layer == "extra") & (m.param == "weight")].grad_norm.notna().all()
+    assert host.steps.loss.notna().all()

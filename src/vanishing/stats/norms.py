@@ -159,14 +159,24 @@ def l2_norm(t: Tensor) -> Tensor:
     """
     if t.device.type != "cpu":
         return torch.linalg.vector_norm(t, dtype=torch.float64)
-    fast = torch.linalg.vector_norm(t.float() if t.dtype not in _EXACT_DTYPES else t)
-    value = fast.item()  # host sync: CPU only, where it is free
-    if _trusted(value, t.numel()):
-        return fast.to(torch.float64)
-    return torch.tensor(_exact_norm(t), dtype=torch.float64)
+    return torch.tensor(cpu_norm(t), dtype=torch.float64)
 
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_norm(t: Tensor) -> float:
+    """:func:`l2_norm` of a CPU tensor as a Python float (no float64 tensor is made).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats.norms import cpu_norm
+        >>> cpu_norm(torch.tensor([3.0, 4.0])), f"{cpu_norm(torch.full((4,), 3e-23)):.3g}"
+        (5.0, '6e-23')
+    """
+    kwargs = {} if t.dtype in _EXACT_DTYPES else {"dtype": torch.float32}
+    value = torch.linalg.vector_norm(t, **kwargs).item()  # host sync: CPU only, where it is free
+    return value if _trusted(value, t.numel()) else _exact_norm(t)
 
 
 def nonfinite_counts(
