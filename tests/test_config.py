@@ -117,6 +117,7 @@ def test_defaults_match_the_documented_format():
         "batch_size": 64,
         "clip_norm": 0.0,
         "pretrain_steps": 0,
+        "pretrain_lr": 0.1,
         "eval_every": 50,
         "device": "cpu",
     }

@@ -246,6 +246,15 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(start), (args, r.stderr)
         assert r.stdout == ""
+    # an --out that would be overwritten: refused before anything runs, exactly one line
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    r = _cli("reproduce", "nielsen", "--out", tmp_path / "full", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == (
+        f"error: {tmp_path / 'full'} already exists and is not an empty directory; "
+        "pick a new --out\n"
+    )
     # a corrupt file in the data directory is named in the error
     write_mnist(tmp_path / "m", n_train=3)
     write_idx(tmp_path / "m" / MNIST_FILES[0], np.zeros((3, 28, 28), np.uint8), code=0x07)

@@ -254,6 +254,17 @@ def test_pretraining_changes_the_starting_point(tmp_path):
     head0 = w0[(w0.step == 0) & (w0.layer == "head") & (w0.param == "weight")]
     head1 = w1[(w1.step == 0) & (w1.layer == "head") & (w1.param == "weight")]
     assert head0["param_norm"].item() == head1["param_norm"].item()  # the head is left alone
+    # train.pretrain_lr drives the pretraining: at 1e-9 the first layer barely moves
+    slow = _cfg(
+        model={"activation": "sigmoid"},
+        train={"steps": 3, "pretrain_steps": 20, "pretrain_lr": 1e-9},
+    )
+    run_experiment(slow, tmp_path / "slow")
+    w2 = vanishing.load_run(tmp_path / "slow").metrics
+    first2 = (w2.step == 0) & (w2.layer == "hidden.0.linear") & (w2.param == "weight")
+    base_norm, slow_norm = w0[first]["param_norm"].item(), w2[first2]["param_norm"].item()
+    assert slow_norm == pytest.approx(base_norm, rel=1e-6)
+    assert abs(w1[first1]["param_norm"].item() - base_norm) > 1e-3 * base_norm
 
 
 def test_first_last_ratio_is_the_median_of_bias_gradient_ratios(tmp_path):

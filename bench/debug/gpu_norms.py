@@ -24,8 +24,16 @@ print("foreach float32       us", bench(lambda: torch._foreach_norm(ts, 2)))
 print("l2_norms (new)        us", bench(lambda: l2_norms(ts)))
 print("foreach L0            us", bench(lambda: torch._foreach_norm(ts, 0)))
 print("nonfinite_counts      us", bench(lambda: nonfinite_counts(ts)))
-tiny = [t * 1e-27 for t in ts[:3]] + [torch.zeros(5, device="cuda"), torch.tensor([3e-44, 4e-44], device="cuda")]
+tiny = [t * 1e-27 for t in ts[:3]] + [
+    torch.zeros(5, device="cuda"),
+    torch.tensor([3e-44, 4e-44], device="cuda"),
+]
 print("exact tiny:", l2_norms(tiny).tolist())
 print("reference :", [t.double().norm().item() for t in tiny])
 bad = [torch.tensor([1.0, float("nan"), float("inf")], device="cuda"), torch.ones(4, device="cuda")]
-print("counts", nonfinite_counts(bad).tolist(), "half", l2_norms([torch.ones(4, device="cuda", dtype=torch.half), ts[0]]).tolist())
+print(
+    "counts",
+    nonfinite_counts(bad).tolist(),
+    "half",
+    l2_norms([torch.ones(4, device="cuda", dtype=torch.half), ts[0]]).tolist(),
+)

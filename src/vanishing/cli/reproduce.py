@@ -67,6 +67,7 @@ def _nielsen(*, as_json: bool, seeds: int, steps: int, data_dir: Path | None, ou
         console = Console(highlight=False, width=140)
     started = time.perf_counter()
     try:
+        out = nielsen.check_out(out)  # before any progress bar: a refusal is one clean line
         data = nielsen.load_data(data_dir)
         if not as_json:
             where = f"MNIST from {data_dir}" if data_dir is not None else "scikit-learn's digits"

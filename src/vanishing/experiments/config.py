@@ -163,6 +163,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=0)
     clip_norm: float = Field(0.0, ge=0)
     pretrain_steps: int = Field(0, ge=0)
+    pretrain_lr: float = Field(0.1, gt=0)
     eval_every: int = Field(50, ge=1)
     device: Device = "cpu"
 

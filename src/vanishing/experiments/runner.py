@@ -146,6 +146,7 @@ def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Pro
             model,
             x,
             steps=train.pretrain_steps,
+            lr=train.pretrain_lr,
             batch_size=train.batch_size,
             seed=config.seed,
         )

@@ -54,6 +54,7 @@ __all__ = [
     "NetResult",
     "NielsenResult",
     "load_data",
+    "check_out",
     "build_net",
     "cost",
     "make_optimizer",
@@ -349,6 +350,24 @@ def _default_out() -> Path:
     return path
 
 
+def check_out(out: str | os.PathLike | None) -> Path:
+    """The directory :func:`reproduce` writes to: ``out``, or a new default one.
+
+    Raises ``ValueError`` if ``out`` exists and is not an empty directory (nothing is ever
+    overwritten).
+
+    Example:
+        >>> import tempfile
+        >>> from vanishing.experiments.reproductions.nielsen import check_out
+        >>> check_out(tempfile.mkdtemp()).is_dir()     # an empty directory will do
+        True
+    """
+    out = Path(out) if out is not None else _default_out()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory; pick a new --out")
+    return out
+
+
 def reproduce(
     *,
     seeds: int = SEEDS,
@@ -383,9 +402,7 @@ def reproduce(
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    out = Path(out) if out is not None else _default_out()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty directory; pick a new --out")
+    out = check_out(out)
     x, y, name = data if data is not None else load_data(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     nets = _train_all(x, y, seeds, steps, out, hidden_layers, progress)
