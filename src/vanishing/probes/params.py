@@ -7,10 +7,11 @@ The update a step makes is measured, not modelled: a snapshot of the weights bef
   costs one copy of the optimizer's parameters.
 * CPU: ``_foreach`` ops run one small kernel per tensor there, and a per-tensor norm is several
   times slower than a row-wise norm of a matrix. So parameters of equal size are stacked into
-  ``[k x n]`` matrices, and every norm is one row-wise kernel per size group. The weights stacked
-  after a step are kept as the next step's snapshot, reused as long as no parameter's version
-  counter moved in between (so nothing is copied twice), and their norms, measured while they
-  are in cache, are the next step's weight norms. Costs two copies of the parameters. A change
+  ``[k x n]`` snapshot matrices, and every norm is one row-wise kernel per size group. After a
+  step the snapshot is turned into the update in place (``before - after``), measured, and then
+  refilled with the new weights: the next step's snapshot, reused as long as no parameter's
+  version counter moved in between (so nothing is copied twice), whose norms, measured while it
+  is in cache, are the next step's weight norms. Costs one copy of the parameters. A change
   made through ``p.data`` (which has a version counter of its own) between two steps is not
   seen, and is counted in the next step's update: change weights under ``torch.no_grad()``.
 """
