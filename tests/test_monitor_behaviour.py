@@ -372,3 +372,35 @@ def test_cpu_rows_written_through_numpy_equal_the_device_path(tmp_path):
     assert m[(m.layer == "extra") & (m.param == "weight")].update_norm.isna().all()
     assert m[(m.layer == "extra") & (m.param == "weight")].grad_norm.notna().all()
     assert host.steps.loss.notna().all()
+
+
+@pytest.mark.parametrize("loop", ["retain_graph", "autograd.grad"])
+def test_error_signals_of_every_backward_of_a_step_are_recorded(run_dir, loop):
+    # A second backward through a retained graph, and torch.autograd.grad, run the error-signal
+    # hooks without the end-of-backward callback; their values still count (mean over calls).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    expected = []
+    with vanishing.watch(model, optimizer=opt, run_dir=run_dir):
+        for _ in range(3):
+            opt.zero_grad()
+            logits = model(x)
+            # dLoss/dlogits of the mean cross-entropy, by hand: (softmax - one-hot) / batch
+            p = logits.detach().double().softmax(dim=1)
+            g = (p - nn.functional.one_hot(y, 2).double()) / len(y)
+            loss = nn.functional.cross_entropy(logits, y)
+            if loop == "retain_graph":
+                loss.backward(retain_graph=True)
+                (3 * loss).backward()
+                expected.append((g.norm().item() + 3 * g.norm().item()) / 2)
+            else:
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                for param, grad in zip(model.parameters(), grads):
+                    param.grad = grad
+                expected.append(g.norm().item())
+            opt.step()
+    m = vanishing.load_run(run_dir).metrics
+    got = m[(m.layer == "2") & (m.param == "")].sort_values("step").error_norm.tolist()
+    assert got == pytest.approx(expected, rel=1e-6)

@@ -59,3 +59,20 @@ def test_non_contiguous_parameters_fall_back_to_foreach():
     tracker = UpdateTracker([p])
     assert not tracker.grouped
     assert tracker.before_step().tolist() == pytest.approx([p.detach().double().norm().item()])
+
+
+def test_tiny_updates_of_zero_initialised_weights_are_not_read_as_zero():
+    # A zero bias nudged by 1e-25 (a vanishing gradient's update): the change squares to
+    # ~1e-50, below float32's range, so a float32 norm says 0; the tracker redoes it in float64.
+    bias = torch.nn.Parameter(torch.zeros(20))
+    weight = torch.nn.Parameter(torch.randn(20))
+    tracker = UpdateTracker([bias, weight])
+    for _ in range(3):
+        before = bias.detach().clone()
+        tracker.before_step()
+        with torch.no_grad():
+            bias.sub_(torch.full((20,), 1e-25))
+        unorm = tracker.after_step()
+        expected = (bias.detach().double() - before.double()).norm().item()
+        assert expected > 0 and unorm[0].item() == pytest.approx(expected, rel=1e-6)
+        assert unorm[1].item() == 0.0  # an untouched weight still reads exactly 0

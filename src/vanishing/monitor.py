@@ -681,6 +681,12 @@ class Monitor:
         return cached[0]
 
     def _finalize_step(self) -> None:
+        # what hooks measured after the last backward-end callback (a second backward through
+        # a retained graph, torch.autograd.grad, which has no such callback)
+        if self._pending_err_values:
+            self._collect_error_signals()
+        if self._pending_act_tensors:
+            self._measure_activations()
         if self._buffer is None:
             if self._device.type == "cpu" and self._host_writes:
                 import numpy as np

@@ -23,14 +23,28 @@ from torch import Tensor
 
 from vanishing.stats.norms import _exact_norm, _trusted, l2_norms
 
+#: A weight whose entries are all below this in size can change by steps so small that their
+#: float32 squares vanish (|change| >= ulp(weight) ~ 1.2e-7 |weight|; a square underflows below
+#: ~3.7e-23, or below ~1.1e-19 when denormals are flushed): only then can an update norm read 0
+#: while the weights moved.
+_TINY_WEIGHT_RMS = 1e-12
 
-def _row_norms(matrix: Tensor, *, exact_tiny: bool = True) -> list[float]:
-    """L2 norm of each row, as Python floats; float32 ones that are not trusted redone in float64."""
+
+def _row_norms(
+    matrix: Tensor, *, exact_tiny: bool = True, weight_norms: list[float] | None = None
+) -> list[float]:
+    """L2 norm of each row, as Python floats; float32 ones that are not trusted redone in float64.
+
+    ``weight_norms`` (for update rows, with ``exact_tiny=False``): the norms of the weights
+    the updates were made to; a zero update of a row of tiny weights is also redone in float64.
+    """
     kwargs = {} if matrix.dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
     values = torch.linalg.vector_norm(matrix, dim=1, **kwargs).tolist()  # host sync: CPU only
     n = matrix.shape[1]
+    tiny = n * _TINY_WEIGHT_RMS**2
     for i, v in enumerate(values):
-        if not _trusted(v, n, exact_tiny):
+        recheck = v == 0.0 and weight_norms is not None and weight_norms[i] ** 2 < tiny
+        if recheck or not _trusted(v, n, exact_tiny):
             values[i] = _exact_norm(matrix[i])
     return values
 
@@ -107,9 +121,12 @@ class UpdateTracker:
             return l2_norms(self._snapshot, exact_tiny=False)
         weight_norms: list[float] = []
         update_norms: list[float] = []
+        start = 0
         for _, flat, snapshot, rows in self._groups:
+            before = self._weight_norms[start : start + len(rows)]
+            start += len(rows)
             torch._foreach_sub_(rows, flat)  # the snapshot becomes before - after, in place
-            update_norms += _row_norms(snapshot, exact_tiny=False)
+            update_norms += _row_norms(snapshot, exact_tiny=False, weight_norms=before)
             torch.stack(flat, out=snapshot)  # the weights after this step: next snapshot
             weight_norms += _row_norms(snapshot)
         self._weight_norms = weight_norms

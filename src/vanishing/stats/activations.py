@@ -30,6 +30,7 @@ leaky_relu, prelu, elu and selu, NaN for the others.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,9 +61,11 @@ STAT_NAMES = (
     "act_p02",
     "act_p98",
 )
-#: Percentiles are read from at most this many evenly strided entries of each call's output
-#: (a sample of 256 puts a 2nd percentile within ~1 percentile point; selecting from it costs
-#: ~1/3 of a 1024-entry selection once training has pushed the buffers out of the cache).
+#: Percentiles of a larger output are read from this many of its entries, drawn at random once
+#: per output size (seeded by it: the same entries every step) so that no layout aligns with
+#: them (an even stride through a conv map can land on one pixel of every channel). 256 puts
+#: a 2nd percentile within ~1 percentile point; selecting from it costs ~1/3 of a 1024-entry
+#: selection once training has pushed the buffers out of the cache.
 PERCENTILE_SAMPLE = 256
 
 _SELU_ALPHA = 1.6732632423543772
@@ -251,7 +254,7 @@ def activation_stats(
     fraction the share of units (indices along ``unit_dim``; the first axis is the batch) whose
     input is ``<= 0`` for every example, and p2, p98 the 2nd and 98th percentiles of the output
     (nearest rank, i.e. the smallest value with at least that share of entries at or below it;
-    from at most :data:`PERCENTILE_SAMPLE` evenly strided entries). Entries that do not apply to ``kind``, or that cannot be computed
+    from a fixed sample of :data:`PERCENTILE_SAMPLE` entries when there are more). Entries that do not apply to ``kind``, or that cannot be computed
     from the tensors given, are NaN. Everything stays on the tensors' device.
 
     Example:
@@ -343,6 +346,8 @@ def stats_into(
                 d.abs_()
             # 1.0 where |phi'| < threshold, else 0.0, written over d: one pass, no bool tensor
             saturated = torch.lt(d, SATURATION_THRESHOLD * bound, out=d).mean(dim=1)
+            # lt says False for NaN: a call with NaN entries gets a NaN share, like its mean
+            saturated = torch.where(deriv_mean.isnan(), deriv_mean, saturated)
         else:
             saturated = nan
     n = work.shape[1]
@@ -354,7 +359,7 @@ def stats_into(
 
 
 def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest-rank 2nd and 98th percentiles of each row, from a strided sample of the row.
+    """Nearest-rank 2nd and 98th percentiles of each row, from a fixed sample of the row.
 
     Two selections (``kthvalue``) on at most PERCENTILE_SAMPLE entries: a full sort of the
     sample costs several times more.
@@ -363,12 +368,20 @@ def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
     if n == 0:
         nan = torch.full((work.shape[0],), float("nan"), dtype=work.dtype, device=work.device)
         return nan, nan
-    stride = -(-n // PERCENTILE_SAMPLE)  # ceil: at most PERCENTILE_SAMPLE entries per row
-    sample = work[:, ::stride].contiguous()  # kthvalue is ~1.4x slower on a strided view
+    sample = work if n <= PERCENTILE_SAMPLE else work.index_select(1, _sample(n, work.device))
     m = sample.shape[1]
     return tuple(
         torch.kthvalue(sample, max(math.ceil(q * m), 1), dim=1).values for q in (0.02, 0.98)
     )
+
+
+@functools.lru_cache(maxsize=128)
+def _sample(n: int, device: torch.device) -> Tensor:
+    """PERCENTILE_SAMPLE positions in ``range(n)``, drawn with a generator seeded by ``n`` (the
+    global random state is never touched), sorted for memory order."""
+    gen = torch.Generator().manual_seed(n)
+    positions = torch.randint(0, n, (PERCENTILE_SAMPLE,), generator=gen).sort().values
+    return positions.to(device)  # host sync: one copy per output size and device, then cached
 
 
 def _derivative_into(kind, z, y, work, scratch, params) -> Tensor | None:

@@ -72,6 +72,9 @@ def l2_norms(
 #: an error of at most 0.7e-45 per entry, so the relative error of the sum is then <= 1.75e-6
 #: (of the norm <= 0.9e-6). An RMS entry of 2e-20: far inside the vanishing-gradient regime.
 _TRUSTED_MEAN_SQUARE = 4e-40
+#: The same when denormals are flushed to zero (``torch.set_flush_denormal(True)``): then every
+#: square below 1.2e-38 is lost, an error of up to 1.2e-38 per entry.
+_TRUSTED_MEAN_SQUARE_FLUSHED = 7e-33
 _INF = float("inf")
 
 
@@ -81,7 +84,28 @@ def _trusted(norm: float, numel: int, exact_tiny: bool = True) -> bool:
         return False
     if norm == 0.0:  # all zeros, or every square flushed to 0
         return not exact_tiny
-    return norm * norm >= numel * _TRUSTED_MEAN_SQUARE
+    mean_square = norm * norm / max(numel, 1)
+    if mean_square >= _TRUSTED_MEAN_SQUARE_FLUSHED:
+        return True
+    if mean_square < _TRUSTED_MEAN_SQUARE:
+        return False
+    return not _flushes_denormals()  # only asked in between, where it makes the difference
+
+
+_probe: tuple | None = None
+
+
+def _flushes_denormals() -> bool:
+    """Whether float arithmetic here flushes denormals to zero (``torch.set_flush_denormal``).
+
+    Asked with two NumPy float32 scalars (0.1 us): the same processor flags rule them.
+    """
+    global _probe
+    if _probe is None:
+        import numpy as np
+
+        _probe = (np.float32(1e-39), np.float32(1.0))  # a denormal float32, and one
+    return bool(_probe[0] * _probe[1] == 0)
 
 
 def _exact_norm(t: Tensor) -> float:
