@@ -730,7 +730,7 @@ class Monitor:
             present, gnorm, gbad = self._grad_stats
             if present:
                 idx = self._host_param_index(present)
-                pview[idx, 0] = gnorm.numpy()
+                pview[idx, 0] = gnorm.numpy()  # host sync: none, CPU tensors (CPU buffer only)
                 pview[idx, 3] = gbad.numpy()
         if self._weights is not None:
             wnorm, wbad = self._weights
@@ -764,9 +764,8 @@ class Monitor:
                 tview[slot, MAX_TIME_POINTS] = T
 
     def _host_param_index(self, rows: list[_ParamRow]):
-        if len(rows) == len(self._params):
-            return slice(None)
-        return [r.index for r in rows]
+        idx = self._param_index(rows)  # cached; a CPU tensor here, viewed as NumPy
+        return idx if isinstance(idx, slice) else idx.numpy()
 
     def _write_row_on_device(self, row: Tensor) -> None:
         """Write the pending statistics of this step into ``row`` with device ops only."""

@@ -29,9 +29,8 @@ PARAM_STATS = (
 )
 #: Derived per-parameter ratios, computed when a block is written.
 PARAM_RATIOS = ("grad_ratio", "update_ratio")
-#: Per-module statistics (rows with param == "").
-MODULE_STATS = (
-    "error_norm",
+#: Statistics of an activation module's output, in the order the monitor computes them.
+ACTIVATION_STATS = (
     "act_mean",
     "act_std",
     "act_deriv_mean",
@@ -40,6 +39,8 @@ MODULE_STATS = (
     "act_p02",
     "act_p98",
 )
+#: Per-module statistics (rows with param == "").
+MODULE_STATS = ("error_norm", *ACTIVATION_STATS)
 #: Per-step statistics.
 STEP_STATS = ("loss", "loss_nonfinite", "n_backward")
 

@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vanishing.recorder.reader import committed_parts, hidden_layers, read_part
-from vanishing.recorder.schema import MANIFEST, METRIC_COLUMNS, STEP_COLUMNS, TEMPORAL_COLUMNS
+from vanishing.recorder.schema import (
+    ACTIVATION_STATS,
+    MANIFEST,
+    METRIC_COLUMNS,
+    STEP_COLUMNS,
+    TEMPORAL_COLUMNS,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,15 +53,7 @@ __all__ = [
 #: Statistics aggregated in log10 space (magnitudes that span decades).
 LOG_STATS = ("grad_norm", "param_norm", "update_norm", "grad_ratio", "update_ratio", "error_norm")
 #: Statistics aggregated linearly.
-LINEAR_STATS = (
-    "act_mean",
-    "act_std",
-    "act_deriv_mean",
-    "act_saturated",
-    "act_dead",
-    "act_p02",
-    "act_p98",
-)
+LINEAR_STATS = ACTIVATION_STATS
 
 _CHUNK_ROWS = 200_000  # rows read before one group-by: bounds memory, amortises overhead
 _PARTIAL_ROWS = 300_000  # partial aggregates kept before they are combined

@@ -36,6 +36,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from vanishing.recorder.schema import ACTIVATION_STATS
+
 __all__ = [
     "ACTIVATION_KINDS",
     "SATURATION_THRESHOLD",
@@ -51,16 +53,8 @@ __all__ = [
 #: A unit is saturated when ``|phi'(z)|`` is below this fraction of the activation's maximum.
 SATURATION_THRESHOLD = 0.05
 
-#: The statistics :func:`activation_stats` returns, in order.
-STAT_NAMES = (
-    "act_mean",
-    "act_std",
-    "act_deriv_mean",
-    "act_saturated",
-    "act_dead",
-    "act_p02",
-    "act_p98",
-)
+#: The statistics :func:`activation_stats` returns, in order (the run format's columns).
+STAT_NAMES = ACTIVATION_STATS
 #: Percentiles of a larger output are read from this many of its entries, drawn at random once
 #: per output size (seeded by it: the same entries every step) so that no layout aligns with
 #: them (an even stride through a conv map can land on one pixel of every channel). 256 puts
