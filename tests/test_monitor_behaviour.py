@@ -347,7 +347,7 @@ def _record(run_dir, host_writes):
     opt = torch.optim.Adam(held, lr=0.01)
     g = torch.Generator().manual_seed(3)
     with vanishing.watch(model, optimizer=opt, run_dir=run_dir, flush_every=4) as mon:
-        mon._host_writes = host_writes
+        mon._buffer.host_writes = host_writes  # before the buffer exists (first step)
         for _ in range(6):
             opt.zero_grad()
             for _ in range(2):  # two micro-batches: two losses per step
@@ -355,6 +355,7 @@ def _record(run_dir, host_writes):
                 y = torch.randint(0, 2, (5,), generator=g)
                 nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+        assert (mon._buffer._host is not None) == host_writes  # the path asked for ran
     return vanishing.load_run(run_dir)
 
 

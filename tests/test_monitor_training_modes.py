@@ -2,6 +2,7 @@
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,7 +179,10 @@ def test_monitor_errors_never_break_training(run_dir, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("internal bug")
 
-    monkeypatch.setattr(mon, "_measure_gradients", broken)
+    from vanishing.probes.params import ParamProbe
+
+    probe = next(p for p in mon._probes if isinstance(p, ParamProbe))
+    monkeypatch.setattr(probe, "grads_ready", broken)
     with pytest.warns(RuntimeWarning, match="monitoring stopped"):
         train(model, opt, steps=2)
     mon.close()
@@ -189,7 +193,7 @@ def test_default_run_dir_is_under_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with vanishing.watch(mlp()) as mon:
         pass
-    assert mon.run_dir.parent == vanishing.monitor.Path("runs")
+    assert mon.run_dir.parent == Path("runs")
     assert os.path.isfile(mon.run_dir / "manifest.json")
 
 

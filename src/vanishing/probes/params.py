@@ -18,10 +18,20 @@ The update a step makes is measured, not modelled: a snapshot of the weights bef
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from vanishing.stats.norms import _exact_norm, _trusted, l2_norms
+from vanishing.probes.base import Probe, ProbeContext
+from vanishing.recorder.columns import BUILTIN
+from vanishing.stats.norms import _exact_norm, _trusted, l2_norms, nonfinite_counts
+
+from vanishing.monitor.layout import local
+
+if TYPE_CHECKING:
+    from vanishing.monitor.buffer import Row
+    from vanishing.monitor.layout import ParamRow
 
 #: A weight whose entries are all below this in size can change by steps so small that their
 #: float32 squares vanish (|change| >= ulp(weight) ~ 1.2e-7 |weight|; a square underflows below
@@ -132,3 +142,93 @@ class UpdateTracker:
         self._weight_norms = weight_norms
         self._versions = [p._version for p in self.params]
         return self._in_order(update_norms)
+
+
+class ParamProbe(Probe):
+    """Per parameter: gradient norm and non-finite count, weight norm and non-finite count, and
+    the norm of the update the optimizer step made (with an optimizer).
+
+    Gradients are read at ``grads_ready`` (after the closure's first evaluation, after
+    GradScaler's unscaling); without an optimizer, at the end of each backward pass (unscaled
+    here). The weight norms are those before the step.
+    """
+
+    columns = tuple(c for c in BUILTIN if c.level == "param")
+
+    def attach(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self.rows = ctx.layout.params
+        self._tracker: tuple[list[ParamRow], UpdateTracker, list[ParamRow]] | None = None
+        self._where: tuple[Tensor, Tensor] | None = None  # positions of held / other rows
+        self._held = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self._grads: tuple[tuple[int, ...], Tensor, Tensor] | None = None
+        self._weights: tuple[Tensor, Tensor] | None = None
+        self._update: tuple[tuple[int, ...], Tensor] | None = None
+
+    def _trainable(self) -> tuple[list[ParamRow], UpdateTracker, list[ParamRow]]:
+        """The parameters the optimizer holds (with their update tracker), and the others."""
+        groups = self.ctx.optimizer.param_groups
+        n = sum(len(g["params"]) for g in groups)
+        if self._tracker is None or n != self._held:
+            held = {id(p) for g in groups for p in g["params"]}
+            rows = [r for r in self.rows if id(r.param) in held]
+            others = [r for r in self.rows if id(r.param) not in held]
+            self._tracker = (rows, UpdateTracker([local(r.param) for r in rows]), others)
+            self._held = n
+            device = self.ctx.device
+            self._where = tuple(
+                torch.tensor([r.index for r in part], dtype=torch.long, device=device)
+                for part in (rows, others)
+            )
+        return self._tracker
+
+    def grads_ready(self) -> None:
+        present = [r for r in self.rows if r.param.grad is not None]
+        grads = [local(r.param.grad.detach()) for r in present]
+        gnorm = l2_norms(grads)
+        if self.ctx.optimizer is None:
+            gnorm = self.ctx.unscale(gnorm)  # no GradScaler.unscale_ ran before this
+        self._grads = (tuple(r.index for r in present), gnorm, nonfinite_counts(grads, gnorm))
+        if self.ctx.optimizer is None:
+            weights = [local(r.param.detach()) for r in self.rows]
+            wnorm = l2_norms(weights)
+            self._weights = (wnorm, nonfinite_counts(weights, wnorm))
+
+    def step_begin(self) -> None:
+        rows, tracker, others = self._trainable()
+        held = tracker.before_step()
+        if not others:
+            wnorm = held
+        else:
+            held_at, others_at = self._where
+            wnorm = torch.empty(len(self.rows), dtype=torch.float64, device=held.device)
+            wnorm[held_at] = held
+            wnorm[others_at] = l2_norms([local(r.param.detach()) for r in others])
+        weights = [local(r.param.detach()) for r in self.rows]
+        self._weights = (wnorm, nonfinite_counts(weights, wnorm))
+
+    def step_end(self) -> None:
+        rows, tracker, _ = self._trainable()
+        if self._weights is not None:  # the snapshot was taken by this step's step_begin
+            self._update = (tuple(r.index for r in rows), tracker.after_step())
+
+    def measure(self, row: Row) -> None:
+        if self._grads is not None:
+            present, gnorm, gbad = self._grads
+            if present:
+                row.set_params("grad_norm", gnorm, present)
+                row.set_params("grad_nonfinite", gbad, present)
+        if self._weights is not None:
+            wnorm, wbad = self._weights
+            row.set_params("param_norm", wnorm)
+            row.set_params("param_nonfinite", wbad)
+        if self._update is not None:
+            rows, unorm = self._update
+            row.set_params("update_norm", unorm, rows)
+
+    def close(self) -> None:
+        self._tracker = None  # the snapshot: one copy of the parameters
+

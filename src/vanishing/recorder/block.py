@@ -1,20 +1,48 @@
-"""Turn one flushed device block (a float64 matrix) into the run directory's Arrow tables."""
+"""One flush of the monitor (a :class:`Block`) and its conversion to the run's Arrow tables."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from vanishing.recorder.schema import (
-    METRIC_COLUMNS,
-    MODULE_STATS,
-    PARAM_STATS,
-    STEP_COLUMNS,
-    STEP_STATS,
-    TEMPORAL_COLUMNS,
-)
-from vanishing.stats.norms import MAX_TIME_POINTS, time_points
+from vanishing.recorder.columns import BUILTIN, DERIVED_RATIOS, Column, by_level
+from vanishing.recorder.schema import STEP_STATS
+from vanishing.stats.norms import time_points
+
+_BUILTIN_NAMES = {c.name for c in BUILTIN}
+
+
+@dataclass
+class Block:
+    """The steps recorded since the last flush, on the host: what every sink receives.
+
+    ``values[level][column]`` is an array ``[n]`` (step level), ``[n, P]`` (param level, one
+    entry per parameter row named by ``params``) or ``[n, M]`` (module level, rows named by
+    ``modules``); NaN where a statistic was not measured. ``time_profile[i, r]`` holds the
+    gradient norms at the kept time steps of recurrent layer ``recurrent[r]``, ``time_length``
+    its sequence length (NaN: not measured). ``manifest`` is the run's manifest as of this
+    flush. A block may hold no steps (``n == 0``): the final one of a run, which carries the
+    final manifest.
+    """
+
+    steps: np.ndarray
+    times: np.ndarray
+    skipped: np.ndarray
+    columns: tuple[Column, ...]
+    values: dict[str, dict[str, np.ndarray]]
+    time_profile: np.ndarray
+    time_length: np.ndarray
+    params: Sequence[tuple[str, str, int]] = ()  # (layer, param, depth) per parameter row
+    modules: Sequence[tuple[str, int]] = ()  # (layer, depth) per module row
+    recurrent: Sequence[str] = ()
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.steps)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -24,74 +52,74 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def block_to_tables(
-    block: np.ndarray,
-    host_rows: Sequence[tuple[int, float, int]],
-    *,
-    params: Sequence[tuple[str, str, int]],
-    modules: Sequence[tuple[str, int]],
-    recurrent: Sequence[str],
-    columns: tuple[int, int, int],
-) -> dict:
-    """Arrow tables ``steps``, ``metrics`` and ``temporal`` for ``n`` recorded steps.
+def block_to_tables(block: Block) -> dict:
+    """Arrow tables ``steps``, ``metrics`` and ``temporal`` of a block (docs/run-format.md).
 
-    ``block[i]`` is step ``host_rows[i][0]``'s row of the device buffer, laid out as
-    ``[step stats | P x param stats | M x module stats | R x (profile, length)]`` with the
-    offsets in ``columns``; ``params`` names each parameter row ``(layer, param, depth)``,
-    ``modules`` each module row ``(layer, depth)``, ``recurrent`` each recurrent layer.
+    Columns follow the block's declared columns: the built-in ones in their documented order,
+    then any a custom probe declared (param level, then module level, in declaration order).
     """
     import pyarrow as pa
 
-    n = block.shape[0]
-    P, M, R = len(params), len(modules), len(recurrent)
-    col_param, col_module, col_time = columns
-    steps = np.array([r[0] for r in host_rows], dtype=np.int64)
+    n = block.n
+    levels = by_level(block.columns)
+    pcols, mcols = levels["param"], levels["module"]
+    P, M, R = len(block.params), len(block.modules), len(block.recurrent)
+    steps = block.steps
+    pvals, mvals = block.values["param"], block.values["module"]
 
-    pstats = block[:, col_param:col_module].reshape(n, P, len(PARAM_STATS))
-    mstats = block[:, col_module:col_time].reshape(n, M, len(MODULE_STATS))
-
-    step_cols = {
-        "step": steps,
-        "time": np.array([r[1] for r in host_rows], dtype=np.float64),
-    }
-    for j, name in enumerate(STEP_STATS):
-        step_cols[name] = block[:, j]
-    step_cols["n_backward"] = block[:, STEP_STATS.index("n_backward")].astype(np.int64)
-    step_cols["grad_nonfinite"] = np.nansum(pstats[:, :, 3], axis=1) if P else np.zeros(n)
-    step_cols["param_nonfinite"] = np.nansum(pstats[:, :, 4], axis=1) if P else np.zeros(n)
-    step_cols["skipped"] = np.array([r[2] for r in host_rows], dtype=np.int64)
-    steps_table = pa.table({c: step_cols[c] for c in STEP_COLUMNS})
+    step_cols: dict[str, np.ndarray] = {"step": steps, "time": block.times}
+    for c in levels["step"]:
+        v = block.values["step"][c.name]
+        step_cols[c.name] = v.astype(np.int64) if c.integer else v
+    for name in ("grad_nonfinite", "param_nonfinite"):
+        step_cols[name] = np.nansum(pvals[name], axis=1) if P else np.zeros(n)
+    step_cols["skipped"] = block.skipped
+    order = ["step", "time", *STEP_STATS, "grad_nonfinite", "param_nonfinite", "skipped"]
+    order += [c.name for c in levels["step"] if c.name not in STEP_STATS]
+    steps_table = pa.table({c: step_cols[c] for c in order})
 
     # metrics: P parameter rows, then the module rows that hold any value, per step
-    nan_p = np.full((n, P), np.nan)
-    p_rows = {
-        "step": np.repeat(steps, P),
-        "layer": np.tile(np.array([p[0] for p in params], dtype=object), n),
-        "param": np.tile(np.array([p[1] for p in params], dtype=object), n),
-        "depth": np.tile(np.array([p[2] for p in params], dtype=np.int32), n),
-    }
-    for j, name in enumerate(PARAM_STATS):
-        p_rows[name] = pstats[:, :, j].reshape(-1)
-    p_rows["grad_ratio"] = _ratio(pstats[:, :, 0], pstats[:, :, 1]).reshape(-1)
-    p_rows["update_ratio"] = _ratio(pstats[:, :, 2], pstats[:, :, 1]).reshape(-1)
-    for name in MODULE_STATS:
-        p_rows[name] = nan_p.reshape(-1)
+    ratios = [r for r in DERIVED_RATIOS if r[1] in pvals and r[2] in pvals]
+    keys = ["step", "layer", "param", "depth"]
+    builtin_p = [c.name for c in pcols if c.name in _BUILTIN_NAMES]
+    builtin_m = [c.name for c in mcols if c.name in _BUILTIN_NAMES]
+    extra = [c.name for c in pcols + mcols if c.name not in _BUILTIN_NAMES]
+    names = builtin_p + [r[0] for r in ratios] + builtin_m + extra
 
-    keep = ~np.all(np.isnan(mstats), axis=2).reshape(-1)  # (n*M,)
-    m_rows = {
-        "step": np.repeat(steps, M)[keep],
-        "layer": np.tile(np.array([m[0] for m in modules], dtype=object), n)[keep],
-        "param": np.full(int(keep.sum()), "", dtype=object),
-        "depth": np.tile(np.array([m[1] for m in modules], dtype=np.int32), n)[keep],
+    p_rows: dict[str, np.ndarray] = {
+        "step": np.repeat(steps, P),
+        "layer": np.tile(np.array([p[0] for p in block.params], dtype=object), n),
+        "param": np.tile(np.array([p[1] for p in block.params], dtype=object), n),
+        "depth": np.tile(np.array([p[2] for p in block.params], dtype=np.int32), n),
     }
+    for c in pcols:
+        p_rows[c.name] = pvals[c.name].reshape(-1)
+    for name, num, den in ratios:
+        p_rows[name] = _ratio(pvals[num], pvals[den]).reshape(-1)
+
+    if mcols:
+        measured = np.stack([mvals[c.name] for c in mcols], axis=2)  # [n, M, Km]
+        keep = ~np.all(np.isnan(measured), axis=2).reshape(-1)  # (n*M,)
+    else:
+        keep = np.zeros(n * M, dtype=bool)
     k = int(keep.sum())
-    for name in PARAM_STATS + ("grad_ratio", "update_ratio"):
-        m_rows[name] = np.full(k, np.nan)
-    for j, name in enumerate(MODULE_STATS):
-        m_rows[name] = mstats[:, :, j].reshape(-1)[keep]
+    m_rows: dict[str, np.ndarray] = {
+        "step": np.repeat(steps, M)[keep],
+        "layer": np.tile(np.array([m[0] for m in block.modules], dtype=object), n)[keep],
+        "param": np.full(k, "", dtype=object),
+        "depth": np.tile(np.array([m[1] for m in block.modules], dtype=np.int32), n)[keep],
+    }
+    for c in mcols:
+        m_rows[c.name] = mvals[c.name].reshape(-1)[keep]
 
     def column(name):
-        values = np.concatenate([p_rows[name], m_rows[name]])
+        first = p_rows.get(name)
+        second = m_rows.get(name)
+        if first is None:
+            first = np.full(n * P, np.nan)
+        if second is None:
+            second = np.full(k, np.nan)
+        values = np.concatenate([first, second])
         if name in ("layer", "param"):
             return pa.array(values, type=pa.string())
         if name == "step":
@@ -100,25 +128,23 @@ def block_to_tables(
             return pa.array(values, type=pa.int32())
         return pa.array(values, type=pa.float64(), from_pandas=False)
 
-    metrics_table = pa.table({c: column(c) for c in METRIC_COLUMNS})
+    metrics_table = pa.table({c: column(c) for c in keys + names})
     metrics_table = metrics_table.sort_by([("step", "ascending"), ("depth", "ascending")])
 
     # temporal: per recurrent layer, the kept time steps of each recorded step
-    t_cols: dict[str, list] = {c: [] for c in TEMPORAL_COLUMNS}
-    if R:
-        tblock = block[:, col_time:].reshape(n, R, MAX_TIME_POINTS + 1)
-        for i in range(n):
-            for r in range(R):
-                length = tblock[i, r, MAX_TIME_POINTS]
-                if np.isnan(length):
-                    continue
-                T = int(length)
-                pts = time_points(T)
-                t_cols["step"].extend([steps[i]] * len(pts))
-                t_cols["layer"].extend([recurrent[r]] * len(pts))
-                t_cols["t"].extend(pts)
-                t_cols["length"].extend([T] * len(pts))
-                t_cols["grad_norm"].extend(tblock[i, r, : len(pts)].tolist())
+    t_cols: dict[str, list] = {c: [] for c in ("step", "layer", "t", "length", "grad_norm")}
+    for i in range(n):
+        for r in range(R):
+            length = block.time_length[i, r]
+            if np.isnan(length):
+                continue
+            T = int(length)
+            pts = time_points(T)
+            t_cols["step"].extend([steps[i]] * len(pts))
+            t_cols["layer"].extend([block.recurrent[r]] * len(pts))
+            t_cols["t"].extend(pts)
+            t_cols["length"].extend([T] * len(pts))
+            t_cols["grad_norm"].extend(block.time_profile[i, r, : len(pts)].tolist())
     temporal_table = pa.table(
         {
             "step": pa.array(t_cols["step"], type=pa.int64()),
@@ -129,3 +155,5 @@ def block_to_tables(
         }
     )
     return {"steps": steps_table, "metrics": metrics_table, "temporal": temporal_table}
+
+

@@ -1,0 +1,233 @@
+"""What is watched: the modules and parameters of a model, in forward execution order.
+
+The layout is found once, when the monitor attaches (rows: every module that owns parameters
+and every activation module; every parameter once, tied ones with all their owners), and its
+forward order during the first step (the order in which modules actually run). It names each
+parameter row by the module that runs first among its owners and writes the manifest's
+``layers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from vanishing.stats.activations import activation_kind
+
+RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose names users know: inside DDP/FSDP wrappers and ``torch.compile``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> unwrap(torch.compile(net, backend="eager")) is net
+        True
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if type(model).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+            "FullyShardedDataParallel",
+        ) and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+            continue
+        break
+    return model
+
+
+def local(t: Tensor) -> Tensor:
+    """This process's shard of a DTensor (FSDP2's sharded parameters and gradients), else ``t``.
+
+    Norms of shards are combined across the shard group at flush time (``Column.reduce``).
+    """
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def _shard_groups(param: Tensor) -> tuple:
+    """The process groups over which a DTensor parameter is sharded (empty when it is not)."""
+    if type(param).__name__ != "DTensor":
+        return ()
+    mesh = param.device_mesh
+    return tuple(
+        mesh.get_group(dim) for dim, placement in enumerate(param.placements) if placement.is_shard()
+    )
+
+
+@dataclass
+class ModuleRow:
+    index: int
+    name: str
+    module: nn.Module
+    kind: str | None  # activation kind
+    recurrent: bool
+    owns_params: bool
+    # filled by the activation probe at the module's first recorded call
+    examples_per_unit: int | None = None  # entries per unit in one call (batch x positions)
+
+
+@dataclass
+class ParamRow:
+    index: int
+    param: nn.Parameter
+    owners: list[tuple[str, str]] = field(default_factory=list)  # (module name, local name)
+
+
+class Layout:
+    """The rows of the monitor's buffer and their names, depths and forward order."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.modules: list[ModuleRow] = []
+        self.params: list[ParamRow] = []
+        by_id: dict[int, ParamRow] = {}
+        for name, module in root.named_modules(remove_duplicate=True):
+            own = list(module.named_parameters(recurse=False))
+            kind = activation_kind(module)
+            recurrent = isinstance(module, RECURRENT)
+            if own or kind is not None:
+                self.modules.append(
+                    ModuleRow(len(self.modules), name, module, kind, recurrent, bool(own))
+                )
+            for local_name, p in own:
+                row = by_id.get(id(p))
+                if row is None:
+                    row = by_id[id(p)] = ParamRow(len(self.params), p)
+                    self.params.append(row)
+                row.owners.append((name, local_name))
+        self.module_by_name = {r.name: r for r in self.modules}
+        self.recurrent = [r for r in self.modules if r.recurrent]
+        self.recurrent_slot = {r.index: i for i, r in enumerate(self.recurrent)}
+        # FSDP2: parameters sharded over process groups; their statistics are combined at flush
+        self.sharded: dict[Any, list[int]] = {}
+        for r in self.params:
+            for group in _shard_groups(r.param):
+                self.sharded.setdefault(group, []).append(r.index)
+        # forward order, found during the first step
+        self.order: list[str] = []
+        self._seen: set[str] = set()
+        self.ran: set[str] = set()
+        self.order_final = False
+        self.last_layer: str | None = None  # the last parameter-owning module to start
+        self.following_activation: dict[str, str] = {}
+
+    # -------------------------------------------------------------- forward order
+    def module_started(self, name: str) -> None:
+        """A module's forward began (during discovery): note its place and its activation."""
+        if name not in self._seen:
+            self._seen.add(name)
+            self.order.append(name)
+        row = self.module_by_name.get(name)
+        if row is None:
+            return
+        if row.owns_params and row.kind is None:
+            self.last_layer = name
+        elif row.kind is not None:
+            prev = self.last_layer
+            if prev is not None and prev not in self.following_activation:
+                self.following_activation[prev] = row.kind
+
+    def finish_discovery(self) -> None:
+        """Fix the forward order (at the end of the first backward pass, or at close)."""
+        self.order_final = True
+        ran = set(self.order)
+        # Modules that own parameters but never ran their own forward (e.g. the out_proj of
+        # nn.MultiheadAttention, used functionally by its parent) go right after their parent.
+        order = list(self.order)
+        for row in self.modules:
+            if row.name in ran:
+                continue
+            parent = row.name
+            while parent and parent not in ran:
+                parent = parent.rpartition(".")[0]
+            pos = order.index(parent) + 1 if parent in ran else len(order)
+            while pos < len(order) and order[pos].startswith(row.name.rpartition(".")[0] + "."):
+                pos += 1
+            order.insert(pos, row.name)
+            ran.add(row.name)
+        self.ran = set(self.order)
+        self.order = order
+
+    # -------------------------------------------------------------- names
+    def names(self) -> tuple[list[ModuleRow], dict[int, tuple[str, str]], dict[str, int]]:
+        """Module rows in forward order, each parameter's (layer, local name), each depth."""
+        order = {name: i for i, name in enumerate(self.order)}
+        far = len(order) + len(self.modules)
+        modules = sorted(self.modules, key=lambda r: (order.get(r.name, far), r.index))
+        depth = {r.name: d for d, r in enumerate(modules)}
+        labels = {
+            p.index: min(p.owners, key=lambda o: (depth.get(o[0], far), o[0])) for p in self.params
+        }
+        return modules, labels, depth
+
+    def table_keys(self) -> tuple[list[tuple[str, str, int]], list[tuple[str, int]], list[str]]:
+        """Row keys of the run tables: (layer, param, depth) per parameter row, (layer, depth)
+        per module row, the name of each recurrent layer."""
+        _, labels, depth = self.names()
+        params = [
+            (labels[p.index][0], labels[p.index][1], depth.get(labels[p.index][0], -1))
+            for p in self.params
+        ]
+        modules = [(r.name, depth.get(r.name, -1)) for r in self.modules]
+        return params, modules, [r.name for r in self.recurrent]
+
+    def manifest_layers(self, trainable: set[int] | None) -> list[dict[str, Any]]:
+        """The manifest's ``layers`` (docs/run-format.md)."""
+        modules, labels, depth = self.names()
+        owned: dict[str, list[ParamRow]] = {}
+        for p in self.params:
+            owned.setdefault(labels[p.index][0], []).append(p)
+        layers = []
+        for r in modules:
+            params = [
+                {
+                    "name": labels[p.index][1],
+                    "shape": list(p.param.shape),
+                    "numel": p.param.numel(),
+                    "trainable": bool(
+                        p.param.requires_grad and (trainable is None or id(p.param) in trainable)
+                    ),
+                    "shared_with": [f"{m}.{n}" if m else n for m, n in p.owners[1:]],
+                }
+                for p in owned.get(r.name, [])
+            ]
+            layer = {
+                "name": r.name,
+                "depth": depth[r.name],
+                "type": type(r.module).__name__,
+                "role": "activation" if r.kind is not None and not params else "layer",
+                "activation": r.kind or self.following_activation.get(r.name),
+                "recurrent": r.recurrent,
+                "params": params,
+                "num_params": sum(p["numel"] for p in params),
+                "ran_forward": r.name in self.ran,
+            }
+            if r.examples_per_unit is not None:
+                layer["examples_per_unit"] = r.examples_per_unit
+            layers.append(layer)
+        return layers
+
+
+def entry_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules a forward pass enters through: the root, or for a container without a forward
+    of its own (``nn.ModuleDict``, ``nn.ModuleList``) its children, recursively."""
+    if type(root).forward is not nn.Module.forward:
+        return [root]
+    entries: list[nn.Module] = []
+    for child in root.children():
+        entries.extend(entry_modules(child))
+    return entries
+
+
+def is_packed(x: Any) -> bool:
+    return isinstance(x, nn.utils.rnn.PackedSequence)

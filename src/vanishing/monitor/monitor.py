@@ -1,0 +1,569 @@
+"""``vanishing.watch``: record how the gradient flows through a model while it trains.
+
+The monitor composes four pieces (docs/architecture.md):
+
+* :class:`~vanishing.monitor.events.Events` registers every torch hook and tells the monitor
+  the moments of a step (forward, backward end, optimizer step begin, gradients final, step end);
+* probes (:mod:`vanishing.probes`), one per signal, measure at those moments and write their
+  declared columns into the step's row;
+* the :class:`~vanishing.monitor.buffer.Buffer` holds ``flush_every`` rows on the model's device;
+* sinks (:mod:`vanishing.sinks`) receive each flushed block: the run directory always, others
+  on request.
+
+This module holds only the step lifecycle: which step is recorded, when a step ends or is
+abandoned, and what a failure does (stop monitoring, never training).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import os
+import platform
+import warnings
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vanishing.monitor.buffer import Buffer
+from vanishing.monitor.events import Events
+from vanishing.monitor.layout import Layout, entry_modules, unwrap
+from vanishing.probes.activations import ActivationProbe
+from vanishing.probes.base import Probe, ProbeContext
+from vanishing.probes.errors import ErrorSignalProbe
+from vanishing.probes.loss import LossProbe
+from vanishing.probes.params import ParamProbe
+from vanishing.probes.temporal import TemporalProbe
+from vanishing.recorder.block import Block
+from vanishing.recorder.columns import by_level
+from vanishing.recorder.schema import PARAM_STATS, SCHEMA_VERSION
+from vanishing.schedule import Schedule, resolve_schedule
+from vanishing.sinks.parquet import ParquetSink
+
+__all__ = ["Monitor", "watch", "WatchError"]
+
+_STATS_LEVELS = ("all", "parameters")
+_WATCHED_ATTR = "_vanishing_monitor"
+
+
+class WatchError(ValueError):
+    """Bad arguments to :func:`vanishing.watch` (one line, saying what to do instead)."""
+
+
+def builtin_probes(stats: str) -> list[Probe]:
+    """The probes of a stats level: ``"parameters"`` is loss and per-parameter statistics;
+    ``"all"`` adds the error signal, the activations and the recurrent time profile."""
+    probes: list[Probe] = [LossProbe(), ParamProbe()]
+    if stats == "all":
+        probes += [ErrorSignalProbe(), ActivationProbe(), TemporalProbe()]
+    return probes
+
+
+class Monitor:
+    """Records per-layer gradient statistics of a training loop; made by :func:`watch`.
+
+    Use it as a context manager or call :meth:`close` when done. ``run_dir`` is where the
+    records go; :meth:`flush` writes what is buffered now; ``step`` counts completed steps.
+
+    Example:
+        >>> import torch, tempfile, vanishing
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> mon = vanishing.watch(model, optimizer=opt, run_dir=tempfile.mkdtemp() + "/run")
+        >>> for _ in range(5):
+        ...     opt.zero_grad(); model(torch.randn(16, 4)).pow(2).mean().backward(); opt.step()
+        >>> mon.step
+        5
+        >>> mon.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        run_dir: str | os.PathLike | None = None,
+        stats: str = "all",
+        every: int | str | Schedule = 1,
+        flush_every: int = 50,
+        scaler: Any = None,
+        sinks: Sequence[Any] = (),
+        probes: Sequence[Probe] = (),
+    ) -> None:
+        _validate(model, optimizer, stats, flush_every, scaler, sinks, probes)
+        self._schedule = resolve_schedule(every)
+        self._root = unwrap(model)
+        if getattr(self._root, _WATCHED_ATTR, None) is not None:
+            raise WatchError(
+                "this model is already watched by another monitor; close() that one first"
+            )
+        self._optimizer = optimizer
+        self._scaler = scaler
+        self._stats = stats
+        self._flush_every = flush_every
+        self._closed = False
+        self._broken: str | None = None
+
+        self.layout = Layout(self._root)
+        if not self.layout.params:
+            raise WatchError("the model has no parameters: there is no gradient to watch")
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not any(id(r.param) in held for r in self.layout.params):
+                raise WatchError(
+                    "the optimizer holds none of the model's parameters; pass the optimizer "
+                    "that trains this model (e.g. torch.optim.SGD(model.parameters(), ...))"
+                )
+        self._device = self.layout.params[0].param.device
+        self._probes = builtin_probes(stats) + list(probes)
+        columns = [c for p in self._probes for c in p.columns]
+        try:
+            by_level(columns)
+        except ValueError as e:
+            raise WatchError(f"probes: {e}") from None
+        self._buffer = Buffer(
+            columns,
+            n_params=len(self.layout.params),
+            n_modules=len(self.layout.modules),
+            n_recurrent=len(self.layout.recurrent),
+            capacity=flush_every,
+            device=self._device,
+        )
+
+        self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
+        self._run = ParquetSink(self.run_dir)
+        self._sinks: list[Any] = [self._run, *sinks]
+        self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+        # per-step state
+        self.step = 0
+        self._recording = self._schedule(0)
+        self._frozen = False  # the step's measured pass is over (a closure evaluated again)
+        self._backwards = 0  # backward passes in this step
+        self._forward_seen = False
+        self._skipped = 0
+        self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
+
+        self._status = "running"
+        try:
+            self._run.open(self._manifest())
+        except (FileExistsError, NotADirectoryError, PermissionError) as e:
+            raise WatchError(str(e)) from None
+        for sink in sinks:
+            self._call_sink(sink, "open", self._manifest())
+        self.events = Events(
+            self,
+            entry_modules(self._root),
+            optimizer,
+            discover=self.layout.module_started,
+            root=self._root,
+        )
+        ctx = ProbeContext(
+            layout=self.layout,
+            events=self.events,
+            optimizer=optimizer,
+            device=self._device,
+            stats=stats,
+            capturing=self._capturing,
+            unscale=self._unscale,
+            n_backward=lambda: self._backwards,
+        )
+        for probe in self._probes:
+            probe.attach(ctx)
+        setattr(self._root, _WATCHED_ATTR, weakref.ref(self))
+        _open_monitors.add(self)
+
+    # ------------------------------------------------------------------ events
+    def _capturing(self) -> bool:
+        return self._recording and not self._frozen
+
+    def fail(self, e: BaseException) -> None:
+        """An internal error: stop monitoring (hooks become no-ops), keep what was recorded."""
+        if self._broken is not None:
+            return
+        self._broken = f"{type(e).__name__}: {e}"
+        self.events.active = False
+        warnings.warn(
+            f"vanishing: monitoring stopped after an internal error ({self._broken}); "
+            "training continues unaffected, records up to now are kept",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def forward_begin(self) -> None:
+        if self._backwards and not self.events.in_step and self._grads_were_reset():
+            # The last backward's step never happened (e.g. GradScaler skipped it on inf/NaN):
+            # its numbers belong to no optimizer step.
+            self._skipped += 1
+            self._reset()
+            self._recording = self._schedule(self.step)
+
+    def forward_end(self) -> None:
+        self._forward_seen = True
+
+    def backward_wanted(self) -> bool:
+        return not self._closed and self._broken is None and self._forward_seen
+
+    def backward_end(self, roots: tuple[Tensor, ...]) -> None:
+        if not self.layout.order_final:
+            self._finish_discovery()  # every forward of the first step has run by now
+        self._forward_seen = False
+        self._backwards += 1
+        if self._capturing():
+            for probe in self._probes:
+                probe.backward_end(roots)
+        self._remember_grads()
+        if self._optimizer is None:
+            if self._recording:
+                self.grads_ready()
+                self._finish_step()
+            else:
+                self._advance()
+
+    def step_begin(self) -> None:
+        if self._recording:
+            for probe in self._probes:
+                probe.step_begin()
+
+    def grads_ready(self) -> None:
+        if self._capturing():
+            for probe in self._probes:
+                probe.grads_ready()
+            self._frozen = self._optimizer is not None
+
+    def step_end(self) -> None:
+        if not self._recording:
+            self._advance()
+            return
+        for probe in self._probes:
+            probe.step_end()
+        self._finish_step()
+
+    # ------------------------------------------------------------------ step lifecycle
+    def _finish_discovery(self) -> None:
+        self.layout.finish_discovery()
+        self.events.stop_discovery()
+        self._emit(self._buffer.empty(manifest=self._manifest()))
+
+    def _remember_grads(self) -> None:
+        for r in self.layout.params:
+            g = r.param.grad
+            if g is not None:
+                self._sentinel = (r.param, weakref.ref(g), g._version)
+                return
+        self._sentinel = None
+
+    def _grads_were_reset(self) -> bool:
+        if self._sentinel is None:
+            return False
+        p, ref, version = self._sentinel
+        g = p.grad
+        return g is None or g is not ref() or g._version != version
+
+    def _unscale(self, value: Tensor) -> Tensor:
+        scaler = self._scaler
+        if (
+            scaler is not None
+            and scaler.is_enabled()
+            and getattr(scaler, "_scale", None) is not None
+        ):
+            return value / scaler._scale.to(torch.float64)
+        return value
+
+    def _reset(self) -> None:
+        self._backwards = 0
+        self._forward_seen = False
+        self._frozen = False
+        for probe in self._probes:
+            probe.reset()
+
+    def _advance(self) -> None:
+        self.step += 1
+        self._recording = self._schedule(self.step)
+        self._reset()
+
+    def _finish_step(self) -> None:
+        row = self._buffer.row()
+        for probe in self._probes:
+            probe.measure(row)
+        full = self._buffer.commit(self.step, self._skipped)
+        self._skipped = 0
+        self._advance()
+        if full:
+            self.flush()
+
+    # ------------------------------------------------------------------ output
+    def _emit(self, block: Block) -> None:
+        self._run.write(block)  # the run directory's failures are the caller's to report
+        for sink in self._sinks[1:]:
+            self._call_sink(sink, "write", block)
+
+    def _call_sink(self, sink: Any, method: str, *args: Any) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception as e:  # noqa: BLE001 - one sink's failure never stops the others
+            warnings.warn(
+                f"vanishing: sink {type(sink).__name__}.{method} failed: {type(e).__name__}: {e}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _manifest(self) -> dict[str, Any]:
+        opt = self._optimizer
+        trainable = None
+        if opt is not None:
+            trainable = {id(p) for g in opt.param_groups for p in g["params"]}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created": self._started,
+            "status": self._status,
+            "forward_order_known": self.layout.order_final,
+            "steps_completed": self.step,
+            "model": type(self._root).__name__,
+            "device": str(self._device),
+            "stats": self._stats,
+            "schedule": repr(self._schedule),
+            "flush_every": self._flush_every,
+            "optimizer": None
+            if opt is None
+            else {"type": type(opt).__name__, "defaults": _jsonable(opt.defaults)},
+            "amp_scaler": self._scaler is not None,
+            "layers": self.layout.manifest_layers(trainable),
+            "versions": {
+                "vanishing": _version(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def flush(self) -> None:
+        """Write the buffered steps to the run directory now (one device-to-host transfer)."""
+        params, modules, recurrent = self.layout.table_keys()
+        block = self._buffer.take(
+            self.layout.sharded, params=params, modules=modules, recurrent=recurrent
+        )
+        if block is not None:
+            self._emit(block)
+
+    def close(self) -> None:
+        """Flush what is buffered and remove every hook. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.events.close()
+            if not self.layout.order_final:
+                self.layout.finish_discovery()
+            if getattr(self._root, _WATCHED_ATTR, None) is not None:
+                delattr(self._root, _WATCHED_ATTR)
+            _open_monitors.discard(self)
+            for probe in self._probes:
+                getattr(probe, "close", lambda: None)()
+        finally:
+            self._closed = True
+        self._flush_quietly()
+        self._status = "closed"
+        try:
+            self._emit(self._buffer.empty(manifest=self._manifest()))
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(
+                f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2
+            )
+        for sink in self._sinks[1:]:
+            self._call_sink(sink, "close")
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001 - reported, never raised over a training error
+            warnings.warn(
+                f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2
+            )
+
+    def latest(self, stat: str = "grad_norm", *, param: str = "weight") -> dict[str, float]:
+        """Each layer's ``stat`` for its ``param`` at the last recorded step, in forward order.
+
+        ``stat`` is one of the per-parameter statistics (``grad_norm``, ``param_norm``,
+        ``update_norm``); the result is empty before the first recorded step. It costs one host
+        sync, so call it at display rate (a progress bar), not every step.
+
+        Example:
+            >>> mon.latest("grad_norm")   # doctest: +SKIP
+            {'0': 0.0021, '2': 0.013, '4': 0.19}
+        """
+        if stat not in PARAM_STATS[:3]:
+            raise ValueError(f"unknown stat {stat!r}; expected one of {', '.join(PARAM_STATS[:3])}")
+        column = self._buffer.last_param(stat)
+        if column is None:
+            return {}
+        values = column.tolist()  # host sync: on demand, for live displays
+        modules, labels, _ = self.layout.names()
+        by_layer = {
+            labels[p.index][0]: v
+            for p, v in zip(self.layout.params, values)
+            if labels[p.index][1] == param
+        }
+        return {r.name: by_layer[r.name] for r in modules if r.name in by_layer}
+
+    def diagnose(self):
+        """The diagnosis of everything recorded so far (flushes first).
+
+        Example:
+            >>> diag = mon.diagnose()   # doctest: +SKIP
+            >>> diag.healthy            # doctest: +SKIP
+            True
+        """
+        self.flush()
+        from vanishing.recorder.reader import load_run
+
+        # the live model lets the diagnosis measure the recurrent weights' singular values
+        return load_run(self.run_dir).diagnose(self._root)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<vanishing.Monitor {state} step={self.step} run_dir={str(self.run_dir)!r}>"
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+            out[k] = list(v)
+        elif isinstance(v, Tensor) and v.numel() == 1:
+            out[k] = float(v)  # host sync: once, when the manifest is written
+        else:
+            out[k] = repr(v)
+    return out
+
+
+def _version() -> str:
+    from vanishing import __version__
+
+    return __version__
+
+
+def _default_run_dir() -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / stamp
+    path, i = base, 1
+    while path.exists():
+        path = Path(f"{base}-{i}")
+        i += 1
+    return path
+
+
+def _validate(model, optimizer, stats, flush_every, scaler, sinks, probes) -> None:
+    if not isinstance(model, nn.Module):
+        raise WatchError(
+            f"watch() needs a torch.nn.Module, got {type(model).__name__}; pass the model itself"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise WatchError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if stats not in _STATS_LEVELS:
+        raise WatchError(f"stats must be one of {_STATS_LEVELS}, got {stats!r}")
+    if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+        raise WatchError(f"flush_every must be a positive integer, got {flush_every!r}")
+    if scaler is not None and not hasattr(scaler, "is_enabled"):
+        raise WatchError("scaler must be a torch.amp.GradScaler (or None)")
+    for sink in sinks:
+        if not all(callable(getattr(sink, m, None)) for m in ("open", "write", "close")):
+            raise WatchError(
+                f"sinks: {type(sink).__name__} is not a sink (needs open(manifest), "
+                "write(block) and close(); see vanishing.sinks)"
+            )
+    for probe in probes:
+        if not callable(getattr(probe, "measure", None)) or not hasattr(probe, "columns"):
+            raise WatchError(
+                f"probes: {type(probe).__name__} is not a probe (needs columns and "
+                "measure(row); subclass vanishing.probes.Probe)"
+            )
+
+
+_open_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_open_monitors() -> None:
+    # A script that forgot close() still keeps what it recorded.
+    for mon in list(_open_monitors):
+        mon._flush_quietly()
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    stats: str = "all",
+    every: int | str | Schedule = 1,
+    flush_every: int = 50,
+    scaler: Any = None,
+    sinks: Sequence[Any] = (),
+    probes: Sequence[Probe] = (),
+) -> Monitor:
+    """Watch a model train: per layer and per step, how the gradient flows.
+
+    Attach before the loop; nothing else in the loop changes. Records go to ``run_dir``
+    (default ``runs/<date-time>``), readable with :func:`vanishing.load_run`.
+
+    Args:
+        model: any ``nn.Module`` (a ``DistributedDataParallel`` or ``torch.compile`` wrapper is
+            looked through, so layer names are the inner model's). Under FSDP2
+            (``fully_shard``), watch after sharding: each rank measures its shards and the flush
+            combines them into whole-parameter norms (a collective, so every rank must run the
+            same steps); activation statistics are each rank's own batch, as under DDP.
+        optimizer: the optimizer that trains it. With it, a step is one ``optimizer.step()``
+            (gradient accumulation gives one record per step) and the actual update each step
+            makes is measured. ``optimizer.step(closure)`` works too (Lightning, LBFGS): the
+            gradients, loss and activations recorded are those of the closure's first
+            evaluation, at the step's starting weights. Without an optimizer, a step is one
+            backward pass and there are no update statistics.
+        run_dir: the run directory to create; it must not already hold a run.
+        stats: ``"all"`` (default): gradient, weight and update statistics, plus the error
+            signal at each layer's output, activation statistics and the temporal profile of
+            recurrent layers. ``"parameters"``: only the per-parameter gradient, weight and update
+            statistics, the loss and non-finite counts (the cheapest).
+        every: which steps to record: ``1`` (every step, default), an int ``k`` (every k-th),
+            ``"log"`` (every step up to 100, then ~100 a decade), or a ``step -> bool`` callable.
+        flush_every: recorded steps held on the device between writes.
+        scaler: the ``torch.amp.GradScaler`` when training with AMP, so that recorded values
+            are unscaled and steps the scaler skips are not recorded.
+        sinks: more destinations for each flushed block (:mod:`vanishing.sinks`); the run
+            directory is always written.
+        probes: statistics of your own (:class:`vanishing.probes.Probe`), recorded beside the
+            built-in ones as extra columns of the run's tables.
+
+    Example:
+        >>> import torch, tempfile, vanishing
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with vanishing.watch(model, optimizer=opt, run_dir=tempfile.mkdtemp() + "/run") as mon:
+        ...     for _ in range(3):
+        ...         opt.zero_grad(); model(torch.randn(16, 4)).pow(2).mean().backward(); opt.step()
+        >>> vanishing.load_run(mon.run_dir).steps["step"].tolist()
+        [0, 1, 2]
+    """
+    return Monitor(
+        model,
+        optimizer,
+        run_dir=run_dir,
+        stats=stats,
+        every=every,
+        flush_every=flush_every,
+        scaler=scaler,
+        sinks=sinks,
+        probes=probes,
+    )

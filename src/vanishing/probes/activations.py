@@ -1,0 +1,164 @@
+"""Activation statistics: mean, std, mean phi'(z), saturated and dead shares, percentiles."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from vanishing.probes.base import Probe, ProbeContext
+from vanishing.recorder.columns import BUILTIN
+from vanishing.stats.activations import (
+    activation_params,
+    activation_stats,
+    max_derivative,
+    stats_into,
+)
+
+if TYPE_CHECKING:
+    from vanishing.monitor.buffer import Row
+    from vanishing.monitor.layout import ModuleRow
+
+_CHANNEL_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+_NEEDS_INPUT = {"gelu", "silu", "prelu"}  # phi'(z) cannot be read off their output
+
+
+class _Resolved:
+    """What an activation module's statistics need, found at its first recorded call."""
+
+    __slots__ = ("unit_dim", "max_deriv", "params", "needs_input")
+
+    def __init__(self, row: ModuleRow, output: Tensor, last_layer: nn.Module | None) -> None:
+        channels_first = output.dim() >= 3 and isinstance(last_layer, _CHANNEL_FIRST)
+        self.unit_dim = 1 if (channels_first or output.dim() == 2) else -1
+        if output.dim() >= 2 and output.shape[self.unit_dim] > 0:
+            row.examples_per_unit = output.numel() // output.shape[self.unit_dim]
+        module = row.module
+        self.max_deriv = max_derivative(row.kind, module)
+        self.params = activation_params(row.kind, module)
+        self.needs_input = row.kind in _NEEDS_INPUT or (
+            row.kind == "leaky_relu" and module.negative_slope <= 0
+        )
+
+
+class ActivationProbe(Probe):
+    """A forward hook on each activation module keeps its output (and input where phi' needs
+    it) until the end of the backward pass, when the same-shaped outputs of all layers are
+    measured together: a few kernels in all instead of a dozen per layer."""
+
+    columns = tuple(c for c in BUILTIN if c.level == "module" and c.name.startswith("act_"))
+
+    def attach(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self._resolved: dict[int, _Resolved] = {}
+        self._buffers: dict[tuple, tuple[Tensor, Tensor]] = {}
+        for row in ctx.layout.modules:
+            if row.kind is not None:
+                ctx.events.on_output(row.module, functools.partial(self._on_output, row))
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending: list[tuple[list[int], Tensor]] = []  # (module rows, [k x stats])
+        self._tensors: list[tuple] = []
+
+    def _on_output(self, row: ModuleRow, module: nn.Module, args: tuple, output: Any) -> None:
+        if not (self.ctx.capturing() and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return
+        z = args[0] if args and isinstance(args[0], Tensor) else None
+        res = self._resolved.get(row.index)
+        if res is None:
+            layout = self.ctx.layout
+            last = layout.module_by_name.get(layout.last_layer or "")
+            res = self._resolved[row.index] = _Resolved(
+                row, output, last.module if last is not None else None
+            )
+        if z is output:
+            # In place: the output overwrote the input and may be overwritten again.
+            vec = activation_stats(
+                row.kind, None, output, unit_dim=res.unit_dim, max_deriv=res.max_deriv, **res.params
+            )
+            self._pending.append(([row.index], vec.unsqueeze(0)))
+            return
+        # Kept until the end of the backward pass (autograd keeps most of them anyway: the next
+        # layer saves its input). On the CPU the stacking buffers are kept between steps (no
+        # allocation); on a GPU they come from the caching allocator each step, so no device
+        # memory stays held between steps.
+        z = z.detach() if res.needs_input else None
+        y = output.detach()
+        self._tensors.append((row, res, z, y, y._version))
+
+    def _measure(self) -> None:
+        groups: dict[tuple, list] = {}
+        for entry in self._tensors:
+            row, res, z, y, version = entry
+            if y._version != version:
+                continue  # modified in place after the activation ran: its values are gone
+            key = (
+                row.kind,
+                tuple(y.shape),
+                y.dtype,
+                y.device,
+                z is None,
+                res.unit_dim,
+                res.max_deriv,
+                tuple((k, v if not isinstance(v, Tensor) else id(v)) for k, v in res.params.items()),
+            )
+            groups.setdefault(key, []).append(entry)
+        self._tensors = []
+        for entries in groups.values():
+            row, res, z0, y0, _ = entries[0]
+            ys = [e[3] for e in entries]
+            dtype = y0.dtype if y0.dtype in (torch.float32, torch.float64) else torch.float32
+            shape = (len(ys), y0.numel())
+            if y0.device.type != "cpu":
+                buffers = (
+                    torch.empty(shape, dtype=dtype, device=y0.device),
+                    torch.empty(shape, dtype=dtype, device=y0.device),
+                )
+            else:
+                buffers = self._buffers.get((shape, dtype))
+            if buffers is None:
+                buffers = self._buffers[(shape, dtype)] = (
+                    torch.empty(shape, dtype=dtype),
+                    torch.empty(shape, dtype=dtype),
+                )
+            work, scratch = buffers
+            if y0.dtype == dtype:
+                torch.stack([y.reshape(-1) for y in ys], out=work)
+            else:
+                for i, y in enumerate(ys):
+                    work[i].copy_(y.reshape(-1))
+            zs = None if z0 is None else torch.stack([e[2] for e in entries])
+            stats = stats_into(  # reads the stacked outputs through a view of `work`
+                row.kind,
+                zs,
+                work.view(len(ys), *y0.shape),
+                work,
+                scratch,
+                unit_dim=res.unit_dim,
+                max_deriv=res.max_deriv,
+                **res.params,
+            )
+            self._pending.append(([e[0].index for e in entries], stats))
+
+    def backward_end(self, roots: tuple) -> None:
+        if self._tensors:
+            self._measure()
+
+    def measure(self, row: Row) -> None:
+        if self._tensors:  # outputs of a forward whose backward had no end callback
+            self._measure()
+        if self._pending:
+            rows = [i for module_rows, _ in self._pending for i in module_rows]
+            row.set_modules(self.columns[0].name, rows, torch.cat([v for _, v in self._pending]))
