@@ -19,7 +19,7 @@ import vanishing
 
 from golden.scenarios import SCENARIOS
 
-GOLDEN = Path(__file__).parent / "golden" / "runs"
+GOLDEN = Path(__file__).parent / "golden" / "recorded"
 
 
 def _tables(run):

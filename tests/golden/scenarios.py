@@ -1,7 +1,7 @@
 """Training setups whose records must not change when the monitor's code is restructured.
 
 ``python tests/golden/scenarios.py OUT`` records each scenario into ``OUT/<name>`` (a run
-directory). ``tests/golden/runs/`` holds them as recorded by the monitor before the seams
+directory). ``tests/golden/recorded/`` holds them as recorded by the monitor before the seams
 refactor (commit 8b0ceff); ``test_golden.py`` re-records them with the current code and
 compares every table. They double as the "run written by an older version" fixtures: the
 current reader must load and diagnose them.
