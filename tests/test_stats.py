@@ -7,14 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from vanishing.stats import (
-    activation_stats,
-    derivative,
-    l2_norms,
-    nonfinite_counts,
-    temporal_profile,
-)
-from vanishing.stats.activations import ACTIVATION_KINDS, max_derivative
+from vanishing import activations
+from vanishing.stats import l2_norms, nonfinite_counts, summarize, temporal_profile
 from vanishing.stats.norms import l2_norm, time_points
 
 
@@ -114,12 +108,20 @@ _MODULES = {
 
 
 def _kwargs(kind, module):
-    from vanishing.stats.activations import activation_params
-
-    return activation_params(kind, module)
+    return activations.get(kind).params(module)
 
 
-@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def _derivative(kind, z, y, **params):
+    return activations.get(kind).derivative(z, y, **params)
+
+
+def _stats(kind, z, y, *, unit_dim=-1):
+    """The pure summary with the options the registry gives the stock module of ``kind``."""
+    module = _MODULES[kind]
+    return summarize(z, y, unit_dim=unit_dim, **activations.get(kind).stat_options(module))
+
+
+@pytest.mark.parametrize("kind", activations.kinds())
 def test_derivative_matches_autograd(kind):
     module = _MODULES[kind]
     z = (torch.randn(64, 3, dtype=torch.float64) * 3).requires_grad_(True)
@@ -127,32 +129,34 @@ def test_derivative_matches_autograd(kind):
     module = module.double()
     y = module(z)
     (expected,) = torch.autograd.grad(y.sum(), z)
-    got = derivative(kind, z.detach(), y.detach(), **_kwargs(kind, module))
+    got = _derivative(kind, z.detach(), y.detach(), **_kwargs(kind, module))
     torch.testing.assert_close(got.to(torch.float64), expected, rtol=1e-6, atol=1e-9)
     if kind not in ("prelu", "gelu", "silu"):  # these need the input
-        got_y = derivative(kind, None, y.detach(), **_kwargs(kind, module))
+        got_y = _derivative(kind, None, y.detach(), **_kwargs(kind, module))
         torch.testing.assert_close(got_y.to(torch.float64), expected, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+@pytest.mark.parametrize("kind", activations.kinds())
 def test_max_derivative_is_the_sup_over_a_fine_grid(kind):
     module = _MODULES[kind].double()
     z = torch.linspace(-12, 12, 200001, dtype=torch.float64).unsqueeze(1).repeat(1, 3)
     z.requires_grad_(True)
     (d,) = torch.autograd.grad(module(z).sum(), z)
-    assert max_derivative(kind, module) == pytest.approx(float(d.abs().max()), rel=1e-4)
+    assert activations.get(kind).max_derivative(module) == pytest.approx(
+        float(d.abs().max()), rel=1e-4
+    )
 
 
 def test_sigmoid_derivative_bound_is_a_quarter():
     z = torch.randn(10000) * 5
-    d = derivative("sigmoid", z, torch.sigmoid(z))
+    d = _derivative("sigmoid", z, torch.sigmoid(z))
     assert float(d.max()) <= 0.25
 
 
 def test_activation_stats_by_brute_force():
     z = torch.randn(12, 20) * 4  # 240 entries: below PERCENTILE_SAMPLE, so exact ranks
     y = torch.sigmoid(z)
-    mean, std, dmean, sat, dead, p02, p98 = activation_stats("sigmoid", z, y).tolist()
+    mean, std, dmean, sat, dead, p02, p98 = _stats("sigmoid", z, y).tolist()
     ys = [float(v) for v in y.flatten()]
     # nearest rank: the smallest value with at least 2% (98%) of the entries at or below it
     ordered = sorted(ys)
@@ -173,7 +177,7 @@ def test_dead_units_count_units_off_for_every_example():
     z[:, 3] = -torch.rand(32) - 0.1  # unit 3 never active
     z[:, 7] = -1.0  # unit 7 never active
     z[0, 5] = -1.0  # unit 5 sometimes active: not dead
-    _, _, dmean, sat, dead = activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[:5]
+    _, _, dmean, sat, dead = _stats("relu", z, torch.relu(z), unit_dim=1).tolist()[:5]
     assert dead == pytest.approx(2 / 10)
     assert math.isnan(sat)
     assert dmean == pytest.approx(float((z > 0).double().mean()))
@@ -182,18 +186,16 @@ def test_dead_units_count_units_off_for_every_example():
 def test_dead_units_of_a_conv_map_are_channels():
     z = torch.randn(4, 6, 5, 5)
     z[:, 2] = -1.0
-    stats = activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()
+    stats = _stats("relu", z, torch.relu(z), unit_dim=1).tolist()
     assert stats[4] == pytest.approx(1 / 6)
 
 
 def test_inplace_activation_without_input_still_measured():
     z = torch.randn(8, 4)
     y = torch.tanh(z)
-    assert activation_stats("tanh", None, y).tolist()[2] == pytest.approx(
-        float((1 - y * y).mean()), rel=1e-6
-    )
+    assert _stats("tanh", None, y).tolist()[2] == pytest.approx(float((1 - y * y).mean()), rel=1e-6)
     # GELU needs its input: without it the derivative is unknown, never made up
-    assert math.isnan(activation_stats("gelu", None, y).tolist()[2])
+    assert math.isnan(_stats("gelu", None, y).tolist()[2])
 
 
 def test_fused_strategy_used_on_gpus_agrees_with_the_cpu_one():
@@ -242,11 +244,11 @@ def test_percentiles_of_a_large_output_come_from_a_fixed_sample():
     n = PERCENTILE_SAMPLE * 25
     y = torch.linspace(0, 1, n).reshape(100, -1)
     state = torch.get_rng_state()
-    p02, p98 = activation_stats("sigmoid", None, y).tolist()[5:]
+    p02, p98 = _stats("sigmoid", None, y).tolist()[5:]
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is not touched
     se = math.sqrt(0.02 * 0.98 / PERCENTILE_SAMPLE)  # of a quantile from that many draws
     assert abs(p02 - 0.02) < 4 * se and abs(p98 - 0.98) < 4 * se
-    assert activation_stats("sigmoid", None, y).tolist()[5:] == [p02, p98]  # same sample
+    assert _stats("sigmoid", None, y).tolist()[5:] == [p02, p98]  # same sample
 
 
 def test_percentiles_of_a_conv_map_are_not_aligned_with_its_layout():
@@ -254,7 +256,7 @@ def test_percentiles_of_a_conv_map_are_not_aligned_with_its_layout():
     # multiple of 16 x 16 would read one pixel of every channel (and say p02 = p98)
     pixel = torch.linspace(0.1, 0.9, 256).reshape(16, 16)
     y = pixel.expand(64, 16, 16, 16).contiguous()
-    p02, p98 = activation_stats("sigmoid", None, y, unit_dim=1).tolist()[5:]
+    p02, p98 = _stats("sigmoid", None, y, unit_dim=1).tolist()[5:]
     values = np.sort(y.flatten().numpy())
     exact02, exact98 = (
         values[math.ceil(0.02 * len(values)) - 1],
@@ -266,7 +268,7 @@ def test_percentiles_of_a_conv_map_are_not_aligned_with_its_layout():
 def test_activation_stats_of_an_output_with_nan_are_nan_not_made_up():
     y = torch.sigmoid(torch.randn(16, 8) * 4)
     y[3, 5] = float("nan")
-    mean, std, dmean, sat = activation_stats("sigmoid", None, y).tolist()[:4]
+    mean, std, dmean, sat = _stats("sigmoid", None, y).tolist()[:4]
     assert all(math.isnan(v) for v in (mean, std, dmean, sat))
 
 

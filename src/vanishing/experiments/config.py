@@ -25,6 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from vanishing import activations as _registry
+
 __all__ = [
     "ConfigError",
     "TaskConfig",
@@ -47,9 +49,7 @@ RNN_CELL_ACTIVATIONS = ("tanh", "relu")  # what torch.nn.RNN(nonlinearity=...) a
 TaskName = Literal["digits", "mnist1d", "adding", "copy", "teacher", "mnist"]
 Standardize = Literal["standard", "minmax", "none"]
 Kind = Literal["mlp", "cnn", "rnn", "transformer"]
-Activation = Literal[
-    "sigmoid", "tanh", "softsign", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu"
-]
+Activation = Literal[_registry.buildable_kinds()]  # what experiments/models.py can build
 Init = Literal[
     "default",
     "normal",

@@ -40,17 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-ACTIVATIONS = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "softsign": nn.Softsign,
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "prelu": nn.PReLU,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "gelu": nn.GELU,
-}
+from vanishing import activations as _registry
+
+#: activation name -> module class: the registry's entries that name a class to build
+ACTIVATIONS = {kind: _registry.get(kind).module_class() for kind in _registry.buildable_kinds()}
 INITS = (
     "default",
     "normal",

@@ -14,44 +14,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vanishing.stats.activations import activation_kind
+from vanishing import activations
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module whose names users know: inside DDP/FSDP wrappers and ``torch.compile``.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Linear(2, 2)
-        >>> unwrap(torch.compile(net, backend="eager")) is net
-        True
-    """
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if type(model).__name__ in (
-            "DistributedDataParallel",
-            "DataParallel",
-            "FullyShardedDataParallel",
-        ) and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-            continue
-        break
-    return model
-
-
-def local(t: Tensor) -> Tensor:
-    """This process's shard of a DTensor (FSDP2's sharded parameters and gradients), else ``t``.
-
-    Norms of shards are combined across the shard group at flush time (``Column.reduce``).
-    """
-    return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
 def _shard_groups(param: Tensor) -> tuple:
@@ -60,7 +25,9 @@ def _shard_groups(param: Tensor) -> tuple:
         return ()
     mesh = param.device_mesh
     return tuple(
-        mesh.get_group(dim) for dim, placement in enumerate(param.placements) if placement.is_shard()
+        mesh.get_group(dim)
+        for dim, placement in enumerate(param.placements)
+        if placement.is_shard()
     )
 
 
@@ -93,7 +60,8 @@ class Layout:
         by_id: dict[int, ParamRow] = {}
         for name, module in root.named_modules(remove_duplicate=True):
             own = list(module.named_parameters(recurse=False))
-            kind = activation_kind(module)
+            entry = activations.for_module(module)
+            kind = entry.kind if entry is not None else None
             recurrent = isinstance(module, RECURRENT)
             if own or kind is not None:
                 self.modules.append(
@@ -227,7 +195,3 @@ def entry_modules(root: nn.Module) -> list[nn.Module]:
     for child in root.children():
         entries.extend(entry_modules(child))
     return entries
-
-
-def is_packed(x: Any) -> bool:
-    return isinstance(x, nn.utils.rnn.PackedSequence)

@@ -8,14 +8,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from vanishing import activations
 from vanishing.probes.base import Probe, ProbeContext
 from vanishing.recorder.columns import BUILTIN
-from vanishing.stats.activations import (
-    activation_params,
-    activation_stats,
-    max_derivative,
-    stats_into,
-)
+from vanishing.stats.activations import summarize, summarize_into
 
 if TYPE_CHECKING:
     from vanishing.monitor.buffer import Row
@@ -29,24 +25,27 @@ _CHANNEL_FIRST = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
 )
-_NEEDS_INPUT = {"gelu", "silu", "prelu"}  # phi'(z) cannot be read off their output
 
 
 class _Resolved:
     """What an activation module's statistics need, found at its first recorded call."""
 
-    __slots__ = ("unit_dim", "max_deriv", "params", "needs_input")
+    __slots__ = ("unit_dim", "options", "key", "needs_input")
 
     def __init__(self, row: ModuleRow, output: Tensor, last_layer: nn.Module | None) -> None:
         channels_first = output.dim() >= 3 and isinstance(last_layer, _CHANNEL_FIRST)
         self.unit_dim = 1 if (channels_first or output.dim() == 2) else -1
         if output.dim() >= 2 and output.shape[self.unit_dim] > 0:
             row.examples_per_unit = output.numel() // output.shape[self.unit_dim]
-        module = row.module
-        self.max_deriv = max_derivative(row.kind, module)
-        self.params = activation_params(row.kind, module)
-        self.needs_input = row.kind in _NEEDS_INPUT or (
-            row.kind == "leaky_relu" and module.negative_slope <= 0
+        entry = activations.get(row.kind)
+        self.options = entry.stat_options(row.module)
+        self.needs_input = entry.needs_input(row.module)
+        params = self.options["params"]
+        # calls that can be measured together: same kind, bound and options (tensors by id)
+        self.key = (
+            self.unit_dim,
+            self.options["bound"],
+            tuple((k, v if not isinstance(v, Tensor) else id(v)) for k, v in params.items()),
         )
 
 
@@ -85,9 +84,7 @@ class ActivationProbe(Probe):
             )
         if z is output:
             # In place: the output overwrote the input and may be overwritten again.
-            vec = activation_stats(
-                row.kind, None, output, unit_dim=res.unit_dim, max_deriv=res.max_deriv, **res.params
-            )
+            vec = summarize(None, output, unit_dim=res.unit_dim, **res.options)
             self._pending.append(([row.index], vec.unsqueeze(0)))
             return
         # Kept until the end of the backward pass (autograd keeps most of them anyway: the next
@@ -104,16 +101,7 @@ class ActivationProbe(Probe):
             row, res, z, y, version = entry
             if y._version != version:
                 continue  # modified in place after the activation ran: its values are gone
-            key = (
-                row.kind,
-                tuple(y.shape),
-                y.dtype,
-                y.device,
-                z is None,
-                res.unit_dim,
-                res.max_deriv,
-                tuple((k, v if not isinstance(v, Tensor) else id(v)) for k, v in res.params.items()),
-            )
+            key = (row.kind, tuple(y.shape), y.dtype, y.device, z is None, res.key)
             groups.setdefault(key, []).append(entry)
         self._tensors = []
         for entries in groups.values():
@@ -140,15 +128,13 @@ class ActivationProbe(Probe):
                 for i, y in enumerate(ys):
                     work[i].copy_(y.reshape(-1))
             zs = None if z0 is None else torch.stack([e[2] for e in entries])
-            stats = stats_into(  # reads the stacked outputs through a view of `work`
-                row.kind,
+            stats = summarize_into(  # reads the stacked outputs through a view of `work`
                 zs,
                 work.view(len(ys), *y0.shape),
                 work,
                 scratch,
                 unit_dim=res.unit_dim,
-                max_deriv=res.max_deriv,
-                **res.params,
+                **res.options,
             )
             self._pending.append(([e[0].index for e in entries], stats))
 

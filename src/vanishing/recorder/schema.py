@@ -14,6 +14,10 @@ Every file is written to a temporary name and renamed, so no reader ever sees ha
 
 from __future__ import annotations
 
+# Statistics of an activation module's output, in the order they are computed: named where
+# they are computed, so that stats/ needs nothing from here.
+from vanishing.stats.names import ACTIVATION_STATS
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TABLES = ("metrics", "temporal", "steps")  # write order: steps last marks a complete flush
@@ -29,16 +33,6 @@ PARAM_STATS = (
 )
 #: Derived per-parameter ratios, computed when a block is written.
 PARAM_RATIOS = ("grad_ratio", "update_ratio")
-#: Statistics of an activation module's output, in the order the monitor computes them.
-ACTIVATION_STATS = (
-    "act_mean",
-    "act_std",
-    "act_deriv_mean",
-    "act_saturated",
-    "act_dead",
-    "act_p02",
-    "act_p98",
-)
 #: Per-module statistics (rows with param == "").
 MODULE_STATS = ("error_norm", *ACTIVATION_STATS)
 #: Per-step statistics.

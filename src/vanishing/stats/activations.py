@@ -1,59 +1,40 @@
 """Activation statistics: output moments, mean derivative, saturation and dead units.
 
-Each supported activation has a derivative ``phi'(z)`` computed in closed form from its input
-``z`` and/or output ``y`` (no autograd), and a known maximum ``max |phi'|``:
+The functions are pure: what an activation contributes (its derivative ``phi'``, the bound of
+``|phi'|`` and whether it has flat tails or units that can die) comes in as arguments, and
+:meth:`vanishing.activations.Activation.stat_options` gives them for a registered activation.
 
-=============  ===========================================  ===============
-kind           phi'(z)                                       max |phi'|
-=============  ===========================================  ===============
-sigmoid        y (1 - y)                                     1/4
-tanh           1 - y^2                                       1
-softsign       (1 - |y|)^2 = 1 / (1 + |z|)^2                 1
-hardtanh       1 if min < z < max else 0                     1
-relu           1 if z > 0 else 0                             1
-relu6          1 if 0 < z < 6 else 0                         1
-leaky_relu     1 if z > 0 else a                             max(1, |a|)
-prelu          1 if z > 0 else a (per channel)               max(1, |a|)
-elu            1 if z > 0 else y + alpha                     max(1, alpha)
-selu           s if z > 0 else y + s alpha                   s alpha
-gelu           Phi(z) + z phi(z)  (or the tanh form)         1.1289 (1.1290)
-silu           sigmoid(z) (1 + z (1 - sigmoid(z)))           1.0998
-=============  ===========================================  ===============
-
-*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails). It is defined for the
-activations that have a flat tail (sigmoid, tanh, softsign, hardtanh, relu6, elu, selu, gelu,
-silu) and NaN for the piecewise-linear ReLU family, whose zero side is counted as *dead* instead.
-A *dead unit* is a unit (a feature, or a channel of a convolutional map) whose input is <= 0 for
-every example of the batch, so that it is off for all of them; defined for relu, relu6,
-leaky_relu, prelu, elu and selu, NaN for the others.
+*Saturated* means ``|phi'(z)| < 0.05 max |phi'|`` (the flat tails); it is measured for
+activations with a tail (``saturates=True``) and NaN for the others (the piecewise-linear ReLU
+family, whose zero side is counted as *dead* instead). A *dead unit* is a unit (a feature, or a
+channel of a convolutional map) whose input is <= 0 for every example of the batch, so that it
+is off for all of them; measured when ``can_die=True``, NaN otherwise.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vanishing.recorder.schema import ACTIVATION_STATS
+from vanishing.stats.names import ACTIVATION_STATS
 
 __all__ = [
-    "ACTIVATION_KINDS",
     "SATURATION_THRESHOLD",
-    "activation_kind",
-    "activation_params",
-    "activation_stats",
-    "activation_stats_stacked",
-    "derivative",
-    "max_derivative",
     "STAT_NAMES",
+    "summarize",
+    "summarize_into",
+    "summarize_stacked",
 ]
 
 #: A unit is saturated when ``|phi'(z)|`` is below this fraction of the activation's maximum.
 SATURATION_THRESHOLD = 0.05
 
-#: The statistics :func:`activation_stats` returns, in order (the run format's columns).
+#: The statistics :func:`summarize` returns, in order (the run format's columns).
 STAT_NAMES = ACTIVATION_STATS
 #: Percentiles of a larger output are read from this many of its entries, drawn at random once
 #: per output size (seeded by it: the same entries every step) so that no layout aligns with
@@ -62,281 +43,121 @@ STAT_NAMES = ACTIVATION_STATS
 #: selection once training has pushed the buffers out of the cache.
 PERCENTILE_SAMPLE = 256
 
-_SELU_ALPHA = 1.6732632423543772
-_SELU_SCALE = 1.0507009873554805
-_MODULE_KINDS: dict[type, str] = {
-    nn.Sigmoid: "sigmoid",
-    nn.Tanh: "tanh",
-    nn.Softsign: "softsign",
-    nn.ReLU6: "relu6",  # before Hardtanh: ReLU6 subclasses it
-    nn.Hardtanh: "hardtanh",
-    nn.ReLU: "relu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.PReLU: "prelu",
-    nn.ELU: "elu",
-    nn.SELU: "selu",
-    nn.GELU: "gelu",
-    nn.SiLU: "silu",
-}
-ACTIVATION_KINDS: tuple[str, ...] = tuple(_MODULE_KINDS.values())
-_HAS_TAIL = {"sigmoid", "tanh", "softsign", "hardtanh", "relu6", "elu", "selu", "gelu", "silu"}
-_HAS_OFF_SIDE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu"}
-_SIGNED_DERIVATIVE = {"gelu", "silu", "prelu", "leaky_relu"}
 
-
-def activation_kind(module: nn.Module) -> str | None:
-    """The activation kind of a module (``"sigmoid"``, ``"relu"``, ...), or None.
-
-    Example:
-        >>> from torch import nn
-        >>> from vanishing.stats import activation_kind
-        >>> activation_kind(nn.Tanh()), activation_kind(nn.Linear(2, 2))
-        ('tanh', None)
-    """
-    for cls in type(module).__mro__:
-        kind = _MODULE_KINDS.get(cls)
-        if kind is not None:
-            return kind
-    return None
-
-
-def activation_params(kind: str, module: nn.Module) -> dict:
-    """The options of an activation module that its derivative depends on, as keyword
-    arguments of :func:`derivative` and :func:`activation_stats`.
-
-    Example:
-        >>> from torch import nn
-        >>> from vanishing.stats.activations import activation_params
-        >>> activation_params("leaky_relu", nn.LeakyReLU(0.2)), activation_params("tanh", nn.Tanh())
-        ({'negative_slope': 0.2}, {})
-    """
-    if kind == "leaky_relu":
-        return {"negative_slope": module.negative_slope}
-    if kind == "elu":
-        return {"alpha": module.alpha}
-    if kind in ("hardtanh", "relu6"):
-        return {"min_val": module.min_val, "max_val": module.max_val}
-    if kind == "gelu":
-        return {"approximate": module.approximate}
-    if kind == "prelu":
-        return {"weight": module.weight}
-    return {}
-
-
-def max_derivative(kind: str, module: nn.Module | None = None) -> float:
-    """The largest ``|phi'(z)|`` of an activation (the saturation threshold is 5% of it).
-
-    Example:
-        >>> from vanishing.stats.activations import max_derivative
-        >>> max_derivative("sigmoid"), max_derivative("tanh")
-        (0.25, 1.0)
-    """
-    p = activation_params(kind, module) if module is not None else {}
-    if kind == "sigmoid":
-        return 0.25
-    if kind in ("tanh", "softsign", "hardtanh", "relu", "relu6"):
-        return 1.0
-    if kind == "leaky_relu":
-        return max(1.0, abs(p.get("negative_slope", 0.01)))
-    if kind == "prelu":
-        w = p.get("weight")
-        # host sync: at most once per layer, when the manifest is written
-        return 1.0 if w is None else max(1.0, float(w.detach().abs().max()))
-    if kind == "elu":
-        return max(1.0, p.get("alpha", 1.0))
-    if kind == "selu":
-        return _SELU_SCALE * _SELU_ALPHA
-    if kind == "gelu":
-        return 1.1289761 if p.get("approximate", "none") == "none" else 1.1290463
-    if kind == "silu":
-        return 1.0998393
-    raise ValueError(f"unknown activation kind {kind!r}; expected one of {ACTIVATION_KINDS}")
-
-
-def derivative(
-    kind: str,
-    z: Tensor | None,
-    y: Tensor | None,
-    *,
-    negative_slope: float = 0.01,
-    alpha: float = 1.0,
-    min_val: float = -1.0,
-    max_val: float = 1.0,
-    approximate: str = "none",
-    weight: Tensor | None = None,
-) -> Tensor | None:
-    """``phi'(z)`` elementwise, from the input ``z`` and/or the output ``y`` of the activation.
-
-    Returns None when the inputs it needs are missing (e.g. the input of an in-place SiLU was
-    overwritten).
-
-    Example:
-        >>> import torch
-        >>> from vanishing.stats import derivative
-        >>> z = torch.tensor([0.0, 2.0])
-        >>> derivative("sigmoid", z, torch.sigmoid(z)).tolist()[0], derivative("relu", z, None).tolist()
-        (0.25, [0.0, 1.0])
-    """
-    if kind == "sigmoid":
-        s = y if y is not None else torch.sigmoid(z)
-        return s * (1 - s)
-    if kind == "tanh":
-        t = y if y is not None else torch.tanh(z)
-        return 1 - t * t
-    if kind == "softsign":
-        if y is not None:
-            return (1 - y.abs()).square()
-        return (1 + z.abs()).reciprocal().square()
-    x = z if z is not None else y  # the sign of the output is the sign of the input below
-    if kind == "hardtanh":
-        return ((x > min_val) & (x < max_val)).to(x.dtype)
-    if kind == "relu":
-        return (x > 0).to(x.dtype)
-    if kind == "relu6":
-        if z is None:
-            return ((y > 0) & (y < 6)).to(y.dtype)
-        return ((z > 0) & (z < 6)).to(z.dtype)
-    if kind == "leaky_relu":
-        return torch.where(x > 0, 1.0, negative_slope).to(x.dtype)
-    if kind == "prelu":
-        if z is None or weight is None:
-            return None
-        a = weight.detach()
-        if a.numel() > 1 and a.dim() == 1 and z.dim() >= 2:
-            a = a.view([1, -1] + [1] * (z.dim() - 2))
-        return torch.where(z > 0, torch.ones_like(z), a.to(z.dtype).expand_as(z))
-    if kind == "elu":
-        if y is None:
-            return torch.where(z > 0, 1.0, alpha * torch.exp(z)).to(z.dtype)
-        return torch.where(y > 0, 1.0, y + alpha).to(y.dtype)
-    if kind == "selu":
-        if y is None:
-            return torch.where(z > 0, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA * torch.exp(z))
-        return torch.where(y > 0, _SELU_SCALE, y + _SELU_SCALE * _SELU_ALPHA).to(y.dtype)
-    if kind == "gelu":
-        if z is None:
-            return None
-        if approximate == "tanh":
-            c = math.sqrt(2.0 / math.pi)
-            u = c * (z + 0.044715 * z.pow(3))
-            t = torch.tanh(u)
-            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-        return cdf + z * pdf
-    if kind == "silu":
-        if z is None:
-            return None
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    raise ValueError(f"unknown activation kind {kind!r}; expected one of {ACTIVATION_KINDS}")
-
-
-def activation_stats(
-    kind: str,
-    z: Tensor | None,
-    y: Tensor,
-    *,
-    unit_dim: int = -1,
-    max_deriv: float | None = None,
-    **params,
-) -> Tensor:
+def summarize(z: Tensor | None, y: Tensor, *, unit_dim: int = -1, **options) -> Tensor:
     """Statistics of one activation call, as a float64 vector in :data:`STAT_NAMES` order.
 
     ``[mean(y), std(y), mean(phi'(z)), saturated fraction, dead fraction, p2(y), p98(y)]`` where
-    the saturated fraction is the share of entries with ``|phi'(z)| < 0.05 * max|phi'|``, the dead
+    the saturated fraction is the share of entries with ``|phi'(z)| < 0.05 * bound``, the dead
     fraction the share of units (indices along ``unit_dim``; the first axis is the batch) whose
     input is ``<= 0`` for every example, and p2, p98 the 2nd and 98th percentiles of the output
     (nearest rank, i.e. the smallest value with at least that share of entries at or below it;
-    from a fixed sample of :data:`PERCENTILE_SAMPLE` entries when there are more). Entries that do not apply to ``kind``, or that cannot be computed
-    from the tensors given, are NaN. Everything stays on the tensors' device.
+    from a fixed sample of :data:`PERCENTILE_SAMPLE` entries when there are more). Entries that
+    do not apply, or that cannot be computed from the tensors given, are NaN. ``options`` are
+    those of :func:`summarize_into`. Everything stays on the tensors' device.
 
     Example:
         >>> import torch
-        >>> from vanishing.stats import activation_stats
+        >>> from vanishing.stats.activations import summarize
         >>> z = torch.tensor([[-1.0, 2.0], [-3.0, 4.0]])
-        >>> activation_stats("relu", z, torch.relu(z), unit_dim=1).tolist()[2:5]
+        >>> relu = lambda z, y: (z > 0).to(z.dtype)
+        >>> summarize(z, z.relu(), unit_dim=1, derivative=relu, bound=1.0, can_die=True).tolist()[2:5]
         [0.5, nan, 0.5]
     """
     zs = z.unsqueeze(0) if z is not None else None
-    return activation_stats_stacked(
-        kind, zs, y.unsqueeze(0), unit_dim=unit_dim, max_deriv=max_deriv, **params
-    )[0]
+    return summarize_stacked(zs, y.unsqueeze(0), unit_dim=unit_dim, **options)[0]
 
 
-def activation_stats_stacked(
-    kind: str,
-    z: Tensor | None,
-    y: Tensor,
-    *,
-    unit_dim: int = -1,
-    max_deriv: float | None = None,
-    **params,
-) -> Tensor:
-    """:func:`activation_stats` of ``L`` calls at once: ``z``, ``y`` are stacked ``[L, batch, ...]``.
+def summarize_stacked(z: Tensor | None, y: Tensor, *, unit_dim: int = -1, **options) -> Tensor:
+    """:func:`summarize` of ``L`` calls at once: ``z``, ``y`` are stacked ``[L, batch, ...]``.
 
     Returns an ``[L, 7]`` float64 tensor; one reduction kernel per statistic serves all ``L``
     calls (the monitor stacks the same-shaped outputs of all layers of one kind).
 
     Example:
         >>> import torch
-        >>> from vanishing.stats.activations import activation_stats_stacked
+        >>> from vanishing.stats.activations import summarize_stacked
         >>> y = torch.sigmoid(torch.zeros(3, 4, 2))   # three calls, output 0.5 everywhere
-        >>> activation_stats_stacked("sigmoid", None, y)[:, 2].tolist()   # mean sigmoid'(0)
+        >>> d = lambda z, y: y * (1 - y)
+        >>> summarize_stacked(None, y, derivative=d, bound=0.25, saturates=True)[:, 2].tolist()
         [0.25, 0.25, 0.25]
     """
     y = y.detach()
     work = y.reshape(y.shape[0], -1)
     work = work.clone() if work.dtype in (torch.float32, torch.float64) else work.float()
-    return stats_into(
-        kind,
+    return summarize_into(
         z.detach() if z is not None else None,
         y,
         work,
         torch.empty_like(work),
         unit_dim=unit_dim,
-        max_deriv=max_deriv,
-        **params,
+        **options,
     )
 
 
-def stats_into(
-    kind: str,
+def summarize_into(
     z: Tensor | None,
     y: Tensor,
     work: Tensor,
     scratch: Tensor,
     *,
+    derivative: Callable[..., Tensor | None],
+    bound: float,
+    params: Mapping[str, Any] | None = None,
+    output_derivative: Callable[[Tensor, Tensor], Tensor] | None = None,
+    saturates: bool = False,
+    signed: bool = False,
+    can_die: bool = False,
     unit_dim: int = -1,
-    max_deriv: float | None = None,
-    **params,
 ) -> Tensor:
-    """:func:`activation_stats_stacked` computed in two caller-owned ``[L, N]`` buffers.
+    """:func:`summarize_stacked` computed in two caller-owned ``[L, N]`` buffers.
 
     ``work`` holds a copy of ``y`` (flattened per call) and is overwritten, like ``scratch``.
     Everything is in-place float arithmetic on those two buffers (boolean reductions and fresh
     multi-megabyte temporaries are what make such statistics slow on a CPU), so a caller that
     keeps the buffers between steps pays no allocation at all.
+
+    The activation comes in as: ``derivative(z, y, **params)``, ``phi'`` elementwise for one
+    call's layout (the ``L`` calls are merged into the batch axis), None when it cannot be
+    computed from what is given; ``output_derivative(y, out)``, if given, ``phi'`` from the
+    output alone written into ``out`` (used instead of ``derivative``); ``bound``, the maximum
+    of ``|phi'|``; ``saturates``: it has flat tails (else the saturated share is NaN);
+    ``signed``: ``phi'`` can be negative; ``can_die``: its units can die (else the dead share
+    is NaN).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.stats.activations import summarize_into
+        >>> y = torch.tanh(torch.tensor([[[0.0, 20.0]]]))       # one call, two entries
+        >>> work = y.reshape(1, -1).clone()
+        >>> d = lambda z, y: 1 - y * y
+        >>> summarize_into(None, y, work, torch.empty_like(work), derivative=d, bound=1.0,
+        ...                saturates=True)[0, 2:4].tolist()      # mean phi', saturated share
+        [0.5, 0.5]
     """
     L = work.shape[0]
     nan = torch.full((L,), float("nan"), dtype=work.dtype, device=work.device)
     p02, p98 = _percentiles(work)  # before `work` is overwritten
     dead = nan
-    if kind in _HAS_OFF_SIDE and y.dim() >= 3:
+    if can_die and y.dim() >= 3:
         x = z if z is not None else y
         unit = unit_dim % (y.dim() - 1) + 1  # the unit axis of one call's tensor, shifted by L
         others = [i for i in range(1, x.dim()) if i != unit]
         peak = x.amax(dim=others)  # [L, units]: a unit is dead if even its peak input is <= 0
         dead = (peak <= 0).to(work.dtype).mean(dim=1)
     mean = work.mean(dim=1)
-    d = _derivative_into(kind, z, y, work, scratch, params)
+    if output_derivative is not None:
+        d = output_derivative(work, scratch)
+    else:
+        d = derivative(_one_batch(z), _one_batch(y), **(params or {}))
+        if d is not None:
+            d = scratch.copy_(d.reshape(scratch.shape))
     if d is None:
         deriv_mean, saturated = nan, nan
     else:
         deriv_mean = d.mean(dim=1)
-        if kind in _HAS_TAIL:
-            bound = max_deriv if max_deriv is not None else max_derivative(kind)
-            if kind in _SIGNED_DERIVATIVE:
+        if saturates:
+            if signed:
                 d.abs_()
             # 1.0 where |phi'| < threshold, else 0.0, written over d: one pass, no bool tensor
             saturated = torch.lt(d, SATURATION_THRESHOLD * bound, out=d).mean(dim=1)
@@ -350,6 +171,12 @@ def stats_into(
     else:
         std = nan
     return torch.stack([mean, std, deriv_mean, saturated, dead, p02, p98], dim=1).to(torch.float64)
+
+
+def _one_batch(t: Tensor | None) -> Tensor | None:
+    """``[L, batch, ...]`` as ``[L * batch, ...]``: the layout of one call (channels at dim 1),
+    which per-channel parameters (PReLU's slopes) are shaped for."""
+    return t.flatten(0, 1) if t is not None and t.dim() >= 3 else t
 
 
 def _percentiles(work: Tensor) -> tuple[Tensor, Tensor]:
@@ -376,22 +203,3 @@ def _sample(n: int, device: torch.device) -> Tensor:
     gen = torch.Generator().manual_seed(n)
     positions = torch.randint(0, n, (PERCENTILE_SAMPLE,), generator=gen).sort().values
     return positions.to(device)  # host sync: one copy per output size and device, then cached
-
-
-def _derivative_into(kind, z, y, work, scratch, params) -> Tensor | None:
-    """phi' as an [L, N] tensor, written into ``scratch`` for the common bounded kinds."""
-    if kind == "sigmoid":  # y - y^2, in one pass
-        return torch.addcmul(work, work, work, value=-1.0, out=scratch)
-    if kind == "tanh":  # 1 - y^2, in one pass
-        one = torch.ones((), dtype=work.dtype, device=work.device)
-        return torch.addcmul(one, work, work, value=-1.0, out=scratch)
-    if kind == "softsign":  # (1 - |y|)^2
-        return torch.abs(work, out=scratch).neg_().add_(1.0).square_()
-    if kind == "prelu" and params.get("weight") is not None and y.dim() >= 3:
-        w = params["weight"].detach()
-        if w.numel() > 1:  # one slope per channel: dim 1 of a call's tensor, dim 2 here
-            params = {**params, "weight": w.view([1, 1, -1] + [1] * (y.dim() - 3))}
-    d = derivative(kind, z, y, **params)
-    if d is None:
-        return None
-    return scratch.copy_(d.reshape(scratch.shape))
