@@ -14,7 +14,7 @@ import torch
 
 import vanishing
 from vanishing.experiments.config import parse_config
-from vanishing.experiments.runner import first_last_ratio, run_experiment
+from vanishing.experiments.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
@@ -285,7 +285,7 @@ def test_first_last_ratio_with_batch_norm_reads_the_norm_bias(tmp_path):
         index="step", columns="layer", values="grad_norm"
     )
     expected = float(np.median(b["hidden.0.norm"] / b["hidden.2.norm"]))
-    assert first_last_ratio(run) == pytest.approx(expected)
+    assert run.first_last_ratio() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -381,7 +381,7 @@ def test_cli_run_bad_input_is_one_line_exit_2(tmp_path):
 def test_every_model_kind_trains_with_a_hidden_layer_profile(tmp_path):
     """cnn (batch norm: read at the norms' biases), transformer (attention's in_proj_bias) and a
     stacked GRU (its bias_ih): each run completes and its ratio is first / last of those."""
-    from vanishing.experiments.runner import hidden_layers
+    from vanishing.recorder.semantics import hidden_layers, speed_source
 
     models = {
         "cnn": {"kind": "cnn", "depth": 2, "width": 4, "activation": "relu", "norm": "batch"},
@@ -399,7 +399,8 @@ def test_every_model_kind_trains_with_a_hidden_layer_profile(tmp_path):
         assert summary["status"] == "completed", summary
         run = vanishing.load_run(tmp_path / name)
         hidden = hidden_layers(run.layer_info)
-        assert (hidden[0], hidden[-1]) == first_last[name]
+        sources = tuple(speed_source(run.layer_info, n) for n in (hidden[0], hidden[-1]))
+        assert sources == first_last[name]
         m = run.metrics
         a, b = (
             m[(m.layer == layer) & (m.param == param)].set_index("step")["grad_norm"]

@@ -34,7 +34,7 @@ _LAZY = {
     "WatchError": "vanishing.monitor",
     "load_run": "vanishing.recorder.reader",
     "Run": "vanishing.recorder.reader",
-    "RunError": "vanishing.recorder.reader",
+    "RunError": "vanishing.recorder.errors",
     "inspect": "vanishing.diagnose",
     "Diagnosis": "vanishing.diagnose",
     "Finding": "vanishing.diagnose",
@@ -44,7 +44,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from vanishing.diagnose import Diagnosis, Finding, Remedy, inspect
     from vanishing.monitor import Monitor, WatchError, watch  # noqa: F401
-    from vanishing.recorder.reader import Run, RunError, load_run  # noqa: F401
+    from vanishing.recorder.errors import RunError  # noqa: F401
+    from vanishing.recorder.reader import Run, load_run
 
 
 def __getattr__(name: str) -> Any:

@@ -54,35 +54,55 @@ def register(app: typer.Typer) -> None:
 @dataclass
 class DemoRow:
     label: str
-    speeds: list[float]  # speed of learning per hidden layer, forward order
+    speeds: list[float]  # median over training of each hidden layer's speed, forward order
+    #: each hidden layer's speed over the last one's, recorder.semantics.first_last_ratio
+    relative: list[float | None]
     accuracy: float
     run_dir: Path
     kinds: list[str]
 
     @property
-    def ratio(self) -> float:
-        return self.speeds[0] / self.speeds[-1] if self.speeds and self.speeds[-1] else float("nan")
+    def ratio(self) -> float | None:
+        """First / last hidden layer: the run's :meth:`vanishing.Run.first_last_ratio`."""
+        return self.relative[0] if self.relative else None
 
 
-def hidden_speeds(run_dir: Path, depth: int) -> list[float]:
-    """Median over steps of each hidden layer's bias-gradient norm (Nielsen's speed of learning).
+def hidden_speeds(run) -> list[float]:
+    """Median over the recorded steps of each hidden layer's speed of learning (Nielsen's
+    ``||dC/db||``, read where :func:`vanishing.recorder.semantics.speed_source` says).
 
-    A bias right before a batch norm gets no gradient (the norm subtracts it again); the bias
-    that shifts those pre-activations is the norm's own, so that is the one measured there.
+    Example:
+        >>> import vanishing
+        >>> from vanishing.cli.demo import hidden_speeds
+        >>> from vanishing.report.data import example_run
+        >>> speeds = hidden_speeds(vanishing.load_run(example_run()))
+        >>> len(speeds), speeds[0] < speeds[-1]
+        (6, True)
     """
-    import vanishing
+    return [float(v) for v in run.speeds().median()]
 
-    run = vanishing.load_run(run_dir)
-    table = run.pivot("grad_norm", param="bias")
-    layers = [info for info in run.layer_info if info["role"] == "layer"]
-    effective = [
-        info["name"]
-        for info, nxt in zip(layers, layers[1:] + [None])
-        if not (
-            nxt is not None and nxt["type"].startswith("BatchNorm") and info["type"] == "Linear"
-        )
-    ]
-    return [float(table[name].median()) for name in effective[:depth]]
+
+def relative_speeds(run) -> list[float | None]:
+    """Each hidden layer's speed of learning over the last hidden layer's, in the one definition
+    of the first/last ratio (:func:`vanishing.recorder.semantics.first_last_ratio`: the median
+    of per-step ratios), so that the first entry is the run's first/last ratio.
+
+    Example:
+        >>> import vanishing
+        >>> from vanishing.cli.demo import relative_speeds
+        >>> from vanishing.report.data import example_run
+        >>> run = vanishing.load_run(example_run())
+        >>> rel = relative_speeds(run)
+        >>> rel[0] == run.first_last_ratio(), rel[-1]
+        (True, 1.0)
+    """
+    from vanishing.recorder.semantics import first_last_ratio
+
+    speeds = run.speeds()
+    if speeds.shape[1] < 2:
+        return []
+    last = speeds.iloc[:, -1]
+    return [first_last_ratio(speeds[c], last) for c in speeds.columns]
 
 
 def run_demo(*, out: Path, steps: int, width: int = 16, seed: int = 0) -> list[DemoRow]:
@@ -136,9 +156,15 @@ def run_demo(*, out: Path, steps: int, width: int = 16, seed: int = 0) -> list[D
         run_dir = base / f"{i:02d}-{act}-{init}-{norm}{'-residual' if residual else ''}-d{depth}"
         t0 = time.perf_counter()
         result = train_classifier(model, data, run_dir=run_dir, steps=steps, seed=seed)
-        kinds = load_run(result.run_dir).diagnose().kinds
-        speeds = hidden_speeds(result.run_dir, depth)
-        row = DemoRow(label, speeds, result.test_accuracy, run_dir, kinds)
+        run = load_run(result.run_dir)
+        row = DemoRow(
+            label,
+            hidden_speeds(run),
+            relative_speeds(run),
+            result.test_accuracy,
+            run_dir,
+            run.diagnose().kinds,
+        )
         rows.append(row)
         _write_summary(row, result, steps, time.perf_counter() - t0)
     _print_summary(console, rows, base, time.perf_counter() - started)
@@ -157,7 +183,7 @@ def _write_summary(row: DemoRow, result, steps: int, seconds: float) -> None:
         "test_loss": None,
         "test_metric": result.test_accuracy,
         "metric_name": "accuracy",
-        "first_last_ratio": row.ratio if math.isfinite(row.ratio) else None,
+        "first_last_ratio": row.ratio,
         "kinds": row.kinds,
         "seconds": seconds,
         "error": None,
@@ -169,7 +195,7 @@ def _write_summary(row: DemoRow, result, steps: int, seconds: float) -> None:
 def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> None:
     from rich.table import Table
 
-    table = Table(title="Speed of learning: first vs last hidden layer (median over training)")
+    table = Table(title="Speed of learning: first vs last hidden layer (medians over training)")
     table.add_column("model")
     table.add_column("first hidden", justify="right")
     table.add_column("last hidden", justify="right")
@@ -181,7 +207,7 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
             r.label,
             f"{r.speeds[0]:.2e}",
             f"{r.speeds[-1]:.2e}",
-            f"{r.ratio:.1e}",
+            "-" if r.ratio is None else f"{r.ratio:.1e}",
             f"{r.accuracy:.1%}",
             ", ".join(r.kinds) or "healthy",
         )
@@ -191,13 +217,14 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     layers = Table(title=f"Per-layer speed of learning of the baseline ({baseline.label})")
     layers.add_column("hidden layer", justify="right")
     layers.add_column("||dC/db||", justify="right")
-    layers.add_column("vs last hidden", justify="right")
-    for i, s in enumerate(baseline.speeds):
-        layers.add_row(str(i + 1), f"{s:.2e}", f"{s / baseline.speeds[-1]:.1e}")
+    layers.add_column("vs last hidden (median of per-step ratios)", justify="right")
+    for i, (s, rel) in enumerate(zip(baseline.speeds, baseline.relative)):
+        layers.add_row(str(i + 1), f"{s:.2e}", "-" if rel is None else f"{rel:.1e}")
     console.print(layers)
-    shrink = baseline.speeds[-1] / baseline.speeds[0] if baseline.speeds[0] else float("inf")
+    shrink = 1 / baseline.ratio if baseline.ratio else float("inf")
     console.print(
-        f"In the baseline the first hidden layer learns {shrink:.1e} times slower than the last: "
+        f"In the baseline the first hidden layer learns {shrink:.1e} times slower than the last "
+        "(first / last: the median over the steps of each step's ratio): "
         "each layer multiplies the gradient by sigmoid'(z) <= 1/4 and a weight. The remedies keep "
         "the ratio near 1 (ReLU's derivative is 1 where active; He/Xavier/LeCun init scale weights "
         "to the fan-in; batch norm re-centres inputs away from the flat tails)."

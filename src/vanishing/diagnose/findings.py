@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 KINDS = (
     "vanishing_gradient",
@@ -161,3 +161,18 @@ def unique(remedies: list[Remedy]) -> list[Remedy]:
             seen.add(r.name)
             out.append(r)
     return out
+
+
+class RuleResult(NamedTuple):
+    """What one rule returns: its findings (problems) and its notes (facts that are not
+    problems, for ``Diagnosis.notes``). Rules share no state; the engine collects these.
+
+    Example:
+        >>> from vanishing.diagnose.findings import RuleResult
+        >>> findings, notes = RuleResult([], ["2 layers not judged"])
+        >>> notes
+        ['2 layers not judged']
+    """
+
+    findings: list[Finding]
+    notes: list[str]

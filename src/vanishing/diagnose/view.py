@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vanishing.recorder.reader import NOT_IN_DEPTH_PROFILE as _NOT_IN_PROFILE
-from vanishing.recorder.reader import hidden_layers
+from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, is_normalization
 
 _BOUNDED = {"sigmoid", "tanh", "softsign", "hardtanh"}
 
@@ -25,16 +24,13 @@ class RunView:
         #: per layer, numbers measured on the model itself when it is at hand (``inspect``):
         #: e.g. ``{"rnn": {"sigma_max_recurrent": 0.61}}``
         self.facts: dict[str, dict[str, float]] = facts or {}
-        #: facts the rules found that are not problems (go to ``Diagnosis.notes``)
-        self.notes: list[str] = []
         self.layers: list[dict] = run.layer_info
         self.metrics: pd.DataFrame = run.metrics
         self.steps: pd.DataFrame = run.steps
         self.temporal: pd.DataFrame = run.temporal
         s = self.steps
-        bad = s[(s["loss_nonfinite"] > 0) | (s["grad_nonfinite"] > 0) | (s["param_nonfinite"] > 0)]
         #: the first step with NaN/inf; the other rules judge only the steps before it
-        self.first_nonfinite = int(bad["step"].min()) if not bad.empty else None
+        self.first_nonfinite = first_nonfinite_step(s)
         recorded = sorted(s["step"].tolist())
         if self.first_nonfinite is not None:
             recorded = [x for x in recorded if x < self.first_nonfinite]
@@ -50,8 +46,10 @@ class RunView:
 
     @cached_property
     def hidden(self) -> list[str]:
-        """Layers whose gradient profile tells depth: see :func:`hidden_layers`."""
-        return hidden_layers(self.layers)
+        """Layers whose gradient profile tells depth: the hidden layers (see
+        :func:`vanishing.recorder.semantics.hidden_layers`) that are not recurrent; a recurrent
+        layer's gradient is judged through time instead (:meth:`time_profiles`)."""
+        return [n for n in hidden_layers(self.layers) if not self.by_name[n].get("recurrent")]
 
     def profile(self, stat: str, param: str | None = None) -> pd.DataFrame:
         """step x hidden layer table of ``stat`` over the window (NaN where missing)."""
@@ -128,8 +126,8 @@ class RunView:
 
     @cached_property
     def normalization_layers(self) -> list[str]:
-        """Batch/layer/group-norm layers of the model."""
-        return [n["name"] for n in self.layers if n["type"].startswith(_NOT_IN_PROFILE[2:])]
+        """Normalisation layers of the model (batch, layer, group, RMS, instance norm, ...)."""
+        return [n["name"] for n in self.layers if is_normalization(n["type"])]
 
     def time_profiles(self) -> list[tuple[str, float, int, str]]:
         """Per recurrent layer over the window: (layer, gradient at t=0 / at t=T-1, T, cell type),

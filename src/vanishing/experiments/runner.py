@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from vanishing.monitor import Monitor
 
-__all__ = ["run_experiment", "first_last_ratio", "resolve_device", "SUMMARY", "EVAL", "CONFIG"]
+__all__ = ["run_experiment", "resolve_device", "SUMMARY", "EVAL", "CONFIG"]
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -64,8 +64,9 @@ def run_experiment(
     ``progress(step, loss, monitor)``, if given, is called after every optimizer step (a live
     display reads ``monitor.latest(...)`` at its own rate). The summary is the object written to
     ``summary.json``: status (``completed``, ``diverged`` or ``failed``), steps done, last
-    training loss, test loss and metric, the first/last hidden-layer speed-of-learning ratio,
-    the diagnosis kinds, seconds and the error.
+    training loss, test loss and metric, the first/last hidden-layer speed-of-learning ratio
+    (:func:`vanishing.recorder.semantics.first_last_ratio`), the diagnosis kinds, seconds and
+    the error.
 
     Example:
         >>> import tempfile
@@ -310,7 +311,7 @@ def _summarize(run_dir: Path, state: _State, seconds: float) -> dict[str, Any]:
 
         try:
             run = load_run(run_dir)
-            ratio = first_last_ratio(run)
+            ratio = run.first_last_ratio()
             if not run.steps.empty:
                 kinds = list(run.diagnose().kinds)
         except Exception as e:  # noqa: BLE001 - a summary is written whatever the records hold
@@ -328,88 +329,3 @@ def _summarize(run_dir: Path, state: _State, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "error": state.error,
     }
-
-
-_NORM_TYPES = ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm", "LocalResponse")
-
-
-def _speed_param(info: dict[str, Any]) -> str | None:
-    """The parameter whose gradient norm is the layer's speed of learning: its bias (Nielsen),
-    else a bias-like one (``in_proj_bias``, ``bias_ih_l0``), else its weight."""
-    names = [p["name"] for p in info.get("params", [])]
-    for pick in (
-        lambda n: n == "bias",
-        lambda n: "bias" in n,
-        lambda n: n == "weight",
-        lambda n: "weight" in n,
-    ):
-        found = [n for n in names if pick(n)]
-        if found:
-            return found[0]
-    return names[0] if names else None
-
-
-def hidden_layers(layer_info: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """``(layer, param)`` whose gradient norm is each hidden layer's speed of learning, in
-    forward order: parameter-owning layers except norms, embeddings (token or positional) and
-    the output layer (the last). A layer followed by a batch norm is measured at the norm's bias,
-    because the batch norm cancels its own bias's gradient.
-
-    Example:
-        >>> from vanishing.experiments.runner import hidden_layers
-        >>> lin = lambda n: {"name": n, "role": "layer", "type": "Linear", "num_params": 2,
-        ...                  "params": [{"name": "weight"}, {"name": "bias"}]}
-        >>> bn = {"name": "1", "role": "layer", "type": "BatchNorm1d", "num_params": 2,
-        ...       "params": [{"name": "weight"}, {"name": "bias"}]}
-        >>> hidden_layers([lin("0"), bn, lin("3"), lin("5")])
-        [('1', 'bias'), ('3', 'bias')]
-    """
-    layers = [
-        info
-        for info in layer_info
-        if info.get("role") == "layer" and info.get("num_params", 0) > 0 and info.get("params")
-    ]
-    out = []
-    for i, info in enumerate(layers):
-        kind = info.get("type", "")
-        if kind.startswith(_NORM_TYPES) or "Embedding" in kind:
-            continue
-        source = info
-        nxt = layers[i + 1] if i + 1 < len(layers) else None
-        if nxt is not None and nxt.get("type", "").startswith("BatchNorm"):
-            source = nxt
-        param = _speed_param(source)
-        if param is not None:
-            out.append((source["name"], param))
-    return out[:-1]
-
-
-def first_last_ratio(run: Any) -> float | None:
-    """Median over recorded steps of first-hidden / last-hidden speed of learning (gradient
-    norm, see :func:`hidden_layers`); None with fewer than two hidden layers or no finite step.
-
-    Far below 1: the first layers learn far more slowly than the last (vanishing gradient).
-
-    Example:
-        >>> import vanishing
-        >>> from vanishing.experiments.runner import first_last_ratio
-        >>> first_last_ratio(vanishing.load_run("runs/my-run"))   # doctest: +SKIP
-        0.0021
-    """
-    import numpy as np
-
-    hidden = hidden_layers(run.layer_info)
-    if len(hidden) < 2:
-        return None
-    m = run.metrics
-    if m.empty:
-        return None
-
-    def series(layer: str, param: str):
-        rows = m[(m["layer"] == layer) & (m["param"] == param)]
-        return rows.groupby("step")["grad_norm"].mean()
-
-    first, last = series(*hidden[0]), series(*hidden[-1])
-    ratio = (first / last).to_numpy(dtype=float)
-    ratio = ratio[np.isfinite(ratio)]
-    return float(np.median(ratio)) if len(ratio) else None

@@ -203,24 +203,35 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
-def read_sweep(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every row of a sweep's results store, JSON columns decoded (for reports and analysis).
+def read_sweep(sweep: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every row of a sweep's results store, JSON columns decoded, in the order the runs were
+    added: the one reader of ``sweep.sqlite`` (the reports, the terminal table and analyses
+    call it). ``sweep``: the sweep directory or its ``sweep.sqlite``. Read-only: it may run
+    while the sweep writes. Raises ``ValueError`` when there is no readable store.
 
     Example:
-        >>> from vanishing.experiments.sweep import read_sweep
-        >>> rows = read_sweep("sweeps/sweep_depth_activation")   # doctest: +SKIP
-        >>> rows[0]["params"], rows[0]["summary"]["first_last_ratio"]   # doctest: +SKIP
-        ({'model.activation': 'sigmoid', 'model.depth': 2, 'seed': 0}, 0.41)
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from vanishing.experiments.sweep import SweepStore, plan_sweep, read_sweep
+        >>> d = Path(tempfile.mkdtemp())
+        >>> store = SweepStore(d / "sweep.sqlite"); store.add(plan_sweep({"model": {"depth": [2, 4]}}))
+        >>> store.close()
+        >>> [(r["params"]["model.depth"], r["status"], r["summary"]) for r in read_sweep(d)]
+        [(2, 'pending', None), (4, 'pending', None)]
     """
-    path = Path(sweep_dir) / DB
-    if not path.is_file():
-        raise FileNotFoundError(f"{sweep_dir}: not a sweep directory (no {DB})")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-    conn.row_factory = sqlite3.Row
+    path = Path(sweep)
+    db = path / DB if path.is_dir() else path
+    if not db.is_file():
+        raise ValueError(f"{path}: not a sweep directory (no {DB})")
     try:
-        return [_decode(r) for r in conn.execute("SELECT * FROM runs ORDER BY rowid")]
-    finally:
-        conn.close()
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [_decode(r) for r in conn.execute("SELECT * FROM runs ORDER BY rowid")]
+        finally:
+            conn.close()
+    except (sqlite3.Error, ValueError) as e:
+        raise ValueError(f"{db}: unreadable sweep store ({e})") from e
 
 
 # ----------------------------------------------------------------------------- workers

@@ -10,8 +10,12 @@ once (column projection, a few parts at a time) and keeps
   (``grad_norm``, ``error_norm``, ``update_ratio``, ...) are averaged in log10 space (a geometric
   mean), since they span decades; bounded statistics (``act_*``) arithmetically;
 - the exact rows of a bounded *sample* of steps (evenly spaced, always the first, the middle and
-  the last step, and the first step with NaN/inf), for depth profiles and for diagnosing a large
-  run from a faithful subsample.
+  the last step, and the first step with NaN/inf), for depth profiles; :attr:`RunData.run` is the
+  bounded :class:`vanishing.Run` that holds them, and that a large run is diagnosed from.
+
+The run directory is parsed by :class:`vanishing.Run` (one reader, one set of errors); what the
+records mean (hidden layers, speed of learning, the first/last ratio) comes from
+:mod:`vanishing.recorder.semantics`.
 
 With no more recorded steps than ``max_points`` every bucket is one step and the aggregates are
 the recorded values themselves.
@@ -19,7 +23,6 @@ the recorded values themselves.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,14 +30,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vanishing.recorder.reader import committed_parts, hidden_layers, read_part
-from vanishing.recorder.schema import (
-    ACTIVATION_STATS,
-    MANIFEST,
-    METRIC_COLUMNS,
-    STEP_COLUMNS,
-    TEMPORAL_COLUMNS,
-)
+from vanishing.recorder.errors import RunError
+from vanishing.recorder.reader import Run, committed_parts, read_part, with_all_columns
+from vanishing.recorder.schema import ACTIVATION_STATS, MANIFEST, METRIC_COLUMNS
+from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, speed_source
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +44,6 @@ __all__ = [
     "Agg",
     "as_run_data",
     "example_run",
-    "hidden_layers",
     "LOG_STATS",
     "LINEAR_STATS",
 ]
@@ -92,7 +90,8 @@ class RunData:
     """The bounded, downsampled view of a run directory that the plots and the HTML report read.
 
     ``max_points`` caps the time buckets of every curve; ``max_samples`` caps the steps whose
-    exact rows are kept. Tables are read on first use, each in one streaming pass.
+    exact rows are kept. Tables are read on first use, each in one streaming pass. A path that
+    is not a readable run directory raises :class:`vanishing.RunError`, as ``load_run`` does.
 
     Example:
         >>> import torch, tempfile, vanishing
@@ -120,16 +119,10 @@ class RunData:
     ) -> None:
         if max_points < 3 or max_samples < 3:
             raise ValueError("max_points and max_samples must be at least 3 (first, middle, last)")
-        self.path = Path(path)
-        if not (self.path / MANIFEST).is_file():
-            raise ValueError(
-                f"{self.path}: not a run directory (no manifest.json); "
-                "pass the directory that vanishing.watch(run_dir=...) or vanishing run wrote"
-            )
-        try:
-            self.manifest: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path / MANIFEST}: unreadable manifest ({e})") from e
+        #: the run, bounded to the sampled steps: its tables hold their exact rows
+        self.run = Run(path, max_steps=max_samples)
+        self.path = self.run.path
+        self.manifest: dict[str, Any] = self.run.manifest
         self.max_points = int(max_points)
         self.max_samples = int(max_samples)
         self.max_rows = int(max_rows)
@@ -160,7 +153,7 @@ class RunData:
 
     @property
     def hidden(self) -> list[str]:
-        """Hidden layers (see :func:`hidden_layers`)."""
+        """Hidden layers (see :func:`vanishing.recorder.semantics.hidden_layers`)."""
         return hidden_layers(self.layer_info)
 
     @property
@@ -177,42 +170,40 @@ class RunData:
     def recurrent_layers(self) -> list[str]:
         return [x["name"] for x in self.layer_info if x.get("recurrent")]
 
-    def speed_source(self, layer: str) -> tuple[str, str]:
-        """Where a hidden layer's speed of learning is read: ``(module, parameter)``.
-
-        Nielsen's speed of learning is the bias gradient (the weight's where a layer has no
-        bias). A bias right before a batch norm gets no gradient (the norm subtracts it again);
-        the bias that shifts those pre-activations is the norm's own, so that one is read.
+    def speed_source(self, layer: str) -> tuple[str, str] | None:
+        """Where a hidden layer's speed of learning is read: ``(module, parameter)`` (see
+        :func:`vanishing.recorder.semantics.speed_source`).
 
         Example:
             >>> from vanishing.report.data import RunData, example_run
             >>> RunData(example_run()).speed_source("0")
             ('0', 'bias')
         """
-        info = self.layer_info
-        names = [x["name"] for x in info]
-        if layer in names:
-            for nxt in info[names.index(layer) + 1 :]:
-                if not nxt.get("num_params"):
-                    continue
-                if str(nxt.get("type", "")).startswith("BatchNorm") and any(
-                    p["name"] == "bias" for p in nxt.get("params", [])
-                ):
-                    return nxt["name"], "bias"
-                break
-        params = [p["name"] for p in self.by_name.get(layer, {}).get("params", [])]
-        return layer, "bias" if "bias" in params else "weight"
+        return speed_source(self.layer_info, layer)
+
+    def first_last_ratio(self) -> float | None:
+        """The speed of learning of the first over the last hidden layer, exact from every
+        recorded step (see :meth:`vanishing.Run.first_last_ratio`); None when not defined.
+
+        Example:
+            >>> from vanishing.report.data import RunData, example_run
+            >>> RunData(example_run()).first_last_ratio() < 1e-2   # the first layer learns slower
+            True
+        """
+        return self.run.first_last_ratio()
 
     # ---- side files written by ``vanishing run`` -------------------------------------------
 
     def _json(self, name: str) -> dict[str, Any] | None:
+        import json
+
         p = self.path / name
         if not p.is_file():
             return None
         try:
             value = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: unreadable JSON ({e})") from e
+            raise RunError(f"{p}: unreadable JSON ({e})") from e
         return value if isinstance(value, dict) else {"value": value}
 
     @cached_property
@@ -244,17 +235,7 @@ class RunData:
     @cached_property
     def steps(self) -> pd.DataFrame:
         """Every recorded step's row of the ``steps`` table (one row per step: small)."""
-        import pandas as pd
-        import pyarrow as pa
-
-        tables = [
-            t
-            for p in self._committed("steps")
-            if (t := read_part(p, lambda f: f.read(use_threads=False))) is not None
-        ]
-        if not tables:
-            return pd.DataFrame({c: [] for c in STEP_COLUMNS})
-        df = pa.concat_tables(tables, promote_options="default").to_pandas()
+        df = self.run.all_steps
         return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
     @cached_property
@@ -264,12 +245,9 @@ class RunData:
 
     @cached_property
     def first_nonfinite(self) -> int | None:
-        """The first step with NaN/inf in the loss, a gradient or a weight (None if none)."""
-        s = self.steps
-        if s.empty:
-            return None
-        bad = s[(s["loss_nonfinite"] > 0) | (s["grad_nonfinite"] > 0) | (s["param_nonfinite"] > 0)]
-        return int(bad["step"].min()) if not bad.empty else None
+        """The first step with NaN/inf in the loss, a gradient or a weight (None if none; see
+        :func:`vanishing.recorder.semantics.first_nonfinite_step`)."""
+        return first_nonfinite_step(self.steps)
 
     @cached_property
     def parts(self) -> list[dict[str, Any]]:
@@ -381,24 +359,11 @@ class RunData:
         mk = lambda v: pd.DataFrame({"loss": v})  # noqa: E731
         return Agg(mk(mean), mk(lo), mk(hi), b["x"].to_numpy(), b["start"], b["end"])
 
-    @cached_property
+    @property
     def sample_steps(self) -> list[int]:
         """Steps whose exact rows are kept: evenly spaced, with the first, middle and last
-        recorded steps and the first step with NaN/inf."""
-        import numpy as np
-
-        steps = self.metric_steps
-        n = len(steps)
-        if not n:
-            return []
-        if n <= self.max_samples:
-            return list(steps)
-        idx = set(np.linspace(0, n - 1, self.max_samples - 2).round().astype(int).tolist())
-        idx |= {0, (n - 1) // 2, n - 1}
-        chosen = {steps[i] for i in idx}
-        if self.first_nonfinite is not None and self.first_nonfinite in set(steps):
-            chosen.add(self.first_nonfinite)
-        return sorted(chosen)
+        recorded steps and the first step with NaN/inf (those of :attr:`run`)."""
+        return self.run.sample_steps
 
     def profile_steps(self) -> list[int]:
         """The first, middle and last recorded steps (fewer when the run is shorter)."""
@@ -511,9 +476,14 @@ class RunData:
             for name in ("layer", "param"):
                 i = t.column_names.index(name)
                 t = t.set_column(i, name, t.column(name).cast(pa.string()))
-            self._samples = t.to_pandas()
+            samples_df = with_all_columns(t.to_pandas(), "metrics")
         else:
-            self._samples = pd.DataFrame({c: [] for c in METRIC_COLUMNS})
+            samples_df = pd.DataFrame({c: [] for c in METRIC_COLUMNS})
+        if len(self.read_parts) == len(self.parts):
+            # the pass read every part, so it holds every sampled row: the bounded run needs
+            # no second pass over the metrics
+            self.run._tables.setdefault("metrics", samples_df)
+        self._samples = self.run.metrics
 
     @property
     def samples(self) -> pd.DataFrame:
@@ -589,13 +559,11 @@ class RunData:
         layers in forward order; values read where :meth:`speed_source` says)."""
         import pandas as pd
 
-        sources = {n: self.speed_source(n) for n in self.hidden}
+        sources = {n: src for n in self.hidden if (src := self.speed_source(n))}
         frames: dict[str, list] = {"mean": [], "lo": [], "hi": []}
         first = None
-        for param in ("bias", "weight"):
+        for param in dict.fromkeys(p for _, p in sources.values()):
             wanted = {src: n for n, (src, p) in sources.items() if p == param}
-            if not wanted:
-                continue
             a = self.agg("grad_norm", param, list(wanted))
             first = first or a
             for k in frames:
@@ -618,74 +586,10 @@ class RunData:
         table.columns.name = None
         return table
 
-    @cached_property
+    @property
     def temporal(self) -> pd.DataFrame:
         """Exact ``temporal`` rows at the sampled steps (step, layer, t, length, grad_norm)."""
-        import numpy as np
-        import pandas as pd
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        wanted = np.asarray(self.sample_steps, dtype=np.int64)
-        kept = []
-        for path in self._committed("temporal"):
-            f = pq.ParquetFile(path)
-            span = _step_span(f.metadata)
-            if span is not None and not ((wanted >= span[0]) & (wanted <= span[1])).any():
-                continue  # the footer says no sampled step is in this part: not read
-            t = f.read(use_threads=False)
-            mask = np.isin(t.column("step").to_numpy(), wanted)
-            if mask.any():
-                kept.append(t.filter(pa.array(mask)))
-        if not kept:
-            return pd.DataFrame({c: [] for c in TEMPORAL_COLUMNS})
-        return pa.concat_tables(kept, promote_options="default").to_pandas()
-
-    def write_subsample(self, out: str | os.PathLike) -> Path:
-        """Write a run directory holding only the :attr:`sample_steps` (exact rows), so that a
-        very long run can be diagnosed with bounded memory by ``vanishing.load_run(out)``.
-
-        Example:
-            >>> import tempfile, vanishing
-            >>> from vanishing.report.data import RunData, example_run
-            >>> data = RunData(example_run(), max_samples=4)
-            >>> sample = data.write_subsample(tempfile.mkdtemp() + "/sample")
-            >>> vanishing.load_run(sample).steps["step"].tolist()
-            [0, 9, 19]
-        """
-        import pyarrow as pa
-
-        from vanishing.recorder.writer import RunWriter
-
-        writer = RunWriter(out)
-        writer.write_manifest(self.manifest)
-        steps = self.steps[self.steps["step"].isin(self.sample_steps)]
-        metrics = self.samples
-        temporal = self.temporal
-        tables = {
-            "steps": pa.Table.from_pandas(steps, preserve_index=False),
-            "metrics": pa.Table.from_pandas(metrics, preserve_index=False),
-        }
-        if not temporal.empty:
-            tables["temporal"] = pa.Table.from_pandas(temporal, preserve_index=False)
-        writer.write_block(tables)
-        return Path(out)
-
-
-def _step_span(md: Any) -> tuple[int, int] | None:
-    """(first, last) step of a Parquet file from its footer statistics, or None."""
-    names = md.schema.names
-    if "step" not in names:
-        return None
-    j = names.index("step")
-    lo, hi = [], []
-    for g in range(md.num_row_groups):
-        st = md.row_group(g).column(j).statistics
-        if st is None or not st.has_min_max:
-            return None
-        lo.append(st.min)
-        hi.append(st.max)
-    return (min(lo), max(hi)) if lo else None
+        return self.run.temporal
 
 
 def _reduce(key: np.ndarray, vals: dict) -> tuple[np.ndarray, dict]:

@@ -17,7 +17,6 @@ import datetime as dt
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,12 @@ from vanishing.report.data import RunData, finite_or_none
 
 __all__ = ["write_report", "render_run", "render_sweep", "render_collection", "target_kind"]
 
-#: Runs with more metric rows than this are diagnosed from the sampled steps (the rules read
-#: whole tables into pandas: a 100-layer run of 4,000 steps would take about 20 s and 800 MiB).
+#: how the report labels :func:`vanishing.recorder.semantics.first_last_ratio`
+RATIO_LABEL = "speed of learning, first / last hidden layer (median of per-step ratios)"
+
+#: Runs with more metric rows than this are diagnosed from the sampled steps, i.e. from the
+#: bounded run that :class:`RunData` holds (the rules read whole tables into pandas: a 100-layer
+#: run of 4,000 steps would take about 20 s and 800 MiB).
 EXACT_DIAGNOSIS_ROWS = 250_000
 
 _CSS = """
@@ -130,18 +133,16 @@ def _version() -> str:
 
 
 def _diagnose(data: RunData) -> tuple[Any, str]:
-    """The run's diagnosis and a note on how it was made. Very large runs are diagnosed from an
-    exact subsample of their steps (bounded memory)."""
+    """The run's diagnosis and a note on how it was made. Very large runs are diagnosed from the
+    exact rows of a sample of their steps (:attr:`RunData.run`, bounded memory)."""
     import vanishing
-    from vanishing.recorder.reader import RunError
+    from vanishing.recorder.errors import RunError
 
     total_rows = sum(p["rows"] for p in data.parts)
     try:
         if total_rows <= EXACT_DIAGNOSIS_ROWS or len(data.step_list) <= len(data.sample_steps):
             return vanishing.load_run(data.path).diagnose(), ""
-        with tempfile.TemporaryDirectory(prefix="vanishing-report-") as tmp:
-            data.write_subsample(Path(tmp) / "sample")
-            diag = vanishing.load_run(Path(tmp) / "sample").diagnose()
+        diag = data.run.diagnose()
         note = (
             f"diagnosed from {len(data.sample_steps)} of {len(data.step_list)} recorded steps "
             "(evenly spaced, with the first, middle, last and first non-finite steps), to keep "
@@ -205,22 +206,6 @@ def _median(values: Any) -> float | None:
     return float(np.median(v)) if len(v) else None
 
 
-def first_last_ratio(data: RunData) -> float | None:
-    """Median over time buckets of (first / last hidden layer's speed of learning).
-
-    Example:
-        >>> from vanishing.report.data import RunData, example_run
-        >>> from vanishing.report.html import first_last_ratio
-        >>> first_last_ratio(RunData(example_run())) < 1e-2   # the first layer learns far slower
-        True
-    """
-    speed = data.speed().mean
-    if speed.shape[1] < 2:
-        return None
-    with_both = speed.iloc[:, 0] / speed.iloc[:, -1]
-    return _median(with_both.to_numpy(float))
-
-
 def _summary_rows(data: RunData, diag: Any) -> list[tuple[str, str]]:
     m = data.manifest
     summary = data.summary or {}
@@ -259,11 +244,9 @@ def _summary_rows(data: RunData, diag: Any) -> list[tuple[str, str]]:
         rows.append(
             (f"test {summary.get('metric_name', 'metric')}", _num(summary["test_metric"], "{:.4g}"))
         )
-    ratio = first_last_ratio(data)
+    ratio = data.first_last_ratio()
     if ratio is not None:
-        rows.append(
-            ("speed of learning, first / last hidden layer (median)", _num(ratio, "{:.3g}"))
-        )
+        rows.append((RATIO_LABEL, _num(ratio, "{:.3g}")))
     if diag is not None:
         rows.append(("diagnosis", "healthy" if diag.healthy else _e(", ".join(diag.kinds))))
     return rows
@@ -395,7 +378,7 @@ def _overview_row(data: RunData, label: str) -> tuple[str, dict[str, Any]]:
     if metric is None and data.eval is not None:
         ev = data.eval[data.eval["split"] == "test"]
         metric = ev.sort_values("step")["metric"].iloc[-1] if not ev.empty else None
-    ratio = summary.get("first_last_ratio", first_last_ratio(data))
+    ratio = data.first_last_ratio()
     row = (
         f"<tr><td><code>{_e(label)}</code></td><td>{_e(summary.get('status', data.manifest.get('status', '')))}</td>"
         f'<td class="num">{len(data.step_list)}</td>'
@@ -466,10 +449,11 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
     Example:
         >>> page = render_sweep("sweeps/depth")   # doctest: +SKIP
     """
-    from vanishing.report.plots import _sweep_rows, speed_by_layer, sweep_metric
+    from vanishing.experiments.sweep import read_sweep
+    from vanishing.report.plots import speed_by_layer, sweep_metric
 
     path = Path(path)
-    rows = _sweep_rows(path)
+    rows = read_sweep(path)
     fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))
     counts: dict[str, int] = {}
     for r in rows:

@@ -27,11 +27,11 @@ import io
 import json
 import math
 import os
-import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vanishing import activations as _activations
 from vanishing.report.data import Agg, RunData, as_run_data
 
 if TYPE_CHECKING:
@@ -54,22 +54,8 @@ __all__ = [
     "MAX_DERIVATIVE",
 ]
 
-#: max |phi'(z)| per activation kind, as in ``vanishing.stats.activations.max_derivative``
-#: (repeated here so that drawing needs no torch import; a test checks they agree).
-MAX_DERIVATIVE = {
-    "sigmoid": 0.25,
-    "tanh": 1.0,
-    "softsign": 1.0,
-    "hardtanh": 1.0,
-    "relu": 1.0,
-    "relu6": 1.0,
-    "leaky_relu": 1.0,
-    "prelu": 1.0,
-    "elu": 1.0,
-    "selu": 1.0507009873554805 * 1.6732632423543772,
-    "gelu": 1.1289761,
-    "silu": 1.0998393,
-}
+#: max |phi'(z)| per activation kind with its default options (from the torch-free registry)
+MAX_DERIVATIVE = {a.kind: a.max_derivative() for a in _activations.registered()}
 _MAX_LEGEND = 10  # more lines than this get a colour bar by depth instead of a legend
 _MAX_SHOWN = 8  # activation curves drawn (evenly spaced through depth)
 
@@ -659,34 +645,6 @@ def speed_by_layer(runs: Sequence[Any], labels: Sequence[str] | None = None) -> 
     return fig
 
 
-def _sweep_rows(sweep: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(sweep)
-    db = path / "sweep.sqlite" if path.is_dir() else path
-    if not db.is_file():
-        raise ValueError(f"{path}: not a sweep directory (no sweep.sqlite)")
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        cur = con.execute("SELECT key, params, seed, status, summary, kinds, run_dir FROM runs")
-        rows = []
-        for key, params, seed, status, summary, kinds, run_dir in cur.fetchall():
-            rows.append(
-                {
-                    "key": key,
-                    "params": json.loads(params or "{}"),
-                    "seed": seed,
-                    "status": status,
-                    "summary": json.loads(summary) if summary else None,
-                    "kinds": json.loads(kinds) if kinds else None,
-                    "run_dir": run_dir,
-                }
-            )
-        return rows
-    except sqlite3.Error as e:
-        raise ValueError(f"{db}: unreadable sweep store ({e})") from e
-    finally:
-        con.close()
-
-
 def _fmt(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
@@ -706,7 +664,9 @@ def sweep_metric(
     """
     import numpy as np
 
-    rows = [r for r in _sweep_rows(sweep) if r["summary"]]
+    from vanishing.experiments.sweep import read_sweep
+
+    rows = [r for r in read_sweep(sweep) if r["summary"]]
     fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))
     if not rows or not fields:
         return None

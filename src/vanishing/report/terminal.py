@@ -147,7 +147,6 @@ def run_table(run: Any):
     from rich.text import Text
 
     from vanishing.report.data import as_run_data
-    from vanishing.report.html import first_last_ratio
 
     data = as_run_data(run)
     table = Table(title=f"Run {data.path.name}", show_header=False)
@@ -167,7 +166,7 @@ def run_table(run: Any):
             "speed of learning, last step",
             f"first hidden {_fmt(last[0])}, last hidden {_fmt(last[-1])}",
         )
-        table.add_row("first / last (median)", _fmt(first_last_ratio(data)))
+        table.add_row("first / last (median of per-step ratios)", _fmt(data.first_last_ratio()))
         table.add_row("strip (input → output)", Text("[" + gradient_strip(list(last)) + "]"))
     summary = data.summary or {}
     if summary.get("test_metric") is not None:
@@ -188,9 +187,9 @@ def sweep_table(sweep: str | os.PathLike):
     """
     from rich.table import Table
 
-    from vanishing.report.plots import _sweep_rows
+    from vanishing.experiments.sweep import read_sweep
 
-    rows = _sweep_rows(sweep)
+    rows = read_sweep(sweep)
     fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))
     table = Table(title=f"Sweep {Path(sweep).name}: {len(rows)} runs")
     for f in fields:

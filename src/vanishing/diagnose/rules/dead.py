@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vanishing.diagnose.findings import Finding, Remedy
+from vanishing.diagnose.findings import Finding, Remedy, RuleResult
 from vanishing.diagnose.view import RunView
 
 MIN_DEAD = 0.5  # share of a layer's units off for every example, in (nearly) every step
@@ -16,7 +16,13 @@ MIN_EXAMPLES = 8
 _DEAD_KINDS = {"relu", "relu6"}  # leaky/elu/selu units still pass some gradient when "off"
 
 
-def check(view: RunView) -> list[Finding]:
+def check(view: RunView) -> RuleResult:
+    """The rule: its findings and its notes (see the module doc)."""
+    notes: list[str] = []
+    return RuleResult(_findings(view, notes), notes)
+
+
+def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     rows = view.activation_rows()
     rows = rows[rows["act_dead"].notna()]
     rows = rows[
@@ -30,7 +36,7 @@ def check(view: RunView) -> list[Finding]:
         if (view.by_name.get(n, {}).get("examples_per_unit") or MIN_EXAMPLES) < MIN_EXAMPLES
     }
     if small:
-        view.notes.append(
+        notes.append(
             f"dead units not judged in {len(small)} layer(s): fewer than {MIN_EXAMPLES} examples "
             "per unit in a batch, where a healthy ReLU unit is off for all of them by chance"
         )

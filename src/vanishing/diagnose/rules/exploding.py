@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from vanishing.diagnose.causes import attribute
-from vanishing.diagnose.findings import Finding, Remedy, unique
+from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import RunView, depth_trend, gain_target
 
 #: the first hidden layer gets at least this multiple of the last one's gradient (per unit),
@@ -25,8 +25,9 @@ MIN_FIRST_TO_LAST_TIME_GATED = 1e3
 MAX_UPDATE_RATIO = 1.0  # an update as large as the weight it changes
 
 
-def check(view: RunView) -> list[Finding]:
-    return _through_depth(view) + _through_time(view) + _huge_updates(view)
+def check(view: RunView) -> RuleResult:
+    """The rule: its findings and its notes (see the module doc)."""
+    return RuleResult(_through_depth(view) + _through_time(view) + _huge_updates(view), [])
 
 
 def _through_depth(view: RunView) -> list[Finding]:

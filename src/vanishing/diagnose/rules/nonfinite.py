@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from vanishing.diagnose.findings import Finding, Remedy
+from vanishing.diagnose.findings import Finding, Remedy, RuleResult
 from vanishing.diagnose.view import RunView
+from vanishing.recorder.semantics import nonfinite_steps
 
 
-def check(view: RunView) -> list[Finding]:
+def check(view: RunView) -> RuleResult:
+    """The rule: its findings and its notes (see the module doc)."""
+    return RuleResult(_findings(view), [])
+
+
+def _findings(view: RunView) -> list[Finding]:
     s = view.steps
-    bad = s[(s["loss_nonfinite"] > 0) | (s["grad_nonfinite"] > 0) | (s["param_nonfinite"] > 0)]
-    if bad.empty:
+    bad = nonfinite_steps(s)
+    if not bad:
         return []
-    first = int(bad["step"].min())
+    first = bad[0]
     m = view.metrics
     at = m[(m["step"] == first) & ((m["grad_nonfinite"] > 0) | (m["param_nonfinite"] > 0))]
     at = at.sort_values("depth")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from vanishing.diagnose.findings import Finding, Remedy
+from vanishing.diagnose.findings import Finding, Remedy, RuleResult
 from vanishing.diagnose.view import RunView, gain_target
 
 MIN_SATURATED = 0.5  # share of entries with phi' below 5% of its maximum, median over the window
@@ -13,7 +13,12 @@ MIN_SATURATED = 0.5  # share of entries with phi' below 5% of its maximum, media
 _NOT_JUDGED = {"relu6"}
 
 
-def check(view: RunView) -> list[Finding]:
+def check(view: RunView) -> RuleResult:
+    """The rule: its findings and its notes (see the module doc)."""
+    return RuleResult(_findings(view), [])
+
+
+def _findings(view: RunView) -> list[Finding]:
     rows = view.activation_rows()
     rows = rows[rows["act_saturated"].notna()]
     rows = rows[rows["layer"].map(lambda n: view.activation_of(n) not in _NOT_JUDGED)]

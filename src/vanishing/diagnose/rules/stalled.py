@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-from vanishing.diagnose.findings import Finding, Remedy
+from vanishing.diagnose.findings import Finding, Remedy, RuleResult
 from vanishing.diagnose.view import RunView
+from vanishing.recorder.semantics import is_embedding
 
 MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
 MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
@@ -14,7 +15,13 @@ MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
 LR_GAP = 100.0
 
 
-def check(view: RunView) -> list[Finding]:
+def check(view: RunView) -> RuleResult:
+    """The rule: its findings and its notes (see the module doc)."""
+    notes: list[str] = []
+    return RuleResult(_findings(view, notes), notes)
+
+
+def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     m = view.recent(view.metrics)
     w = m[(m["param"] == "weight") & m["update_ratio"].notna()]
     if w.empty:
@@ -22,9 +29,7 @@ def check(view: RunView) -> list[Finding]:
     med = w.groupby("layer")["update_ratio"].median()
     med = med[med.map(math.isfinite)]
     layers = {x["name"] for x in view.layers if x["role"] == "layer"}
-    med = med[
-        [n in layers and not view.by_name[n]["type"].startswith("Embedding") for n in med.index]
-    ]
+    med = med[[n in layers and not is_embedding(view.by_name[n]["type"]) for n in med.index]]
     # a layer with no gradient at all in the window is not slow but unused (or detached)
     no_grad = (
         m[m["param"] == "weight"]
@@ -33,7 +38,7 @@ def check(view: RunView) -> list[Finding]:
     )
     silent = [n for n in med.index if no_grad.get(n, False)]
     if silent:
-        view.notes.append(
+        notes.append(
             f"{len(silent)} layer(s) received no gradient in the window ("
             + ", ".join(f"'{n}'" for n in silent[:5])
             + (", ..." if len(silent) > 5 else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from vanishing.diagnose.causes import attribute
-from vanishing.diagnose.findings import Finding, Remedy, unique
+from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import _BOUNDED, RunView, depth_trend, gain_target
 
 #: the first hidden layer gets at most this share of the last hidden layer's gradient (per unit)
@@ -19,8 +19,10 @@ MAX_FIRST_TO_LAST_TIME = 1e-3
 GATED = ("LSTM", "GRU")
 
 
-def check(view: RunView) -> list[Finding]:
-    return _through_depth(view) + _through_time(view)
+def check(view: RunView) -> RuleResult:
+    """The rule: its findings and its notes (see the module doc)."""
+    notes: list[str] = []
+    return RuleResult(_through_depth(view) + _through_time(view, notes), notes)
 
 
 def _through_depth(view: RunView) -> list[Finding]:
@@ -184,14 +186,14 @@ def time_cause(view: RunView, layer: str, cell: str, per_step: float) -> tuple[s
     return what + f" (measured: {per_step:.2g} per step)", scale
 
 
-def _through_time(view: RunView) -> list[Finding]:
+def _through_time(view: RunView, notes: list[str]) -> list[Finding]:
     out = []
     for layer, ratio, T, cell in view.time_profiles():
         if not ratio <= MAX_FIRST_TO_LAST_TIME:
             continue
         per_step = ratio ** (1 / max(T - 1, 1)) if ratio > 0 else 0.0
         if cell in GATED:
-            view.notes.append(
+            notes.append(
                 f"{layer} ({cell}): the gradient reaching t=0 is {ratio:.1e} of that at "
                 f"t={T - 1} ({per_step:.2f}x per step); gated cells learn to keep or forget "
                 "through their gates, so this is not judged a problem (if the target needs "

@@ -216,8 +216,10 @@ def make_optimizer(
 def speeds_from_run(run_dir: str | os.PathLike) -> np.ndarray:
     """Speed of learning ``||dC/db_l||`` per recorded step and hidden layer, read from a run.
 
-    The hidden layers are the watched ``Linear`` layers in forward order, all but the last
-    (the output layer). Returns an array of shape ``(recorded steps, hidden layers)``.
+    The hidden layers and where each one's speed is read are those of
+    :mod:`vanishing.recorder.semantics` (here: every ``Linear`` but the output layer, at its
+    bias), as in every other view of a run. Returns an array of shape
+    ``(recorded steps, hidden layers)``.
 
     Example:
         >>> import tempfile
@@ -229,10 +231,7 @@ def speeds_from_run(run_dir: str | os.PathLike) -> np.ndarray:
     """
     from vanishing.recorder.reader import load_run
 
-    run = load_run(run_dir)
-    table = run.pivot("grad_norm", param="bias")
-    linears = [info["name"] for info in run.layer_info if info["type"] == "Linear"]
-    return table[linears[:-1]].to_numpy(dtype=np.float64)
+    return load_run(run_dir).speeds().to_numpy(dtype=np.float64)
 
 
 def train_net(
@@ -514,8 +513,13 @@ def plot_speeds(result: NielsenResult) -> Figure:
     return fig
 
 
-def _ratio(speeds: list[float]) -> float:
-    return speeds[0] / speeds[-1] if speeds[-1] else float("nan")
+def _ratio(net: NetResult, step: int) -> str:
+    """First / last hidden layer at one step of the median curves (the one definition, taken
+    over a window of one step)."""
+    from vanishing.recorder.semantics import first_last_ratio
+
+    value = first_last_ratio(net.curves[:, 0], net.curves[:, -1], steps=[step])
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _fmt(values: list[float] | tuple[float, ...]) -> str:
@@ -548,7 +552,7 @@ def speed_table(result: NielsenResult) -> Table:
             str(net.sizes),
             _fmt(net.init),
             _fmt(net.final),
-            f"{_ratio(net.init):.3g}, {_ratio(net.final):.3g}",
+            f"{_ratio(net, 0)}, {_ratio(net, len(net.curves) - 1)}",
             _fmt(reference) if reference else "-",
         )
     return table

@@ -1,0 +1,232 @@
+"""What a run's records mean: one definition of each idea that several views of a run show.
+
+Pure functions over a run's manifest layer list (``manifest["layers"]``, forward order) and its
+tables. The command line, the sweep table, the HTML report, the terminal views, the demo, the
+reproductions and the diagnosis all call these, so that a number shown in two places is the
+same number:
+
+- :func:`hidden_layers`: which layers are hidden layers;
+- :data:`NORMALIZATION_TYPES`, :func:`is_normalization`, :func:`is_embedding`: the module
+  types that are not part of the gradient's path through depth;
+- :func:`speed_source`: where a hidden layer's speed of learning is read;
+- :func:`first_last_ratio`: the speed of learning of the first over the last hidden layer;
+- :func:`nonfinite_steps`, :func:`first_nonfinite_step`: where NaN/inf appeared.
+
+No torch; numpy and pandas are imported where they are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "NORMALIZATION_TYPES",
+    "EMBEDDING_MARK",
+    "is_normalization",
+    "is_embedding",
+    "hidden_layers",
+    "speed_source",
+    "first_last_ratio",
+    "nonfinite_steps",
+    "first_nonfinite_step",
+]
+
+#: Module type-name prefixes of normalisation layers (``BatchNorm1d``, ``LayerNorm``, ...): they
+#: rescale activations, so their gradient is not a step of the gradient's path through depth.
+NORMALIZATION_TYPES = (
+    "BatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "InstanceNorm",
+    "LocalResponseNorm",
+)
+#: A module type whose name contains this is an embedding (``Embedding``, ``EmbeddingBag``, a
+#: model's ``PositionalEmbedding``): a lookup table that the gradient reaches but does not pass.
+EMBEDDING_MARK = "Embedding"
+
+
+def is_normalization(layer_type: str) -> bool:
+    """Whether a module type name is a normalisation layer.
+
+    Example:
+        >>> from vanishing.recorder.semantics import is_normalization
+        >>> is_normalization("BatchNorm2d"), is_normalization("Linear")
+        (True, False)
+    """
+    return str(layer_type).startswith(NORMALIZATION_TYPES)
+
+
+def is_embedding(layer_type: str) -> bool:
+    """Whether a module type name is an embedding table.
+
+    Example:
+        >>> from vanishing.recorder.semantics import is_embedding
+        >>> is_embedding("EmbeddingBag"), is_embedding("PositionalEmbedding"), is_embedding("Linear")
+        (True, True, False)
+    """
+    return EMBEDDING_MARK in str(layer_type)
+
+
+def hidden_layers(layer_info: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The hidden layers of a run, in forward order.
+
+    Modules of role ``layer`` that own parameters, except normalisation layers and embeddings,
+    and except the last such module (the output layer). Recurrent layers are hidden layers (a
+    stacked RNN's layers are its depth); the diagnosis judges them through time instead, so its
+    depth profile leaves them out.
+
+    Example:
+        >>> from vanishing.recorder.semantics import hidden_layers
+        >>> info = [{"name": n, "role": r, "num_params": p, "type": t}
+        ...         for n, r, p, t in [("0", "layer", 40, "Linear"), ("1", "activation", 0, "Sigmoid"),
+        ...                            ("2", "layer", 72, "Linear"), ("3", "layer", 16, "BatchNorm1d"),
+        ...                            ("4", "layer", 9, "Linear")]]
+        >>> hidden_layers(info)
+        ['0', '2']
+    """
+    names = [
+        str(layer["name"])
+        for layer in layer_info
+        if layer.get("role") == "layer"
+        and (layer.get("num_params") or 0) > 0
+        and not is_normalization(layer.get("type", ""))
+        and not is_embedding(layer.get("type", ""))
+    ]
+    return names[:-1]
+
+
+def _speed_param(params: Sequence[str]) -> str | None:
+    # Nielsen's speed of learning is ||dC/db||; a layer without a plain ``bias`` has a bias-like
+    # one (``in_proj_bias``, ``bias_ih_l0``) or, failing that, only its weight to read
+    for pick in (
+        lambda n: n == "bias",
+        lambda n: "bias" in n,
+        lambda n: n == "weight",
+        lambda n: "weight" in n,
+    ):
+        found = [n for n in params if pick(n)]
+        if found:
+            return found[0]
+    return params[0] if params else None
+
+
+def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[str, str] | None:
+    """Where a hidden layer's speed of learning is read: ``(module, parameter)``, or None when
+    the layer has no parameter to read.
+
+    The speed of learning is the gradient norm of the layer's ``bias`` (Nielsen's
+    ``||dC/db||``); else of a bias-like parameter (``in_proj_bias``, ``bias_ih_l0``); else of
+    its ``weight``; else of a weight-like one. A layer whose output goes straight into a batch
+    norm is read at the norm's bias: the norm subtracts the mean, so the layer's own bias gets
+    no gradient, and the norm's bias is what shifts those pre-activations.
+
+    Example:
+        >>> from vanishing.recorder.semantics import speed_source
+        >>> lin = lambda n: {"name": n, "role": "layer", "type": "Linear", "num_params": 2,
+        ...                  "params": [{"name": "weight"}, {"name": "bias"}]}
+        >>> bn = {"name": "1", "role": "layer", "type": "BatchNorm1d", "num_params": 2,
+        ...       "params": [{"name": "weight"}, {"name": "bias"}]}
+        >>> info = [lin("0"), bn, lin("3"), lin("5")]
+        >>> speed_source(info, "0"), speed_source(info, "3")
+        (('1', 'bias'), ('3', 'bias'))
+    """
+    names = [str(x["name"]) for x in layer_info]
+    if layer not in names:
+        return None
+    i = names.index(layer)
+    nxt = layer_info[i + 1] if i + 1 < len(layer_info) else None
+    if (
+        nxt is not None
+        and str(nxt.get("type", "")).startswith("BatchNorm")
+        and any(p["name"] == "bias" for p in nxt.get("params", []))
+    ):
+        return str(nxt["name"]), "bias"
+    param = _speed_param([str(p["name"]) for p in layer_info[i].get("params", [])])
+    return (layer, param) if param is not None else None
+
+
+def first_last_ratio(first: Any, last: Any, *, steps: Iterable[int] | None = None) -> float | None:
+    """The speed of learning of the first hidden layer over that of the last hidden layer.
+
+    Definition: the median, over the recorded steps, of that step's ratio
+    ``speed(first hidden layer) / speed(last hidden layer)`` (speeds as :func:`speed_source`
+    says). Steps where the ratio is not a finite number (a layer not recorded at that step,
+    NaN/inf, a last layer with zero gradient) are left out; None when no step is left. Each
+    step's ratio compares the two layers on the same batch and weights, so a noisy batch moves
+    both; the median keeps one spike from moving the result. Far below 1: the first layers learn
+    far more slowly than the last (a vanishing gradient); far above 1: an exploding one.
+
+    ``first`` and ``last``: the two layers' speeds per step, as pandas Series indexed by step
+    (aligned on it) or as equal-length sequences (index = position). ``steps``: only these
+    steps (default: every recorded one), e.g. ``[0]`` for the ratio at initialisation.
+
+    Example:
+        >>> from vanishing.recorder.semantics import first_last_ratio
+        >>> first_last_ratio([1e-3, 2e-3, 4e-3], [1.0, 1.0, 2.0])   # ratios 1e-3, 2e-3, 2e-3
+        0.002
+        >>> first_last_ratio([1e-3, 2e-3, 4e-3], [1.0, 1.0, 2.0], steps=[0])
+        0.001
+        >>> first_last_ratio([1.0, float("nan")], [0.0, 1.0]) is None
+        True
+    """
+    import numpy as np
+    import pandas as pd
+
+    a = first if isinstance(first, pd.Series) else pd.Series(np.asarray(first, dtype=float))
+    b = last if isinstance(last, pd.Series) else pd.Series(np.asarray(last, dtype=float))
+    a, b = a.groupby(level=0).mean(), b.groupby(level=0).mean()  # one value per step
+    a, b = a.align(b, join="inner")
+    if steps is not None:
+        keep = a.index.isin(list(steps))
+        a, b = a[keep], b[keep]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = a.to_numpy(dtype=float) / b.to_numpy(dtype=float)
+    ratio = ratio[np.isfinite(ratio)]
+    return float(np.median(ratio)) if len(ratio) else None
+
+
+_NONFINITE_COLUMNS = ("loss_nonfinite", "grad_nonfinite", "param_nonfinite")
+
+
+def nonfinite_steps(steps: Any) -> list[int]:
+    """The recorded steps with NaN/inf in the loss, a gradient or a weight, ascending.
+
+    ``steps``: a run's ``steps`` table (a DataFrame with ``step`` and the ``*_nonfinite``
+    counts; a column a run did not record counts as zero).
+
+    Example:
+        >>> import pandas as pd
+        >>> from vanishing.recorder.semantics import nonfinite_steps
+        >>> s = pd.DataFrame({"step": [0, 1, 2, 3], "loss_nonfinite": [0, 0, 1, 1],
+        ...                   "grad_nonfinite": [0, 3, 0, 0], "param_nonfinite": [0, 0, 0, 0]})
+        >>> nonfinite_steps(s)
+        [1, 2, 3]
+    """
+    if steps is None or len(steps) == 0:
+        return []
+    bad = None
+    for column in _NONFINITE_COLUMNS:
+        if column in steps:
+            hit = steps[column].fillna(0) > 0
+            bad = hit if bad is None else bad | hit
+    if bad is None:
+        return []
+    return sorted(int(s) for s in steps.loc[bad, "step"])
+
+
+def first_nonfinite_step(steps: Any) -> int | None:
+    """The first recorded step with NaN/inf in the loss, a gradient or a weight (None if none);
+    the diagnosis judges the other kinds only on the steps before it.
+
+    Example:
+        >>> import pandas as pd
+        >>> from vanishing.recorder.semantics import first_nonfinite_step
+        >>> s = pd.DataFrame({"step": [0, 1, 2], "loss_nonfinite": [0, 0, 1],
+        ...                   "grad_nonfinite": [0, 0, 2], "param_nonfinite": [0, 0, 0]})
+        >>> first_nonfinite_step(s), first_nonfinite_step(s[s.step < 2])
+        (2, None)
+    """
+    bad = nonfinite_steps(steps)
+    return bad[0] if bad else None

@@ -1,0 +1,105 @@
+"""The public names, finding kinds and remedy names are exactly those of the contract.
+
+The expected lists are written out here, so that this test runs anywhere; when the contract file
+sits beside the repository (``../shared/contract.md``, locally and in CI) it is parsed too and
+must agree with them, so that a change to either one without the other is caught.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import vanishing
+from vanishing.diagnose import KINDS, REMEDIES
+
+CONTRACT = Path(__file__).resolve().parents[1] / ".." / "shared" / "contract.md"
+
+#: ``vanishing.__all__``: the contract's API plus the classes its objects are instances of
+EXPECTED_ALL = [
+    "watch",
+    "Monitor",
+    "load_run",
+    "Run",
+    "inspect",
+    "Diagnosis",
+    "Finding",
+    "Remedy",
+    "__version__",
+]
+#: the names the contract's "Python API" section uses as ``vanishing.<name>``
+CONTRACT_API = ["Diagnosis", "inspect", "load_run", "watch"]
+EXPECTED_KINDS = [
+    "vanishing_gradient",
+    "exploding_gradient",
+    "saturated_activations",
+    "dead_units",
+    "stalled_layers",
+    "non_finite",
+]
+EXPECTED_REMEDIES = [
+    "relu",
+    "leaky_relu",
+    "prelu",
+    "elu",
+    "selu",
+    "gelu",
+    "he_init",
+    "xavier_init",
+    "orthogonal_init",
+    "lecun_init",
+    "batch_norm",
+    "layer_norm",
+    "residual",
+    "lstm",
+    "gru",
+    "gradient_clipping",
+    "lower_learning_rate",
+    "higher_learning_rate",
+    "layerwise_pretraining",
+    "input_scaling",
+    "forget_gate_bias",
+]
+# Pending: the contract's "Additions (2026-12-01), binding once built" are not built yet, so
+# they are expected in the contract but not in the package: the remedy names below, and
+# vanishing.sinks, vanishing.repair, vanishing.theory, run.report / mon.report, the trainer
+# integrations and the fix / compare commands. Whoever builds one moves it into the lists above.
+PENDING_REMEDIES = ["pre_layer_norm", "learning_rate_warmup", "zero_init_residual"]
+
+
+def test_all_is_exactly_the_documented_names():
+    assert list(vanishing.__all__) == EXPECTED_ALL
+    for name in vanishing.__all__:
+        assert getattr(vanishing, name) is not None
+    assert set(CONTRACT_API) <= set(EXPECTED_ALL)
+
+
+def test_finding_kinds_and_remedy_names_are_the_vocabulary():
+    assert list(KINDS) == EXPECTED_KINDS
+    assert list(REMEDIES) == EXPECTED_REMEDIES
+    assert not set(PENDING_REMEDIES) & set(REMEDIES)
+
+
+def _section(text: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, f"the contract has no section {title!r}"
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def contract() -> str:
+    if not CONTRACT.is_file():
+        pytest.skip(f"{CONTRACT} is not here: only the embedded lists are checked")
+    return CONTRACT.read_text()
+
+
+def test_embedded_lists_agree_with_the_contract(contract):
+    api = _section(contract, "Python API")
+    assert sorted(set(re.findall(r"\bvanishing\.([A-Za-z_]\w*)\b", api))) == CONTRACT_API
+    kinds = re.findall(r"^\| `(\w+)` \|", _section(contract, "Finding kinds"), re.M)
+    assert kinds == EXPECTED_KINDS
+    remedies = re.findall(r"`(\w+)`", _section(contract, "Remedy names"))
+    assert remedies == EXPECTED_REMEDIES
+    additions = _section(contract, "Additions (2026-12-01), binding once built")
+    new = re.search(r"New remedy names:(.*?)\n\n", additions, re.S)
+    assert new and re.findall(r"`(\w+)`", new.group(1)) == PENDING_REMEDIES

@@ -1,0 +1,163 @@
+"""recorder.semantics against hand-computed values, and the readers that use it."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import vanishing
+from helpers import mlp, train
+from vanishing.recorder.semantics import (
+    first_last_ratio,
+    first_nonfinite_step,
+    hidden_layers,
+    is_embedding,
+    is_normalization,
+    nonfinite_steps,
+    speed_source,
+)
+
+
+def _layer(name, kind, params=("weight", "bias"), role="layer", recurrent=False):
+    return {
+        "name": name,
+        "type": kind,
+        "role": role,
+        "recurrent": recurrent,
+        "num_params": 3 * len(params),
+        "params": [{"name": p, "shape": [3], "numel": 3} for p in params],
+    }
+
+
+INFO = [
+    _layer("tok", "Embedding", ("weight",)),
+    _layer("pos", "PositionalEmbedding", ("weight",)),
+    _layer("in", "Linear"),
+    _layer("bn", "BatchNorm1d"),
+    _layer("act", "ReLU", (), role="activation"),
+    _layer("attn", "MultiheadAttention", ("in_proj_weight", "in_proj_bias")),
+    _layer("ln", "LayerNorm"),
+    _layer("rnn", "GRU", ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0"), recurrent=True),
+    _layer("nobias", "Linear", ("weight",)),
+    _layer("act2", "Tanh", (), role="activation"),
+    _layer("bn2", "BatchNorm1d"),
+    _layer("head", "Linear"),
+]
+
+
+def test_normalization_and_embedding_types():
+    assert [is_normalization(t) for t in ("BatchNorm2d", "RMSNorm", "LocalResponseNorm")] == [
+        True
+    ] * 3
+    assert not is_normalization("Linear") and not is_normalization("Embedding")
+    assert is_embedding("Embedding") and is_embedding("EmbeddingBag")
+    assert is_embedding("PositionalEmbedding") and not is_embedding("Linear")
+
+
+def test_hidden_layers_leave_out_norms_embeddings_activations_and_the_output():
+    assert hidden_layers(INFO) == ["in", "attn", "rnn", "nobias"]
+    assert hidden_layers(INFO[:3]) == []  # only the output layer: no hidden layer
+    assert hidden_layers([]) == []
+
+
+def test_speed_source_reads_the_bias_or_the_batch_norm_that_cancels_it():
+    sources = {n: speed_source(INFO, n) for n in hidden_layers(INFO)}
+    assert sources == {
+        "in": ("bn", "bias"),  # straight into a batch norm: the norm's bias
+        "attn": ("attn", "in_proj_bias"),
+        "rnn": ("rnn", "bias_ih_l0"),
+        "nobias": ("nobias", "weight"),  # an activation before the norm: its own parameter
+    }
+    assert speed_source(INFO, "act") is None  # no parameter to read
+    assert speed_source(INFO, "missing") is None
+
+
+def test_first_last_ratio_is_the_median_of_per_step_ratios():
+    first = pd.Series([1.0, 2.0, 3.0, 100.0, 5.0], index=[0, 1, 2, 3, 4])
+    last = pd.Series([10.0, 10.0, 10.0, 10.0, 0.0, 7.0], index=[0, 1, 2, 3, 4, 5])
+    # step 4: last is 0 (left out); step 5: no first (left out); ratios 0.1, 0.2, 0.3, 10
+    assert first_last_ratio(first, last) == pytest.approx(0.25)
+    assert first_last_ratio(first, last, steps=[0, 1, 2]) == pytest.approx(0.2)
+    assert first_last_ratio(first, last, steps=[4, 5]) is None
+    # not the ratio of the medians (2.5 / 10 would be 0.25 here too, so a case where they differ)
+    a, b = [1.0, 1.0, 4.0], [1.0, 4.0, 4.0]
+    assert first_last_ratio(a, b) == pytest.approx(1.0)
+    assert np.median(a) / np.median(b) == pytest.approx(0.25)
+    assert first_last_ratio([0.0, 0.0, 1.0], [1.0, 1.0, 1.0]) == 0.0  # a first layer at zero
+    assert first_last_ratio([], []) is None
+
+
+def test_nonfinite_steps():
+    s = pd.DataFrame(
+        {
+            "step": [0, 1, 2, 3, 4],
+            "loss_nonfinite": [0, 0, 0, 1, 0],
+            "grad_nonfinite": [0, 0, 2, 0, 0],
+            "param_nonfinite": [0, 0, 0, 0, 5],
+        }
+    )
+    assert nonfinite_steps(s) == [2, 3, 4]
+    assert first_nonfinite_step(s) == 2
+    assert first_nonfinite_step(s[s.step < 2]) is None
+    assert first_nonfinite_step(s.drop(columns=["grad_nonfinite"])) == 3  # older runs
+    assert first_nonfinite_step(pd.DataFrame({"step": []})) is None
+
+
+@pytest.fixture(scope="module")
+def sigmoid_run(tmp_path_factory):
+    torch.manual_seed(0)
+    model = mlp(depth=5, width=12, act=nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    d = tmp_path_factory.mktemp("sem") / "run"
+    with vanishing.watch(model, optimizer=opt, run_dir=d, flush_every=4):
+        train(model, opt, steps=25)
+    return d
+
+
+def test_run_ratio_by_hand_and_in_every_reader(sigmoid_run):
+    from vanishing.report.data import RunData
+
+    run = vanishing.load_run(sigmoid_run)
+    hidden = run.hidden
+    bias = run.pivot("grad_norm", param="bias")
+    by_hand = float(np.median((bias[hidden[0]] / bias[hidden[-1]]).to_numpy()))
+    assert run.first_last_ratio() == pytest.approx(by_hand, rel=1e-12)
+    bounded = vanishing.load_run(sigmoid_run, max_steps=5)
+    assert 3 <= len(set(bounded.metrics["step"])) <= 5  # few rows in memory ...
+    assert bounded.first_last_ratio() == pytest.approx(by_hand, rel=1e-12)  # ... same number
+    data = RunData(sigmoid_run, max_points=4, max_samples=5)
+    assert data.first_last_ratio() == pytest.approx(by_hand, rel=1e-12)
+    np.testing.assert_allclose(run.speeds().to_numpy(), bias[hidden].to_numpy(), rtol=1e-12)
+
+
+def test_bounded_run_samples_steps_and_keeps_the_first_nonfinite(tmp_path):
+    torch.manual_seed(0)
+    model = mlp(depth=2, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, optimizer=opt, run_dir=tmp_path / "r", flush_every=5) as mon:
+        train(model, opt, steps=12)
+        with torch.no_grad():
+            model[0].weight[0, 0] = math.nan
+        train(model, opt, steps=3)
+    run = vanishing.load_run(mon.run_dir, max_steps=4)
+    assert len(run.all_steps) == 15 and run.first_nonfinite_step == 12
+    assert run.sample_steps[0] == 0 and run.sample_steps[-1] == 14
+    assert 12 in run.sample_steps and 7 in run.sample_steps  # first non-finite, middle
+    assert sorted(set(run.metrics["step"])) == run.sample_steps
+    assert run.steps["step"].tolist() == run.sample_steps
+    assert "non_finite" in run.diagnose().kinds
+    with pytest.raises(ValueError, match="at least 3"):
+        vanishing.load_run(mon.run_dir, max_steps=2)
+
+
+def test_one_error_for_a_path_that_is_not_a_run(tmp_path):
+    from vanishing.report.data import RunData
+
+    for read in (vanishing.load_run, RunData):
+        with pytest.raises(vanishing.RunError, match="not a run directory"):
+            read(tmp_path)
+        with pytest.raises(vanishing.RunError, match="no such run directory"):
+            read(tmp_path / "missing")
