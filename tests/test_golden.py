@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 
 import vanishing
-
 from golden.scenarios import SCENARIOS
 
 GOLDEN = Path(__file__).parent / "golden" / "recorded"

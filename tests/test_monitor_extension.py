@@ -15,13 +15,15 @@ from vanishing.probes import Column, Probe
 
 def _batches(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)
+    ]
 
 
 def _closure_loop(model, opt, batches, *, closure=True):
     for x, y in batches:
 
-        def step_closure():
+        def step_closure(x=x, y=y):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
@@ -42,7 +44,7 @@ def _true_first_evaluations(model, make_opt, batches):
     for x, y in batches:
         first = []
 
-        def step_closure():
+        def step_closure(x=x, y=y, first=first):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
@@ -113,7 +115,9 @@ class MaxAbsWeight(Probe):
         self.params = [r.param for r in ctx.layout.params]
 
     def measure(self, row):
-        row.set_params("weight_max_abs", torch.stack([p.detach().abs().max() for p in self.params]).double())
+        row.set_params(
+            "weight_max_abs", torch.stack([p.detach().abs().max() for p in self.params]).double()
+        )
 
 
 class GradMaxAbs(Probe):
@@ -140,7 +144,9 @@ class GradMaxAbs(Probe):
 
     def measure(self, row):
         rows = sorted(self.seen)
-        row.set_modules("out_abs_max", rows, torch.stack([self.seen[i] for i in rows]).reshape(-1, 1))
+        row.set_modules(
+            "out_abs_max", rows, torch.stack([self.seen[i] for i in rows]).reshape(-1, 1)
+        )
         row.set_step("grad_sq_total", self.total)
 
     def reset(self):
@@ -250,3 +256,119 @@ def test_something_that_is_not_a_sink_or_probe_is_refused(run_dir):
         vanishing.watch(mlp(), run_dir=run_dir, sinks=[object()])
     with pytest.raises(vanishing.WatchError, match="is not a probe"):
         vanishing.watch(mlp(), run_dir=run_dir, probes=[object()])
+
+
+def test_clipping_shows_as_the_ratio_of_the_two_total_norms(run_dir):
+    from vanishing.probes import ClippingProbe
+
+    torch.manual_seed(0)
+    model = mlp(act=nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before, after = [], []
+    with vanishing.watch(model, opt, run_dir=run_dir, probes=[ClippingProbe()]):
+        for i, (x, y) in enumerate(_batches(4)):
+            opt.zero_grad()
+            scale = 100.0 if i % 2 == 0 else 0.01  # clipping engages on even steps only
+            (scale * nn.functional.cross_entropy(model(x), y)).backward()
+            grads = [p.grad.double() for p in model.parameters()]
+            before.append(torch.cat([g.reshape(-1) for g in grads]).norm().item())
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            grads = [p.grad.double() for p in model.parameters()]
+            after.append(torch.cat([g.reshape(-1) for g in grads]).norm().item())
+            opt.step()
+    steps = vanishing.load_run(run_dir).steps
+    assert steps.grad_norm_backward.tolist() == pytest.approx(before, rel=1e-6)
+    assert steps.grad_norm_step.tolist() == pytest.approx(after, rel=1e-6)
+    ratio = (steps.grad_norm_step / steps.grad_norm_backward).tolist()
+    assert ratio[0] < 0.1 and ratio[2] < 0.1  # clipped hard
+    assert ratio[1] == pytest.approx(1.0) and ratio[3] == pytest.approx(1.0)  # not clipped
+
+
+def test_the_grad_scaler_scale_is_recorded_per_step(run_dir):
+    from vanishing.probes import ClippingProbe
+
+    torch.manual_seed(0)
+    model = mlp()
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scales = []
+    with vanishing.watch(model, opt, run_dir=run_dir, scaler=scaler, probes=[ClippingProbe()]):
+        for i, (x, y) in enumerate(_batches(4)):
+            opt.zero_grad()
+            scales.append(scaler.get_scale())
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            if i == 1:
+                model[0].weight.grad[0, 0] = float("inf")  # an overflow: the step is skipped
+            scaler.step(opt)
+            scaler.update()
+    run = vanishing.load_run(run_dir)
+    assert run.steps.skipped.tolist() == [0, 1, 0]
+    assert run.steps.amp_scale.tolist() == [scales[0], scales[2], scales[3]]
+    assert scales[2] == scales[1] / 2  # the scaler backed off after the overflow
+    # the backward-end total norm is unscaled: the same as without AMP at step 0
+    x, y = _batches(1)[0]
+    nn.functional.cross_entropy(plain(x), y).backward()
+    true = torch.cat([p.grad.reshape(-1) for p in plain.parameters()]).norm().item()
+    assert run.steps.grad_norm_backward[0] == pytest.approx(true, rel=1e-5)
+
+
+def _train_steps(model, opt, n, seed=1):
+    for x, y in _batches(n, seed=seed):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_overwrite_replaces_a_run_and_nothing_else(run_dir):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        _train_steps(model, opt, 4)
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "summary.json").write_text("{}")
+    with pytest.raises(vanishing.WatchError, match="overwrite=True to replace it"):
+        vanishing.watch(model, opt, run_dir=run_dir)
+    with vanishing.watch(model, opt, run_dir=run_dir, overwrite=True):
+        _train_steps(model, opt, 2)
+    assert vanishing.load_run(run_dir).steps.step.tolist() == [0, 1]
+    assert (run_dir / "notes.txt").read_text() == "mine"  # not the run's: kept
+    assert not (run_dir / "summary.json").exists()  # the old run's: gone with it
+
+
+def test_resume_continues_the_run_in_the_same_directory(run_dir):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=run_dir, flush_every=2) as first:
+        _train_steps(model, opt, 3)
+    created = vanishing.load_run(run_dir).manifest["created"]
+    with vanishing.watch(model, opt, run_dir=run_dir, resume=True, flush_every=2) as again:
+        assert again.step == 3
+        _train_steps(model, opt, 2, seed=2)
+    run = vanishing.load_run(run_dir)
+    assert run.steps.step.tolist() == [0, 1, 2, 3, 4]
+    assert run.manifest["created"] == created and run.manifest["resumed_at"] == [3]
+    assert run.manifest["steps_completed"] == 5 and first.run_dir == again.run_dir
+    assert sorted(run.metrics.step.unique().tolist()) == [0, 1, 2, 3, 4]
+    # a trainer that knows its global step says where to continue
+    with vanishing.watch(model, opt, run_dir=run_dir, resume=True, start_step=10):
+        _train_steps(model, opt, 1)
+    assert vanishing.load_run(run_dir).steps.step.tolist() == [0, 1, 2, 3, 4, 10]
+
+
+def test_resume_refuses_what_would_mix_or_lose_records(run_dir, tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(vanishing.WatchError, match="no run to resume"):
+        vanishing.watch(model, opt, run_dir=run_dir, resume=True)
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        _train_steps(model, opt, 3)
+    other = mlp(depth=2)
+    with pytest.raises(vanishing.WatchError, match="another model"):
+        vanishing.watch(other, run_dir=run_dir, resume=True)
+    with pytest.raises(vanishing.WatchError, match="recorded twice"):
+        vanishing.watch(model, opt, run_dir=run_dir, resume=True, start_step=1)
+    with pytest.raises(vanishing.WatchError, match="contradict"):
+        vanishing.watch(model, opt, run_dir=run_dir, resume=True, overwrite=True)
+    assert vanishing.load_run(run_dir).steps.step.tolist() == [0, 1, 2]  # untouched

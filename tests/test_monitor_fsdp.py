@@ -15,6 +15,16 @@ SCRIPT = textwrap.dedent(
     import torch, torch.distributed as dist
     from torch import nn
     import vanishing
+    from vanishing.probes import Column, Probe
+
+    class GradMax(Probe):  # a max-reduced column: each rank sees the max of its shard
+        columns = (Column("grad_max_abs", level="param", reduce="max"),)
+        def attach(self, ctx):
+            self.rows = ctx.layout.params
+        def grads_ready(self):
+            self.values = torch.stack([r.param.grad.to_local().abs().max() for r in self.rows])
+        def measure(self, row):
+            row.set_params("grad_max_abs", self.values.double())
 
     def net():
         torch.manual_seed(0)
@@ -35,7 +45,7 @@ SCRIPT = textwrap.dedent(
                 fully_shard(m)
         fully_shard(model)
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        with vanishing.watch(model, opt, run_dir=f"{out}/rank{rank}", flush_every=2):
+        with vanishing.watch(model, opt, run_dir=f"{out}/rank{rank}", flush_every=2, probes=[GradMax()]):
             for x, y in batches():
                 half = slice(rank * 4, rank * 4 + 4)  # each rank gets half of every batch
                 opt.zero_grad()
@@ -67,7 +77,7 @@ def _reference():
         nn.functional.cross_entropy(model(x), y).backward()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for n, p in model.named_parameters():
-            rows[(step, n)] = [p.grad.norm().item(), p.norm().item()]
+            rows[(step, n)] = [p.grad.norm().item(), p.norm().item(), p.grad.abs().max().item()]
         opt.step()
         for n, p in model.named_parameters():
             rows[(step, n)].append((p.detach() - before[n]).norm().item())
@@ -105,7 +115,7 @@ def test_fsdp2_records_whole_parameter_norms(tmp_path):
         assert len(m) == 3 * 6
         for rec in m.itertuples():
             want = expected[(rec.step, f"{rec.layer}.{rec.param}")]
-            got = [rec.grad_norm, rec.param_norm, rec.update_norm]
+            got = [rec.grad_norm, rec.param_norm, rec.grad_max_abs, rec.update_norm]
             assert got == pytest.approx(want, rel=1e-4), (rank, rec.step, rec.layer, rec.param)
         assert (
             json.loads((tmp_path / f"rank{rank}" / "manifest.json").read_text())["status"]

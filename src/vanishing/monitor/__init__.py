@@ -1,7 +1,6 @@
 """The monitor: ``vanishing.watch`` and its parts (events, layout, buffer; probes and sinks
 live in :mod:`vanishing.probes` and :mod:`vanishing.sinks`)."""
 
-from vanishing.monitor.layout import unwrap as _unwrap
 from vanishing.monitor.monitor import Monitor, WatchError, watch
 
 __all__ = ["Monitor", "WatchError", "watch"]

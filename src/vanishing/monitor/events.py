@@ -45,16 +45,17 @@ from torch import Tensor, nn
 
 
 class Listener(Protocol):
-    """What a monitor implements to hear the events (all called by :class:`Events`)."""
+    """What a monitor implements to hear the events (all called by :class:`Events`; private
+    to the monitor, so that they do not crowd its public API)."""
 
-    def forward_begin(self) -> None: ...
-    def forward_end(self) -> None: ...
-    def backward_wanted(self) -> bool: ...
-    def backward_end(self, roots: tuple[Tensor, ...]) -> None: ...
-    def step_begin(self) -> None: ...
-    def grads_ready(self) -> None: ...
-    def step_end(self) -> None: ...
-    def fail(self, error: BaseException) -> None: ...
+    def _on_forward_begin(self) -> None: ...
+    def _on_forward_end(self) -> None: ...
+    def _on_backward_wanted(self) -> bool: ...
+    def _on_backward_end(self, roots: tuple[Tensor, ...]) -> None: ...
+    def _on_step_begin(self) -> None: ...
+    def _on_grads_ready(self) -> None: ...
+    def _on_step_end(self) -> None: ...
+    def _on_fail(self, error: BaseException) -> None: ...
 
 
 class Events:
@@ -130,36 +131,36 @@ class Events:
             try:
                 return fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - report, stop monitoring, keep training
-                listener.fail(e)
+                listener._on_fail(e)
                 return None
 
         return hook
 
     def _forward_pre(self, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled():
-            self._listener.forward_begin()
+            self._listener._on_forward_begin()
 
     def _forward_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if torch.is_grad_enabled():
-            self._listener.forward_end()
+            self._listener._on_forward_end()
 
     def _backward_wanted(self) -> bool:
-        return not self.closed and self.active and self._listener.backward_wanted()
+        return not self.closed and self.active and self._listener._on_backward_wanted()
 
     def _backward_end(self, roots: tuple[Tensor, ...]) -> None:
         if self.closed or not self.active:
             return
         try:
-            self._listener.backward_end(roots)
+            self._listener._on_backward_end(roots)
         except Exception as e:  # noqa: BLE001 - report, stop monitoring, keep training
-            self._listener.fail(e)
+            self._listener._on_fail(e)
 
     def _step_pre(self, optimizer, args: tuple, kwargs: dict):
         self.in_step = True
-        self._listener.step_begin()
+        self._listener._on_step_begin()
         closure, where = _closure_of(args, kwargs)
         if closure is None:
-            self._listener.grads_ready()
+            self._listener._on_grads_ready()
             return None
         wrapped = self._after_first_call(closure)
         if where == "args":  # args[0] is the optimizer itself
@@ -168,7 +169,7 @@ class Events:
 
     def _after_first_call(self, closure: Callable) -> Callable:
         done = False
-        ready = self._guard(self._listener.grads_ready)
+        ready = self._guard(self._listener._on_grads_ready)
 
         @functools.wraps(closure)
         def first_then_plain(*a, **k):
@@ -183,20 +184,20 @@ class Events:
 
     def _step_post(self, optimizer, args: tuple, kwargs: dict) -> None:
         self.in_step = False
-        self._listener.step_end()
+        self._listener._on_step_end()
 
     # ------------------------------------------------------------------ for integrations
     def step_begin(self) -> None:
         """Feed ``step_begin`` and ``grads_ready`` (for a trainer that drives the optimizer
         itself and calls this instead of relying on the optimizer's hooks)."""
         self.in_step = True
-        self._guard(self._listener.step_begin)()
-        self._guard(self._listener.grads_ready)()
+        self._guard(self._listener._on_step_begin)()
+        self._guard(self._listener._on_grads_ready)()
 
     def step_end(self) -> None:
         """Feed ``step_end``."""
         self.in_step = False
-        self._guard(self._listener.step_end)()
+        self._guard(self._listener._on_step_end)()
 
 
 def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, str]:

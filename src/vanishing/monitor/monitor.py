@@ -29,11 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vanishing.modules import _unwrap as unwrap
 from vanishing.monitor.buffer import Buffer
 from vanishing.monitor.events import Events
-from vanishing.monitor.layout import Layout, entry_modules, unwrap
+from vanishing.monitor.layout import Layout, entry_modules
 from vanishing.probes.activations import ActivationProbe
 from vanishing.probes.base import Probe, ProbeContext
+from vanishing.probes.clipping import ScalerProbe
 from vanishing.probes.errors import ErrorSignalProbe
 from vanishing.probes.loss import LossProbe
 from vanishing.probes.params import ParamProbe
@@ -54,12 +56,15 @@ class WatchError(ValueError):
     """Bad arguments to :func:`vanishing.watch` (one line, saying what to do instead)."""
 
 
-def builtin_probes(stats: str) -> list[Probe]:
+def builtin_probes(stats: str, scaler: Any = None) -> list[Probe]:
     """The probes of a stats level: ``"parameters"`` is loss and per-parameter statistics;
-    ``"all"`` adds the error signal, the activations and the recurrent time profile."""
+    ``"all"`` adds the error signal, the activations and the recurrent time profile. With a
+    GradScaler, its scale is recorded too."""
     probes: list[Probe] = [LossProbe(), ParamProbe()]
     if stats == "all":
         probes += [ErrorSignalProbe(), ActivationProbe(), TemporalProbe()]
+    if scaler is not None:
+        probes.append(ScalerProbe(scaler))
     return probes
 
 
@@ -93,8 +98,17 @@ class Monitor:
         scaler: Any = None,
         sinks: Sequence[Any] = (),
         probes: Sequence[Probe] = (),
+        overwrite: bool = False,
+        resume: bool = False,
+        start_step: int | None = None,
     ) -> None:
         _validate(model, optimizer, stats, flush_every, scaler, sinks, probes)
+        if overwrite and resume:
+            raise WatchError("overwrite=True and resume=True contradict each other; pick one")
+        if start_step is not None and (
+            not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0
+        ):
+            raise WatchError(f"start_step must be a non-negative integer, got {start_step!r}")
         self._schedule = resolve_schedule(every)
         self._root = unwrap(model)
         if getattr(self._root, _WATCHED_ATTR, None) is not None:
@@ -119,7 +133,7 @@ class Monitor:
                     "that trains this model (e.g. torch.optim.SGD(model.parameters(), ...))"
                 )
         self._device = self.layout.params[0].param.device
-        self._probes = builtin_probes(stats) + list(probes)
+        self._probes = builtin_probes(stats, scaler) + list(probes)
         columns = [c for p in self._probes for c in p.columns]
         try:
             by_level(columns)
@@ -134,14 +148,23 @@ class Monitor:
             device=self._device,
         )
 
+        if resume and run_dir is None:
+            raise WatchError("resume=True needs the run_dir of the run to continue")
         self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
-        self._run = ParquetSink(self.run_dir)
+        mode = "resume" if resume else "overwrite" if overwrite else "new"
+        self._run = ParquetSink(self.run_dir, mode)
         self._sinks: list[Any] = [self._run, *sinks]
         self._started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._resumed: list[int] = []
+        first_step = 0
+        if resume:
+            first_step = self._continue(start_step)
+        elif start_step is not None:
+            first_step = start_step
 
         # per-step state
-        self.step = 0
-        self._recording = self._schedule(0)
+        self.step = first_step
+        self._recording = self._schedule(first_step)
         self._frozen = False  # the step's measured pass is over (a closure evaluated again)
         self._backwards = 0  # backward passes in this step
         self._forward_seen = False
@@ -151,7 +174,7 @@ class Monitor:
         self._status = "running"
         try:
             self._run.open(self._manifest())
-        except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
             raise WatchError(str(e)) from None
         for sink in sinks:
             self._call_sink(sink, "open", self._manifest())
@@ -177,11 +200,45 @@ class Monitor:
         setattr(self._root, _WATCHED_ATTR, weakref.ref(self))
         _open_monitors.add(self)
 
+    def _continue(self, start_step: int | None) -> int:
+        """Take over the run in ``run_dir`` (resume=True): check that it is of this model and
+        return the step to continue from."""
+        import json
+
+        from vanishing.recorder.reader import RunError, load_run
+
+        if not (self.run_dir / "manifest.json").is_file():
+            raise WatchError(f"resume=True: {self.run_dir}: no run to resume (no manifest.json)")
+        try:
+            run = load_run(self.run_dir)
+            old = run.manifest
+            recorded = run.steps["step"]
+        except (RunError, OSError, json.JSONDecodeError, KeyError) as e:
+            raise WatchError(f"resume=True: {e}") from None
+        theirs = {layer.get("name") for layer in old.get("layers", [])}
+        ours = {r.name for r in self.layout.modules}
+        if theirs != ours:
+            differ = sorted(theirs ^ ours)[:4]
+            raise WatchError(
+                f"resume=True: {self.run_dir} holds a run of another model (layers differ: "
+                f"{', '.join(map(repr, differ))}); pass a new run_dir"
+            )
+        self._started = old.get("created", self._started)
+        done = int(recorded.max()) + 1 if len(recorded) else 0
+        start = start_step if start_step is not None else max(done, old.get("steps_completed", 0))
+        if start < done:
+            raise WatchError(
+                f"resume=True: start_step={start} is before the run's last recorded step "
+                f"({done - 1}); steps would be recorded twice"
+            )
+        self._resumed = [*old.get("resumed_at", []), start]
+        return start
+
     # ------------------------------------------------------------------ events
     def _capturing(self) -> bool:
         return self._recording and not self._frozen
 
-    def fail(self, e: BaseException) -> None:
+    def _on_fail(self, e: BaseException) -> None:
         """An internal error: stop monitoring (hooks become no-ops), keep what was recorded."""
         if self._broken is not None:
             return
@@ -194,7 +251,7 @@ class Monitor:
             stacklevel=3,
         )
 
-    def forward_begin(self) -> None:
+    def _on_forward_begin(self) -> None:
         if self._backwards and not self.events.in_step and self._grads_were_reset():
             # The last backward's step never happened (e.g. GradScaler skipped it on inf/NaN):
             # its numbers belong to no optimizer step.
@@ -202,13 +259,13 @@ class Monitor:
             self._reset()
             self._recording = self._schedule(self.step)
 
-    def forward_end(self) -> None:
+    def _on_forward_end(self) -> None:
         self._forward_seen = True
 
-    def backward_wanted(self) -> bool:
+    def _on_backward_wanted(self) -> bool:
         return not self._closed and self._broken is None and self._forward_seen
 
-    def backward_end(self, roots: tuple[Tensor, ...]) -> None:
+    def _on_backward_end(self, roots: tuple[Tensor, ...]) -> None:
         if not self.layout.order_final:
             self._finish_discovery()  # every forward of the first step has run by now
         self._forward_seen = False
@@ -219,23 +276,23 @@ class Monitor:
         self._remember_grads()
         if self._optimizer is None:
             if self._recording:
-                self.grads_ready()
+                self._on_grads_ready()
                 self._finish_step()
             else:
                 self._advance()
 
-    def step_begin(self) -> None:
+    def _on_step_begin(self) -> None:
         if self._recording:
             for probe in self._probes:
                 probe.step_begin()
 
-    def grads_ready(self) -> None:
+    def _on_grads_ready(self) -> None:
         if self._capturing():
             for probe in self._probes:
                 probe.grads_ready()
             self._frozen = self._optimizer is not None
 
-    def step_end(self) -> None:
+    def _on_step_end(self) -> None:
         if not self._recording:
             self._advance()
             return
@@ -333,6 +390,7 @@ class Monitor:
             else {"type": type(opt).__name__, "defaults": _jsonable(opt.defaults)},
             "amp_scaler": self._scaler is not None,
             "layers": self.layout.manifest_layers(trainable),
+            **({"resumed_at": self._resumed} if self._resumed else {}),
             "versions": {
                 "vanishing": _version(),
                 "torch": torch.__version__,
@@ -513,6 +571,9 @@ def watch(
     scaler: Any = None,
     sinks: Sequence[Any] = (),
     probes: Sequence[Probe] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    start_step: int | None = None,
 ) -> Monitor:
     """Watch a model train: per layer and per step, how the gradient flows.
 
@@ -531,7 +592,11 @@ def watch(
             gradients, loss and activations recorded are those of the closure's first
             evaluation, at the step's starting weights. Without an optimizer, a step is one
             backward pass and there are no update statistics.
-        run_dir: the run directory to create; it must not already hold a run.
+        run_dir: the run directory to create. One that already holds a run is refused, unless
+            ``overwrite=True`` (that run is removed first) or ``resume=True`` (that run is
+            continued, e.g. after restarting from a checkpoint: the model must have the same
+            layers; new steps are appended, numbered from ``start_step``, by default the step
+            after the last one recorded).
         stats: ``"all"`` (default): gradient, weight and update statistics, plus the error
             signal at each layer's output, activation statistics and the temporal profile of
             recurrent layers. ``"parameters"``: only the per-parameter gradient, weight and update
@@ -566,4 +631,7 @@ def watch(
         scaler=scaler,
         sinks=sinks,
         probes=probes,
+        overwrite=overwrite,
+        resume=resume,
+        start_step=start_step,
     )

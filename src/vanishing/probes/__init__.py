@@ -4,12 +4,14 @@ The built-in probes: :class:`~vanishing.probes.loss.LossProbe` (loss, non-finite
 backward passes), :class:`~vanishing.probes.params.ParamProbe` (gradient, weight and update
 norms per parameter), :class:`~vanishing.probes.errors.ErrorSignalProbe` (dLoss/d(output) per
 layer), :class:`~vanishing.probes.activations.ActivationProbe` and
-:class:`~vanishing.probes.temporal.TemporalProbe` (recurrent layers, through time). A probe of
+:class:`~vanishing.probes.temporal.TemporalProbe` (recurrent layers, through time); opt-in,
+:class:`ClippingProbe` (the total gradient norm before and after the loop's clipping). A probe of
 your own subclasses :class:`Probe`, declares its :class:`Column` s and is passed as
 ``vanishing.watch(..., probes=[...])``.
 """
 
 from vanishing.probes.base import Probe, ProbeContext
+from vanishing.probes.clipping import ClippingProbe
 from vanishing.recorder.columns import Column
 
-__all__ = ["Probe", "ProbeContext", "Column"]
+__all__ = ["Probe", "ProbeContext", "Column", "ClippingProbe"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vanishing.monitor.layout import is_packed
+from vanishing.modules import is_packed
 from vanishing.probes.base import Probe, ProbeContext
 from vanishing.recorder.columns import Column
 from vanishing.stats.norms import cpu_norm, l2_norm

@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from vanishing.modules import local
 from vanishing.probes.base import Probe, ProbeContext
 from vanishing.recorder.columns import BUILTIN
 from vanishing.stats.norms import _exact_norm, _trusted, l2_norms, nonfinite_counts
-
-from vanishing.monitor.layout import local
 
 if TYPE_CHECKING:
     from vanishing.monitor.buffer import Row
@@ -231,4 +230,3 @@ class ParamProbe(Probe):
 
     def close(self) -> None:
         self._tracker = None  # the snapshot: one copy of the parameters
-

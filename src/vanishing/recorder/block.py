@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from vanishing.recorder.columns import BUILTIN, DERIVED_RATIOS, Column, by_level
-from vanishing.recorder.schema import STEP_STATS
+from vanishing.recorder.schema import MODULE_STATS, PARAM_STATS, STEP_STATS
 from vanishing.stats.norms import time_points
 
 _BUILTIN_NAMES = {c.name for c in BUILTIN}
@@ -81,10 +81,10 @@ def block_to_tables(block: Block) -> dict:
     # metrics: P parameter rows, then the module rows that hold any value, per step
     ratios = [r for r in DERIVED_RATIOS if r[1] in pvals and r[2] in pvals]
     keys = ["step", "layer", "param", "depth"]
-    builtin_p = [c.name for c in pcols if c.name in _BUILTIN_NAMES]
-    builtin_m = [c.name for c in mcols if c.name in _BUILTIN_NAMES]
+    # every built-in column is in every run's table (NaN where no probe measured it, e.g.
+    # stats="parameters"), so that readers see one format; a probe's own columns follow
     extra = [c.name for c in pcols + mcols if c.name not in _BUILTIN_NAMES]
-    names = builtin_p + [r[0] for r in ratios] + builtin_m + extra
+    names = [*PARAM_STATS, *(r[0] for r in DERIVED_RATIOS), *MODULE_STATS, *extra]
 
     p_rows: dict[str, np.ndarray] = {
         "step": np.repeat(steps, P),
@@ -155,5 +155,3 @@ def block_to_tables(block: Block) -> dict:
         }
     )
     return {"steps": steps_table, "metrics": metrics_table, "temporal": temporal_table}
-
-

@@ -68,9 +68,9 @@ _PARAM = {
     "grad_nonfinite": Column("grad_nonfinite", "param", "sum", "linear"),
     "param_nonfinite": Column("param_nonfinite", "param", "sum", "linear"),
 }
-_LINEAR_MODULE = {"act_mean", "act_saturated", "act_dead", "act_p02", "act_p98"}
+# activation statistics are shares and values of order one: plotted and averaged linearly
 _MODULE = {
-    name: Column(name, "module", "mean", "linear" if name in _LINEAR_MODULE else "log")
+    name: Column(name, "module", "mean", "log" if name == "error_norm" else "linear")
     for name in MODULE_STATS
 }
 #: the temporal profile of a recurrent layer: the gradient norm at each kept time step
@@ -96,6 +96,7 @@ def by_level(columns: Iterable[Column]) -> dict[str, tuple[Column, ...]]:
     (``param`` and ``module`` columns share the metrics table).
 
     Example:
+        >>> from vanishing.recorder.columns import BUILTIN, by_level
         >>> {k: len(v) for k, v in by_level(BUILTIN).items()}
         {'step': 3, 'param': 5, 'module': 8, 'time': 1}
     """
@@ -116,6 +117,7 @@ def scale_of(name: str, columns: Sequence[Column] = BUILTIN) -> str:
     """The plot scale of a column by name (``"log"`` for unknown names: norms are the rule).
 
     Example:
+        >>> from vanishing.recorder.columns import scale_of
         >>> scale_of("act_mean"), scale_of("grad_norm")
         ('linear', 'log')
     """

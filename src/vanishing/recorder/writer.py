@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,19 +27,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-class RunWriter:
-    """Owns a run directory: writes the manifest and numbered part files for each table."""
+#: what a run directory holds besides the tables: removed by ``overwrite``, nothing else is
+RUN_FILES = (MANIFEST, "config.json", "eval.parquet", "summary.json", "report.html")
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+
+class RunWriter:
+    """Owns a run directory: writes the manifest and numbered part files for each table.
+
+    ``mode``: ``"new"`` (the directory must not hold a run), ``"overwrite"`` (a run there is
+    removed first: its manifest, tables and the files experiments write beside them, nothing
+    else) or ``"resume"`` (a run there is continued: new parts are numbered after its last
+    complete flush, whose torn tail, if any, they replace).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, mode: str = "new") -> None:
         self.run_dir = Path(run_dir)
-        if (self.run_dir / MANIFEST).exists():
+        holds_run = (self.run_dir / MANIFEST).exists()
+        self.next_part = 0
+        if mode == "new" and holds_run:
             raise FileExistsError(
-                f"{self.run_dir} already holds a run (manifest.json exists); "
-                "pass a new run_dir so that nothing recorded is overwritten"
+                f"{self.run_dir} already holds a run (manifest.json exists); pass a new "
+                "run_dir, overwrite=True to replace it, or resume=True to continue it"
             )
+        if mode == "resume":
+            if not holds_run:
+                raise FileNotFoundError(f"{self.run_dir}: no run to resume (no manifest.json)")
+            steps = [int(p.name[5:10]) for p in (self.run_dir / "steps").glob("part-*.parquet")]
+            self.next_part = max(steps, default=-1) + 1
+        if mode == "overwrite" and holds_run:
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+            for table in TABLES:
+                shutil.rmtree(self.run_dir / table, ignore_errors=True)
         for table in TABLES:
             (self.run_dir / table).mkdir(parents=True, exist_ok=True)
-        self.next_part = 0
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()

@@ -25,13 +25,15 @@ class ParquetSink:
         ['manifest.json', 'metrics', 'steps', 'summary.json', 'temporal']
     """
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, mode: str = "new") -> None:
         self.run_dir = Path(run_dir)
+        self.mode = mode  # "new", "overwrite" or "resume" (see RunWriter)
         self._writer: RunWriter | None = None
 
     def open(self, manifest: dict[str, Any]) -> None:
-        """Create the run directory (refused when it already holds a run) and its manifest."""
-        self._writer = RunWriter(self.run_dir)
+        """Create the run directory (by ``mode``: refused when it already holds a run,
+        replacing it, or continuing it) and write its manifest."""
+        self._writer = RunWriter(self.run_dir, self.mode)
         self._writer.write_manifest(manifest)
 
     def write(self, block: Block) -> None:
