@@ -372,3 +372,43 @@ def test_resume_refuses_what_would_mix_or_lose_records(run_dir, tmp_path):
     with pytest.raises(vanishing.WatchError, match="contradict"):
         vanishing.watch(model, opt, run_dir=run_dir, resume=True, overwrite=True)
     assert vanishing.load_run(run_dir).steps.step.tolist() == [0, 1, 2]  # untouched
+
+
+def test_a_new_activation_through_the_public_registry_is_measured(run_dir):
+    from vanishing import activations
+
+    def mish_derivative(z, y):
+        t = torch.tanh(nn.functional.softplus(z))
+        return t + z * torch.sigmoid(z) * (1 - t * t)
+
+    grid = torch.linspace(-20, 20, 400_001, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(nn.functional.mish(grid).sum(), grid)
+    entry = activations.Activation(
+        kind="mish",
+        classes=("Mish",),
+        derivative=mish_derivative,
+        bound=float(slope.abs().max()),
+        input_needed=True,
+        tails="lower",
+        signed=True,
+    )
+    activations.register(entry)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Mish(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = _batches(1)[0]
+        z = model[0](x).detach().requires_grad_(True)  # the Mish's input at step 0
+        (phi,) = torch.autograd.grad(nn.functional.mish(z).sum(), z)  # phi'(z) by autograd
+        with vanishing.watch(model, opt, run_dir=run_dir):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        activations.unregister("mish")
+    run = vanishing.load_run(run_dir)
+    assert run.layer_info[1]["activation"] == "mish"
+    assert row(run, 0, "1", "").act_deriv_mean == pytest.approx(phi.mean().item(), rel=1e-6)
+    assert row(run, 0, "1", "").act_mean == pytest.approx(
+        nn.functional.mish(z).mean().item(), rel=1e-6
+    )

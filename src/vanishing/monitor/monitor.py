@@ -398,6 +398,17 @@ class Monitor:
             },
         }
 
+    @property
+    def directory(self) -> ParquetSink:
+        """The run directory's sink: ``write_json(name, obj)`` and ``write_bytes(name, data)``
+        add files beside the records, atomically (experiments write ``config.json``,
+        ``eval.parquet`` and ``summary.json`` this way).
+
+        Example:
+            >>> mon.directory.write_json("notes.json", {"lr": 0.1})   # doctest: +SKIP
+        """
+        return self._run
+
     def flush(self) -> None:
         """Write the buffered steps to the run directory now (one device-to-host transfer)."""
         params, modules, recurrent = self.layout.table_keys()
