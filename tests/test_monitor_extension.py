@@ -412,3 +412,27 @@ def test_a_new_activation_through_the_public_registry_is_measured(run_dir):
     assert row(run, 0, "1", "").act_mean == pytest.approx(
         nn.functional.mish(z).mean().item(), rel=1e-6
     )
+
+
+def test_a_step_that_calls_a_submodule_of_the_watched_model_is_recorded(run_dir):
+    class Wrapper(nn.Module):  # as a LightningModule: training code calls self.net(x)
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Wrapper()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = []
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        for x, y in _batches(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model.net(x), y).backward()
+            norms.append(model.net[0].weight.grad.norm().item())
+            opt.step()
+    run = vanishing.load_run(run_dir)
+    assert run.steps.n_backward.tolist() == [1, 1, 1]
+    assert [row(run, s, "net.0", "weight").grad_norm for s in range(3)] == pytest.approx(norms)

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
                 fully_shard(m)
         fully_shard(model)
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        with vanishing.watch(model, opt, run_dir=f"{out}/rank{rank}", flush_every=2, probes=[GradMax()]):
+        with vanishing.watch(model, opt, run_dir=out, flush_every=2, probes=[GradMax()]):
             for x, y in batches():
                 half = slice(rank * 4, rank * 4 + 4)  # each rank gets half of every batch
                 opt.zero_grad()
@@ -108,6 +108,8 @@ def test_fsdp2_records_whole_parameter_norms(tmp_path):
     import vanishing
 
     expected = _reference()
+    with pytest.raises(vanishing.RunError, match="one run per process"):
+        vanishing.load_run(tmp_path)  # the shared run_dir holds rank0/ and rank1/
     for rank in (0, 1):
         run = vanishing.load_run(tmp_path / f"rank{rank}")
         assert run.layers[:3] == ["0", "1", "2"]

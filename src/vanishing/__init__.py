@@ -41,6 +41,11 @@ _LAZY = {
     "Remedy": "vanishing.diagnose",
 }
 
+#: subpackages reachable as attributes after a plain ``import vanishing`` (loaded on first use):
+#: the extension points (``vanishing.sinks.TensorBoardSink``, ``vanishing.probes.Probe``,
+#: ``vanishing.activations.register``) and the integrations
+_SUBPACKAGES = ("sinks", "probes", "activations", "integrations", "recorder")
+
 if TYPE_CHECKING:
     from vanishing.diagnose import Diagnosis, Finding, Remedy, inspect
     from vanishing.monitor import Monitor, WatchError, watch  # noqa: F401
@@ -49,6 +54,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"vanishing.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vanishing' has no attribute {name!r}")
@@ -58,4 +65,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))

@@ -62,6 +62,7 @@ class Buffer:
         self.data: Tensor | None = None  # allocated on the first recorded step
         self._host: np.ndarray | None = None  # on the CPU: the same memory, as NumPy
         self.slot = 0
+        self._writing = 0  # the slot of the row being written
         self.last_slot: int | None = None
         self.keys: list[tuple[int, float, int]] = []  # (step, wall time, skipped before)
         self.index = IndexCache(n_modules, device)
@@ -76,12 +77,15 @@ class Buffer:
                 self.data = torch.empty(
                     self.capacity, self.width, dtype=torch.float64, device=self.device
                 )
+        self._writing = self.slot
         if self._host is not None:
             return HostRow(self, self._host[self.slot])
         return DeviceRow(self, self.data[self.slot])
 
     def commit(self, step: int, skipped: int) -> bool:
         """The row is complete; True when the buffer is full (time to flush)."""
+        if self._writing != self.slot:  # a flush (a signal handler's) ran while it was written
+            self.data[self.slot] = self.data[self._writing]
         self.keys.append((step, time.time(), skipped))
         self.last_slot = self.slot
         self.slot += 1

@@ -187,6 +187,16 @@ class Events:
         self._listener._on_step_end()
 
     # ------------------------------------------------------------------ for integrations
+    def forward_begin(self) -> None:
+        """Feed ``forward_begin`` (a trainer whose step calls a submodule the hooks miss)."""
+        if not self.closed and self.active:
+            self._guard(self._listener._on_forward_begin)()
+
+    def forward_end(self) -> None:
+        """Feed ``forward_end``: the next backward pass is this model's."""
+        if not self.closed and self.active:
+            self._guard(self._listener._on_forward_end)()
+
     def step_begin(self) -> None:
         """Feed ``step_begin`` and ``grads_ready`` (for a trainer that drives the optimizer
         itself and calls this instead of relying on the optimizer's hooks)."""

@@ -187,10 +187,12 @@ class Layout:
 
 
 def entry_modules(root: nn.Module) -> list[nn.Module]:
-    """The modules a forward pass enters through: the root, or for a container without a forward
-    of its own (``nn.ModuleDict``, ``nn.ModuleList``) its children, recursively."""
+    """The modules a forward pass enters through: the root and its children (a training step
+    may call a submodule, ``self.net(x)``, rather than the root: Lightning modules often do);
+    for a container without a forward of its own (``nn.ModuleDict``, ``nn.ModuleList``) its
+    children's entries, recursively."""
     if type(root).forward is not nn.Module.forward:
-        return [root]
+        return [root, *root.children()]
     entries: list[nn.Module] = []
     for child in root.children():
         entries.extend(entry_modules(child))

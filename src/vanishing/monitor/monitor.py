@@ -151,6 +151,9 @@ class Monitor:
         if resume and run_dir is None:
             raise WatchError("resume=True needs the run_dir of the run to continue")
         self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
+        rank, world = _rank()
+        if world > 1:  # each rank records its own shards and batches: one run per rank
+            self.run_dir = self.run_dir / f"rank{rank}"
         mode = "resume" if resume else "overwrite" if overwrite else "new"
         self._run = ParquetSink(self.run_dir, mode)
         self._sinks: list[Any] = [self._run, *sinks]
@@ -172,6 +175,9 @@ class Monitor:
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
 
         self._status = "running"
+        self._unwritten: list[Block] = []  # blocks the run directory refused, to retry
+        self._write_failed = False
+        self._flushing = False
         try:
             self._run.open(self._manifest())
         except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
@@ -199,6 +205,7 @@ class Monitor:
             probe.attach(ctx)
         setattr(self._root, _WATCHED_ATTR, weakref.ref(self))
         _open_monitors.add(self)
+        _install_sigterm()
 
     def _continue(self, start_step: int | None) -> int:
         """Take over the run in ``run_dir`` (resume=True): check that it is of this model and
@@ -355,7 +362,32 @@ class Monitor:
 
     # ------------------------------------------------------------------ output
     def _emit(self, block: Block) -> None:
-        self._run.write(block)  # the run directory's failures are the caller's to report
+        """Write a block to the run directory, then to the other sinks. A block the run
+        directory refuses (disk full, read-only) is kept in memory and written, with those
+        after it, at the next flush: one warning, and recording goes on."""
+        pending, self._unwritten = [*self._unwritten, block], []
+        for i, b in enumerate(pending):
+            try:
+                self._run.write(b)
+            except Exception as e:  # noqa: BLE001 - kept, retried, never raised into training
+                self._unwritten = pending[i:]
+                if not self._write_failed:
+                    self._write_failed = True
+                    warnings.warn(
+                        f"vanishing: could not write {self.run_dir} ({type(e).__name__}: {e}); "
+                        "the steps are kept in memory and written at the next flush",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                break
+        else:
+            if self._write_failed:
+                self._write_failed = False
+                warnings.warn(
+                    f"vanishing: {self.run_dir} is writable again; the kept steps are written",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         for sink in self._sinks[1:]:
             self._call_sink(sink, "write", block)
 
@@ -398,6 +430,17 @@ class Monitor:
             },
         }
 
+    def discard_backward(self) -> None:
+        """Forget what the backward passes since the last step measured: they were for
+        another optimizer's step (a trainer with several optimizers calls this before one
+        that is not watched steps), so they belong to no record of this one.
+
+        Example:
+            >>> mon.discard_backward()   # doctest: +SKIP
+        """
+        if not self.events.in_step:
+            self._reset()
+
     @property
     def directory(self) -> ParquetSink:
         """The run directory's sink: ``write_json(name, obj)`` and ``write_bytes(name, data)``
@@ -411,12 +454,21 @@ class Monitor:
 
     def flush(self) -> None:
         """Write the buffered steps to the run directory now (one device-to-host transfer)."""
-        params, modules, recurrent = self.layout.table_keys()
-        block = self._buffer.take(
-            self.layout.sharded, params=params, modules=modules, recurrent=recurrent
-        )
-        if block is not None:
-            self._emit(block)
+        if self._flushing:  # a signal arrived during a flush: that flush finishes the job
+            return
+        self._flushing = True
+        try:
+            params, modules, recurrent = self.layout.table_keys()
+            block = self._buffer.take(
+                self.layout.sharded, params=params, modules=modules, recurrent=recurrent
+            )
+            if block is not None:
+                self._emit(block)
+            elif self._unwritten:
+                self._emit(self._buffer.empty())
+        finally:
+            self._flushing = False
+        _signal_after_flush()
 
     def close(self) -> None:
         """Flush what is buffered and remove every hook. Idempotent."""
@@ -440,6 +492,14 @@ class Monitor:
         except Exception as e:  # noqa: BLE001
             warnings.warn(
                 f"vanishing: could not write {self.run_dir}: {e}", RuntimeWarning, stacklevel=2
+            )
+        if self._unwritten:
+            lost = sum(b.n for b in self._unwritten)
+            warnings.warn(
+                f"vanishing: {lost} recorded step(s) could not be written to {self.run_dir} "
+                "before close(); they are lost",
+                RuntimeWarning,
+                stacklevel=2,
             )
         for sink in self._sinks[1:]:
             self._call_sink(sink, "close")
@@ -523,13 +583,28 @@ def _version() -> str:
 
 
 def _default_run_dir() -> Path:
+    """``runs/<date-time>``, made here, exclusively: two monitors started in the same second
+    get two directories (the second one ``-1``), never one."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / stamp
-    path, i = base, 1
-    while path.exists():
-        path = Path(f"{base}-{i}")
-        i += 1
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    i = 0
+    while True:
+        path = base if i == 0 else Path(f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            i += 1
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) of this process under torch.distributed, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _validate(model, optimizer, stats, flush_every, scaler, sinks, probes) -> None:
@@ -571,6 +646,58 @@ def _flush_open_monitors() -> None:
         mon._flush_quietly()
 
 
+# SIGTERM (what schedulers send before preemption) would end the process without atexit:
+# flush every open monitor first, then do what the handler installed before ours does.
+_previous_sigterm: Any = None
+_sigterm_installed = False
+_deferred_signal: int | None = None
+
+
+def _install_sigterm() -> None:
+    global _previous_sigterm, _sigterm_installed
+    import signal
+    import threading
+
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not allowed here (an embedded interpreter): atexit only
+        return
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _deferred_signal
+    monitors = list(_open_monitors)
+    if any(mon._flushing for mon in monitors):
+        _deferred_signal = signum  # a flush is under way: it re-delivers the signal when done
+        return
+    for mon in monitors:
+        mon._flush_quietly()
+    _chain(signum, frame)
+
+
+def _signal_after_flush() -> None:
+    global _deferred_signal
+    if _deferred_signal is not None:
+        signum, _deferred_signal = _deferred_signal, None
+        _on_sigterm(signum, None)
+
+
+def _chain(signum: int, frame: Any) -> None:
+    import signal
+
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:  # the default action: terminate, as if we had never been here
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -596,7 +723,9 @@ def watch(
             looked through, so layer names are the inner model's). Under FSDP2
             (``fully_shard``), watch after sharding: each rank measures its shards and the flush
             combines them into whole-parameter norms (a collective, so every rank must run the
-            same steps); activation statistics are each rank's own batch, as under DDP.
+            same steps); activation statistics are each rank's own batch, as under DDP. With
+            more than one process, each rank records into ``run_dir/rank<k>`` (pass the same
+            ``run_dir`` on every rank).
         optimizer: the optimizer that trains it. With it, a step is one ``optimizer.step()``
             (gradient accumulation gives one record per step) and the actual update each step
             makes is measured. ``optimizer.step(closure)`` works too (Lightning, LBFGS): the

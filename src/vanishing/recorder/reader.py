@@ -101,6 +101,12 @@ class Run:
         if not self.path.is_dir():
             raise RunError(f"{self.path}: no such run directory")
         if not manifest_path.is_file():
+            ranks = sorted(p.name for p in self.path.glob("rank*") if (p / MANIFEST).is_file())
+            if ranks:
+                raise RunError(
+                    f"{self.path}: holds one run per process ({', '.join(ranks[:4])}); "
+                    f"load one of them, e.g. {self.path / ranks[0]}"
+                )
             raise RunError(
                 f"{self.path}: not a run directory (no manifest.json); "
                 "pass the directory that vanishing.watch(run_dir=...) or vanishing run wrote"

@@ -12,8 +12,14 @@ from typing import Any
 from vanishing.recorder.schema import MANIFEST, PART_FORMAT, TABLES
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never a torn file)."""
+def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never a torn file).
+
+    The temporary file is created exclusively under an unpredictable name (``mkstemp``), so
+    nothing planted in the directory is followed or overwritten. ``exclusive``: fail with
+    ``FileExistsError`` when ``path`` exists, atomically (a hard link, not a rename, puts the
+    file in place), so that of two writers racing for a new file exactly one wins.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     _umask_mode(tmp)
     try:
@@ -21,10 +27,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: exclusive create, then write
+                with os.fdopen(
+                    os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb"
+                ) as f:
+                    f.write(data)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_HOLDS_RUN = (
+    "{} already holds a run (manifest.json exists); pass a new run_dir, overwrite=True to "
+    "replace it, or resume=True to continue it"
+)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary files of a writer that was killed mid-write (``.part-*.tmp``, ``.manifest*``):
+    never read, removed when the run is next opened for writing."""
+    for folder in (run_dir, *(run_dir / t for t in TABLES)):
+        for leftover in folder.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 #: what a run directory holds besides the tables: removed by ``overwrite``, nothing else is
@@ -44,11 +76,9 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         holds_run = (self.run_dir / MANIFEST).exists()
         self.next_part = 0
+        self._claim = mode == "new"  # the first manifest is written exclusively: the claim
         if mode == "new" and holds_run:
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run (manifest.json exists); pass a new "
-                "run_dir, overwrite=True to replace it, or resume=True to continue it"
-            )
+            raise FileExistsError(_HOLDS_RUN.format(self.run_dir))
         if mode == "resume":
             if not holds_run:
                 raise FileNotFoundError(f"{self.run_dir}: no run to resume (no manifest.json)")
@@ -61,10 +91,18 @@ class RunWriter:
                 shutil.rmtree(self.run_dir / table, ignore_errors=True)
         for table in TABLES:
             (self.run_dir / table).mkdir(parents=True, exist_ok=True)
+        if mode != "new":
+            _remove_leftovers(self.run_dir)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest; the first one of a new run claims the directory: of two monitors
+        started on one directory, the second gets ``FileExistsError``."""
         data = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
-        atomic_write_bytes(self.run_dir / MANIFEST, data)
+        try:
+            atomic_write_bytes(self.run_dir / MANIFEST, data, exclusive=self._claim)
+        except FileExistsError:
+            raise FileExistsError(_HOLDS_RUN.format(self.run_dir)) from None
+        self._claim = False
 
     def write_block(self, tables: dict[str, Any]) -> None:
         """Write one flush: a part per table (pyarrow.Table), ``steps`` last."""

@@ -1,0 +1,336 @@
+"""VanishingCallback in a real ``transformers.Trainer`` (tiny random-weight models, CPU).
+
+The truths the records are compared with come from paths that do not go through the monitor:
+HF's own logs (``state.log_history``: loss, pre-clip ``grad_norm``) and a second callback that
+reads ``p.grad`` and the weights of the named parameters around ``optimizer.step()``.
+"""
+
+import json
+import math
+import warnings
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import vanishing  # noqa: E402
+from vanishing.integrations.transformers import VanishingCallback  # noqa: E402
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token ids; the labels are the ids (causal LM) or a class per sequence."""
+
+    def __init__(self, n=64, length=16, vocab=64, classes=None):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+        self.classes = None if classes is None else torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i] if self.classes is None else self.classes[i]
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+class Truth(TrainerCallback):
+    """Per named parameter, keyed by ``state.global_step``: the gradient norm the optimizer
+    sees (after HF's clipping) and the norm of the change its step made."""
+
+    def __init__(self):
+        self.grads, self.updates, self._before = {}, {}, {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        named = dict(model.named_parameters())
+        self.grads[state.global_step] = {
+            n: p.grad.detach().double().norm().item()
+            for n, p in named.items()
+            if p.grad is not None
+        }
+        self._before = {n: p.detach().clone() for n, p in named.items()}
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.updates[state.global_step] = {
+            n: (p.detach() - self._before[n]).double().norm().item()
+            for n, p in model.named_parameters()
+        }
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def train(tmp_path, callbacks, *, model=None, name="out", data=None, **overrides):
+    options = dict(
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        report_to=[],
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        output_dir=str(tmp_path / name),
+    )
+    options.update(overrides)
+    resume = options.pop("resume_from_checkpoint", None)
+    model = gpt2() if model is None else model
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**options),
+        train_dataset=data or Tokens(),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def step_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_one_record_per_optimizer_step_with_accumulation_and_the_loss_hf_logs(tmp_path):
+    cb = VanishingCallback(print_diagnosis=False)
+    trainer = train(tmp_path, [cb], gradient_accumulation_steps=3, max_steps=4)
+    steps = vanishing.load_run(cb.run_dir).steps
+    assert steps["step"].tolist() == [0, 1, 2, 3]
+    assert steps["n_backward"].tolist() == [3, 3, 3, 3]
+    # HF divides each micro-batch loss for the accumulation (GPT-2 takes num_items_in_batch:
+    # by the tokens of the whole accumulated batch) before backward; the recorded loss sums
+    # the step's backward losses, which is what HF logs at logging_steps=1
+    logged = [h["loss"] for h in step_logs(trainer)]
+    assert [h["step"] for h in step_logs(trainer)] == [1, 2, 3, 4]
+    assert steps["loss"].tolist() == pytest.approx(logged, rel=1e-6)
+    assert 3.5 < logged[0] < 4.7  # about log(64): the mean token loss, not k times it
+
+
+def test_clipping_records_hf_grad_norm_before_and_the_clipped_norm_after(tmp_path):
+    cb = VanishingCallback(print_diagnosis=False)
+    trainer = train(tmp_path, [cb], gradient_accumulation_steps=2, max_grad_norm=0.5, max_steps=5)
+    steps = vanishing.load_run(cb.run_dir).steps
+    hf = [h["grad_norm"] for h in step_logs(trainer)]
+    before, after = steps["grad_norm_backward"].tolist(), steps["grad_norm_step"].tolist()
+    assert before == pytest.approx(hf, rel=1e-5)  # HF logs the pre-clip norm
+    engaged = [b > 0.5 for b in before]
+    assert any(engaged)
+    for b, a, e in zip(before, after, engaged):
+        if e:
+            assert a <= 0.5 * (1 + 1e-6)
+            assert a == pytest.approx(0.5, rel=1e-5)
+        else:
+            assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_per_parameter_gradient_and_update_norms_equal_the_true_ones_each_step(tmp_path):
+    cb, truth = VanishingCallback(print_diagnosis=False), Truth()
+    train(tmp_path, [cb, truth], gradient_accumulation_steps=2, max_steps=4)
+    run = vanishing.load_run(cb.run_dir)
+    m = run.metrics
+    m = m[m.param != ""]
+    names = {f"{r.layer}.{r.param}" for r in m.itertuples()}
+    assert names == set(truth.grads[0])  # every parameter once (named_parameters dedupes ties)
+    assert sorted(truth.grads) == run.steps["step"].tolist() == [0, 1, 2, 3]
+    for r in m.itertuples():
+        name = f"{r.layer}.{r.param}"
+        assert r.grad_norm == pytest.approx(truth.grads[r.step][name], rel=1e-5), (r.step, name)
+        assert r.update_norm == pytest.approx(truth.updates[r.step][name], rel=1e-4), (r.step, name)
+        assert truth.updates[r.step][name] > 0  # the hooks are on the optimizer that steps
+
+
+def test_tied_embedding_and_lm_head_weight_is_listed_once(tmp_path):
+    cb = VanishingCallback(print_diagnosis=False)
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    train(tmp_path, [cb], model=model, max_steps=2)
+    run = vanishing.load_run(cb.run_dir)
+    layers = {layer["name"]: layer for layer in run.manifest["layers"]}
+    (wte,) = layers["transformer.wte"]["params"]
+    assert wte["name"] == "weight" and wte["shared_with"] == ["lm_head.weight"]
+    assert layers["lm_head"]["params"] == []
+    m = run.metrics
+    weights = m[(m.param == "weight") & m.layer.isin(["transformer.wte", "lm_head"])]
+    assert weights.layer.unique().tolist() == ["transformer.wte"]
+    assert len(weights) == 2  # one row per step
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    plain = train(tmp_path, [], name="plain", gradient_accumulation_steps=2, max_steps=6)
+    cb = VanishingCallback(print_diagnosis=False)
+    watched = train(tmp_path, [cb], name="watched", gradient_accumulation_steps=2, max_steps=6)
+    for key in ("loss", "grad_norm", "learning_rate"):
+        assert [h[key] for h in step_logs(watched)] == [h[key] for h in step_logs(plain)]
+    a, b = plain.model.state_dict(), watched.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_run_dir_diagnosis_printed_once_and_monitor_closed(tmp_path, capsys):
+    cb = VanishingCallback()
+    trainer = train(tmp_path, [cb], max_steps=3)
+    assert cb.run_dir == tmp_path / "out" / "vanishing"
+    assert isinstance(cb.diagnosis, vanishing.Diagnosis)
+    out = capsys.readouterr().out
+    assert out.count(f"vanishing: run {cb.run_dir}") == 1
+    assert str(cb.diagnosis) in out
+    assert cb.monitor is None and not hasattr(trainer.model, "_vanishing_monitor")
+    manifest = json.loads((cb.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "closed" and manifest["optimizer"]["type"] == "AdamW"
+    assert vanishing.load_run(cb.run_dir).diagnose().to_dict() == cb.diagnosis.to_dict()
+
+
+def test_summary_scalars_go_into_hf_logs(tmp_path):
+    cb = VanishingCallback(print_diagnosis=False)
+    trainer = train(tmp_path, [cb], max_steps=3)
+    steps = vanishing.load_run(cb.run_dir).steps
+    logs = step_logs(trainer)
+    assert len(logs) == 3
+    for i, h in enumerate(logs):
+        tags = {k for k in h if k.startswith("vanishing/")}
+        assert "vanishing/loss" not in tags  # HF logs the loss itself
+        assert {"vanishing/first_last_ratio", "vanishing/grad_norm_step"} <= tags
+        assert len(tags) <= 6
+        assert (
+            math.isfinite(h["vanishing/first_last_ratio"]) and h["vanishing/first_last_ratio"] > 0
+        )
+        assert h["vanishing/grad_norm_step"] == pytest.approx(steps["grad_norm_step"][i])
+    final = trainer.state.log_history[-1]
+    assert "train_runtime" in final and not any(k.startswith("vanishing/") for k in final)
+
+    quiet = VanishingCallback(print_diagnosis=False, log_scalars=False)
+    trainer = train(tmp_path, [quiet], name="quiet", max_steps=2)
+    assert not any(k.startswith("vanishing/") for h in trainer.state.log_history for k in h)
+
+
+def test_an_existing_run_is_a_warning_not_an_error_and_overwrite_replaces_it(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tmp_path, [VanishingCallback(run_dir, print_diagnosis=False)], max_steps=2)
+    cb = VanishingCallback(run_dir, print_diagnosis=False)
+    with pytest.warns(RuntimeWarning, match=r"VanishingCallback\(overwrite=True\)"):
+        trainer = train(tmp_path, [cb], max_steps=3)
+    assert trainer.state.global_step == 3 and cb.diagnosis is None
+    assert vanishing.load_run(run_dir).steps["step"].tolist() == [0, 1]
+
+    cb = VanishingCallback(run_dir, overwrite=True, print_diagnosis=False)
+    train(tmp_path, [cb], max_steps=3)
+    assert vanishing.load_run(run_dir).steps["step"].tolist() == [0, 1, 2]
+
+
+def test_a_failure_inside_the_callback_is_a_warning_and_training_goes_on(tmp_path, monkeypatch):
+    plain = train(tmp_path, [], name="plain", max_steps=3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(vanishing, "watch", broken)
+    cb = VanishingCallback(print_diagnosis=False)
+    with pytest.warns(RuntimeWarning, match="on_train_begin failed: RuntimeError: boom"):
+        trainer = train(tmp_path, [cb], max_steps=3)
+    assert [h["loss"] for h in step_logs(trainer)] == [h["loss"] for h in step_logs(plain)]
+    assert cb.monitor is None and cb.diagnosis is None
+
+
+def test_resuming_from_a_checkpoint_continues_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    options = dict(name="ckpt", save_strategy="steps", save_steps=3, save_only_model=False)
+    train(tmp_path, [VanishingCallback(run_dir, print_diagnosis=False)], max_steps=3, **options)
+    cb = VanishingCallback(run_dir, print_diagnosis=False)
+    train(tmp_path, [cb], max_steps=5, resume_from_checkpoint=True, **options)
+    run = vanishing.load_run(run_dir)
+    assert run.steps["step"].tolist() == [0, 1, 2, 3, 4]
+    assert run.manifest["resumed_at"] == [3]
+
+
+def test_bert_sequence_classification_smoke(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(config)
+    cb = VanishingCallback(print_diagnosis=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning from the callback
+        train(tmp_path, [cb], model=model, data=Tokens(classes=2), max_steps=3, max_grad_norm=0.0)
+    run = vanishing.load_run(cb.run_dir)
+    assert run.steps["step"].tolist() == [0, 1, 2]
+    assert "bert.encoder.layer.1.attention.self.query" in run.layers
+    assert "grad_norm_backward" not in run.steps or run.steps["grad_norm_backward"].isna().all()
+    assert str(cb.diagnosis)
+    assert run.diagnose().to_dict() == cb.diagnosis.to_dict()
+
+
+def test_accelerate_wrapper_with_a_grad_scaler_records_unscaled_values(tmp_path):
+    # fp16 needs a GPU in the Trainer; here accelerate's wrapper is driven as the Trainer does
+    # (scaled backward, unscale and clip, wrapper.step, zero_grad), with a CPU GradScaler
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import TrainerControl, TrainerState
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    accelerator = accelerate.Accelerator(cpu=True)  # the state the wrapper reads (after args)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapper = AcceleratedOptimizer(inner, scaler=scaler)
+    assert accelerator.state.distributed_type is not None
+    state, control = TrainerState(), TrainerControl()
+    cb = VanishingCallback(print_diagnosis=False, log_scalars=False)
+    cb.on_train_begin(args, state, control, model=model, optimizer=wrapper)
+    losses, clipped_from, grads = [], [], []
+    for i in range(4):
+        loss = (10 * model(torch.randn(16, 4))).pow(2).mean()
+        if i == 2:
+            loss = loss * float("inf")  # the scaler skips this step
+        scaler.scale(loss).backward()
+        scaler.unscale_(inner)
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if i != 2:
+            losses.append(loss.item())
+            clipped_from.append(total.item())
+            grads.append([p.grad.norm().item() for p in model.parameters()])
+        wrapper.step()
+        model.zero_grad()
+        state.global_step += 1
+    cb.on_train_end(args, state, control)
+    run = vanishing.load_run(cb.run_dir)
+    assert run.manifest["amp_scaler"] is True
+    steps = run.steps
+    assert steps["step"].tolist() == [0, 1, 2]
+    assert steps["skipped"].tolist() == [0, 0, 1]
+    assert steps["loss"].tolist() == pytest.approx(losses, rel=1e-5)
+    assert steps["grad_norm_backward"].tolist() == pytest.approx(clipped_from, rel=1e-5)
+    assert (steps["grad_norm_step"] <= 1.0 + 1e-6).all()
+    m = run.metrics
+    m = m[m.param != ""]
+    for step, expected in enumerate(grads):
+        got = m[m.step == step].sort_values("depth")["grad_norm"].tolist()
+        assert got == pytest.approx(expected, rel=1e-5)
+        assert (m[m.step == step]["update_norm"] > 0).all()

@@ -1,0 +1,189 @@
+"""Nothing lost, nothing mixed: real processes racing for a run directory, a real SIGTERM, a
+run directory that refuses writes for a while."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import vanishing
+from helpers import mlp, train
+
+RACE = textwrap.dedent(
+    """
+    import sys, time, torch, vanishing
+    from torch import nn
+    start, run_dir = float(sys.argv[1]), sys.argv[2] or None
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    while time.time() < start:
+        pass
+    try:
+        mon = vanishing.watch(model, opt, run_dir=run_dir)
+    except vanishing.WatchError as e:
+        print("refused", e)
+        sys.exit(3)
+    for _ in range(3):
+        opt.zero_grad(); model(torch.randn(8, 3)).sum().backward(); opt.step()
+    mon.close()
+    print("recorded", mon.run_dir)
+    """
+)
+
+
+def _race(tmp_path, run_dir, n=2):
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    start = time.time() + 4.0  # both processes are up and spinning by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(start), run_dir],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_run_dir_one_wins_the_other_is_refused(tmp_path):
+    results = _race(tmp_path, str(tmp_path / "shared"))
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes == [0, 3], results
+    refused = next(out for rc, out, _ in results if rc == 3)
+    assert "already holds a run" in refused
+    run = vanishing.load_run(tmp_path / "shared")
+    assert run.steps.step.tolist() == [0, 1, 2]  # one run's steps, not two interleaved
+
+
+@pytest.mark.slow
+def test_default_run_dirs_started_in_the_same_second_are_distinct(tmp_path):
+    results = _race(tmp_path, "")
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    dirs = {out.split()[-1] for _, out, _ in results}
+    assert len(dirs) == 2
+    for d in dirs:
+        assert vanishing.load_run(tmp_path / d).steps.step.tolist() == [0, 1, 2]
+
+
+TERM = textwrap.dedent(
+    """
+    import os, signal, sys, torch, vanishing
+    from torch import nn
+    run_dir, chain = sys.argv[1], sys.argv[2] == "chain"
+    if chain:  # a handler the program had before watch(): it must still run
+        def mine(signum, frame):
+            open(run_dir + ".handled", "w").write("yes")
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, mine)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = vanishing.watch(model, opt, run_dir=run_dir, flush_every=10_000)
+    step = 0
+    while True:
+        opt.zero_grad(); model(torch.randn(8, 3)).sum().backward(); opt.step()
+        step += 1
+        if step == 25:
+            print("ready", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["default", "chain"])
+def test_sigterm_flushes_what_was_recorded_then_does_what_it_did_before(tmp_path, mode):
+    script = tmp_path / "term.py"
+    script.write_text(TERM)
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), mode], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=60)
+    if mode == "default":
+        assert rc == -signal.SIGTERM  # terminated by the signal, as without the monitor
+    else:
+        assert rc == 7 and (tmp_path / "run.handled").read_text() == "yes"
+    steps = vanishing.load_run(run_dir).steps.step.tolist()
+    assert len(steps) >= 25 and steps == list(range(len(steps)))  # nothing unflushed lost
+
+
+def test_a_refused_write_keeps_the_steps_and_retries(run_dir, monkeypatch):
+    from vanishing.recorder import writer
+
+    real = writer.RunWriter.write_block
+    full = {"on": False}
+
+    def write_block(self, tables):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tables)
+
+    monkeypatch.setattr(writer.RunWriter, "write_block", write_block)
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=run_dir, flush_every=2) as mon:
+        losses = train(model, opt, steps=2)
+        full["on"] = True
+        with pytest.warns(RuntimeWarning, match="No space left on device.*kept in memory"):
+            losses += train(model, opt, steps=4, seed=2)  # two flushes refused
+        assert mon.step == 6  # recording went on
+        full["on"] = False
+        with pytest.warns(RuntimeWarning, match="writable again"):
+            losses += train(model, opt, steps=2, seed=3)
+    run = vanishing.load_run(run_dir)
+    assert run.steps.step.tolist() == list(range(8))
+    assert run.steps.loss.tolist() == pytest.approx(losses, rel=1e-6)
+
+
+def test_leftovers_of_a_killed_writer_are_removed_when_the_run_is_reopened(run_dir):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        train(model, opt, steps=2)
+    leftover = run_dir / "metrics" / ".part-00001.parquetab12cd.tmp"
+    leftover.write_bytes(b"half a file")
+    with vanishing.watch(model, opt, run_dir=run_dir, resume=True):
+        train(model, opt, steps=1)
+    assert not leftover.exists()
+    assert vanishing.load_run(run_dir).steps.step.tolist() == [0, 1, 2]
+
+
+def test_a_planted_symlink_at_a_temporary_name_is_not_followed(tmp_path):
+    from vanishing.recorder.writer import atomic_write_bytes
+
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    out = tmp_path / "summary.json"
+    for guess in (".summary.json.tmp", ".summary.jsontmp", "summary.json.tmp"):
+        os.symlink(target, tmp_path / guess)
+    atomic_write_bytes(out, b"{}")
+    assert target.read_text() == "keep me" and out.read_bytes() == b"{}"
+    assert not (tmp_path / "precious").is_symlink()
+
+
+def test_under_distributed_each_rank_records_into_its_own_subdirectory(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:  # world size 1: no subdirectory (the layout only changes with several processes)
+        with vanishing.watch(nn.Linear(2, 2), run_dir=tmp_path / "one") as mon:
+            pass
+        assert mon.run_dir == tmp_path / "one"
+    finally:
+        dist.destroy_process_group()
