@@ -436,3 +436,32 @@ def test_a_step_that_calls_a_submodule_of_the_watched_model_is_recorded(run_dir)
     run = vanishing.load_run(run_dir)
     assert run.steps.n_backward.tolist() == [1, 1, 1]
     assert [row(run, s, "net.0", "weight").grad_norm for s in range(3)] == pytest.approx(norms)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"foreach": True}, {"fused": True}, {"foreach": False}], ids=["foreach", "fused", "loop"]
+)
+def test_foreach_and_fused_optimizers_record_the_true_gradients_and_updates(run_dir, kwargs):
+    torch.manual_seed(0)
+    model = mlp(act=nn.Tanh)
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, **kwargs)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.01)  # the reference: a plain loop
+    truth = []
+    for x, y in _batches(3):
+        twin_opt.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+        grads = {n: p.grad.norm().item() for n, p in twin.named_parameters()}
+        twin_opt.step()
+        updates = {n: (p.detach() - before[n]).norm().item() for n, p in twin.named_parameters()}
+        truth.append((grads, updates))
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        _closure_loop(model, opt, _batches(3), closure=False)
+    run = vanishing.load_run(run_dir)
+    for step, (grads, updates) in enumerate(truth):
+        for name in grads:
+            layer, param = name.rsplit(".", 1)
+            r = row(run, step, layer, param)
+            assert r.grad_norm == pytest.approx(grads[name], rel=1e-5)
+            assert r.update_norm == pytest.approx(updates[name], rel=1e-4)

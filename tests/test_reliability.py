@@ -187,3 +187,61 @@ def test_under_distributed_each_rank_records_into_its_own_subdirectory(tmp_path)
         assert mon.run_dir == tmp_path / "one"
     finally:
         dist.destroy_process_group()
+
+
+def _steps_with_validation(run_dir, validate):
+    torch.manual_seed(0)
+    model = mlp(depth=3, act=nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)
+    ]
+    held = []
+    with vanishing.watch(model, opt, run_dir=run_dir) as mon:
+        probe = next(p for p in mon._probes if type(p).__name__ == "ActivationProbe")
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if validate and i == 0:
+                model.eval()  # validation, forgetting torch.no_grad()
+                for _ in range(40):
+                    model(torch.randn(64, 5) * 5)
+                held.append(len(probe._tensors))
+                model.train()
+    return vanishing.load_run(run_dir), held
+
+
+def test_forwards_without_a_backward_do_not_count_and_are_not_kept(tmp_path):
+    plain, _ = _steps_with_validation(tmp_path / "plain", validate=False)
+    validated, held = _steps_with_validation(tmp_path / "validated", validate=True)
+    cols = ["act_mean", "act_std", "act_deriv_mean", "act_saturated", "act_p02", "act_p98"]
+    a = plain.metrics[plain.metrics.param == ""][["step", "layer", *cols]].reset_index(drop=True)
+    b = validated.metrics[validated.metrics.param == ""][["step", "layer", *cols]].reset_index(
+        drop=True
+    )
+    assert a.equals(b)  # step 1 is not mixed with the 40 validation batches
+    from vanishing.probes.activations import _KEPT_FORWARDS
+
+    assert held[0] <= _KEPT_FORWARDS * 3  # 3 activations: bounded, not 40 forwards' worth
+
+
+def test_two_forwards_before_one_backward_both_count(run_dir):
+    torch.manual_seed(0)
+    model = mlp(depth=2, act=nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    real, fake = torch.randn(8, 5), torch.randn(8, 5) + 2
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        opt.zero_grad()
+        (model(real).mean() - model(fake).mean()).backward()  # a discriminator's two batches
+        opt.step()
+    run = vanishing.load_run(run_dir)
+    m = run.metrics
+    got = m[(m.layer == "1") & (m.param == "")].act_mean.item()
+    # measured before the step changed the weights: recompute on a twin at the old weights
+    torch.manual_seed(0)
+    twin = mlp(depth=2, act=nn.Sigmoid)
+    with torch.no_grad():
+        means = [torch.sigmoid(twin[0](v)).mean().item() for v in (real, fake)]
+    assert got == pytest.approx(sum(means) / 2, rel=1e-6)

@@ -171,6 +171,8 @@ class Monitor:
         self._frozen = False  # the step's measured pass is over (a closure evaluated again)
         self._backwards = 0  # backward passes in this step
         self._forward_seen = False
+        self._depth = 0  # entry modules entered and not yet left
+        self._generation = 0  # forward passes so far
         self._skipped = 0
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
 
@@ -265,8 +267,15 @@ class Monitor:
             self._skipped += 1
             self._reset()
             self._recording = self._schedule(self.step)
+        if self._depth == 0:  # the outermost entry: a new forward pass (not a nested call)
+            self._generation += 1
+            if self._capturing():
+                for probe in self._probes:
+                    probe.forward_begin(self._generation)
+        self._depth += 1
 
     def _on_forward_end(self) -> None:
+        self._depth = max(0, self._depth - 1)
         self._forward_seen = True
 
     def _on_backward_wanted(self) -> bool:
@@ -276,6 +285,7 @@ class Monitor:
         if not self.layout.order_final:
             self._finish_discovery()  # every forward of the first step has run by now
         self._forward_seen = False
+        self._depth = 0  # a forward that raised never ended
         self._backwards += 1
         if self._capturing():
             for probe in self._probes:

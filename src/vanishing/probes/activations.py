@@ -49,10 +49,40 @@ class _Resolved:
         )
 
 
+class _Seen:
+    """Whether a backward pass reached an activation's output (a tensor hook marks it)."""
+
+    __slots__ = ("generation", "proof", "consumed")
+
+    def __init__(self, generation: int, proof: bool) -> None:
+        self.generation = generation
+        self.proof = proof  # the output requires grad, so a backward that uses it says so
+        self.consumed = False
+
+    def mark(self, grad: Tensor) -> None:
+        self.consumed = True
+
+    def counts(self, last_generation: int) -> bool:
+        # an output no gradient can reach (a frozen start of the model) counts with the
+        # forward the backward followed
+        return self.consumed or (not self.proof and self.generation == last_generation)
+
+
+#: forward passes whose unconsumed activations are kept: a step may run several forwards before
+#: one backward (a discriminator on real and fake data); a validation loop with gradients on
+#: and no backward must not hold every batch until the next step
+_KEPT_FORWARDS = 8
+
+
 class ActivationProbe(Probe):
     """A forward hook on each activation module keeps its output (and input where phi' needs
     it) until the end of the backward pass, when the same-shaped outputs of all layers are
-    measured together: a few kernels in all instead of a dozen per layer."""
+    measured together: a few kernels in all instead of a dozen per layer.
+
+    Only outputs the step's backward passes reached count (a tensor hook on each output tells):
+    the activations of a forward with no backward (validation without ``torch.no_grad()``) are
+    not the step's, and are dropped after a few more forwards.
+    """
 
     columns = tuple(c for c in BUILTIN if c.level == "module" and c.name.startswith("act_"))
 
@@ -67,7 +97,17 @@ class ActivationProbe(Probe):
 
     def reset(self) -> None:
         self._pending: list[tuple[list[int], Tensor]] = []  # (module rows, [k x stats])
-        self._tensors: list[tuple] = []
+        self._tensors: list[tuple] = []  # (seen, row, resolved, z, y, version)
+        self._inplace: list[tuple] = []  # (seen, module rows, [1 x stats])
+        self._generation = 0
+
+    def forward_begin(self, generation: int) -> None:
+        self._generation = generation
+        oldest = generation - _KEPT_FORWARDS
+        if self._tensors and self._tensors[0][0].generation <= oldest:
+            self._tensors = [e for e in self._tensors if e[0].generation > oldest]
+        if self._inplace and self._inplace[0][0].generation <= oldest:
+            self._inplace = [e for e in self._inplace if e[0].generation > oldest]
 
     def _on_output(self, row: ModuleRow, module: nn.Module, args: tuple, output: Any) -> None:
         if not (self.ctx.capturing() and torch.is_grad_enabled()):
@@ -82,10 +122,13 @@ class ActivationProbe(Probe):
             res = self._resolved[row.index] = _Resolved(
                 row, output, last.module if last is not None else None
             )
+        seen = _Seen(self._generation, output.requires_grad)
+        if seen.proof:
+            output.register_hook(seen.mark)
         if z is output:
             # In place: the output overwrote the input and may be overwritten again.
             vec = summarize(None, output, unit_dim=res.unit_dim, **res.options)
-            self._pending.append(([row.index], vec.unsqueeze(0)))
+            self._inplace.append((seen, [row.index], vec.unsqueeze(0)))
             return
         # Kept until the end of the backward pass (autograd keeps most of them anyway: the next
         # layer saves its input). On the CPU the stacking buffers are kept between steps (no
@@ -93,17 +136,27 @@ class ActivationProbe(Probe):
         # memory stays held between steps.
         z = z.detach() if res.needs_input else None
         y = output.detach()
-        self._tensors.append((row, res, z, y, y._version))
+        self._tensors.append((seen, row, res, z, y, y._version))
 
     def _measure(self) -> None:
+        """Measure the kept outputs that a backward pass consumed; keep the others."""
+        last = self._generation
+        if self._inplace:
+            ready = [e for e in self._inplace if e[0].counts(last)]
+            self._inplace = [e for e in self._inplace if not e[0].counts(last)]
+            self._pending.extend((rows, vec) for _, rows, vec in ready)
         groups: dict[tuple, list] = {}
+        waiting = []
         for entry in self._tensors:
-            row, res, z, y, version = entry
+            seen, row, res, z, y, version = entry
+            if not seen.counts(last):
+                waiting.append(entry)
+                continue
             if y._version != version:
                 continue  # modified in place after the activation ran: its values are gone
             key = (row.kind, tuple(y.shape), y.dtype, y.device, z is None, res.key)
-            groups.setdefault(key, []).append(entry)
-        self._tensors = []
+            groups.setdefault(key, []).append(entry[1:])
+        self._tensors = waiting
         for entries in groups.values():
             row, res, z0, y0, _ = entries[0]
             ys = [e[3] for e in entries]
@@ -139,11 +192,11 @@ class ActivationProbe(Probe):
             self._pending.append(([e[0].index for e in entries], stats))
 
     def backward_end(self, roots: tuple) -> None:
-        if self._tensors:
+        if self._tensors or self._inplace:
             self._measure()
 
     def measure(self, row: Row) -> None:
-        if self._tensors:  # outputs of a forward whose backward had no end callback
+        if self._tensors or self._inplace:  # reached by a backward with no end callback
             self._measure()
         if self._pending:
             rows = [i for module_rows, _ in self._pending for i in module_rows]

@@ -68,6 +68,10 @@ class Probe:
     def attach(self, ctx: ProbeContext) -> None:
         """Hook what the probe needs (through ``ctx.events``) and keep ``ctx``."""
 
+    def forward_begin(self, generation: int) -> None:
+        """A forward pass of the model begins (only while capturing); ``generation`` counts
+        them, so that what a forward captured can be told from what the next one does."""
+
     def backward_end(self, roots: tuple) -> None:
         """A backward pass of a recorded step ended (only while capturing)."""
 
