@@ -245,3 +245,85 @@ def test_two_forwards_before_one_backward_both_count(run_dir):
     with torch.no_grad():
         means = [torch.sigmoid(twin[0](v)).mean().item() for v in (real, fake)]
     assert got == pytest.approx(sum(means) / 2, rel=1e-6)
+
+
+def test_parametrized_layers_are_one_layer_each(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    model[2] = nn.utils.parametrizations.spectral_norm(model[2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        opt.zero_grad()
+        model(torch.randn(5, 3)).sum().backward()
+        norms = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+        opt.step()
+    run = vanishing.load_run(run_dir)
+    assert run.layers == ["0", "1", "2"]  # not 0.parametrizations.weight as a layer of its own
+    m = run.metrics
+    got = m[(m.layer == "0") & (m.param == "weight.original1")].grad_norm.item()
+    assert got == pytest.approx(norms["0.parametrizations.weight.original1"], rel=1e-6)
+    assert {p["name"] for p in run.layer_info[2]["params"]} == {"bias", "weight.original"}
+
+
+def test_an_empty_batch_is_a_note_not_the_end_of_recording(run_dir):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(model, opt, run_dir=run_dir) as mon:
+        for n in (0, 5, 5):
+            opt.zero_grad()
+            model(torch.randn(n, 3)).sum().backward()
+            opt.step()
+        assert mon._broken is None
+    run = vanishing.load_run(run_dir)
+    assert run.steps.step.tolist() == [0, 1, 2]
+    m = run.metrics
+    assert m[(m.layer == "1") & (m.param == "")].act_mean.notna().sum() == 2  # steps 1 and 2
+    [note] = run.manifest["notes"]
+    assert "empty batch" in note["text"] and note["first_step"] == 0 and note["steps"] == 1
+
+
+def test_sparse_gradients_have_norms(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.tensor([[1, 2], [1, 3]])  # token 1 twice: duplicates sum before the norm
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        opt.zero_grad()
+        model(ids).sum().backward()
+        dense = model[0].weight.grad.to_dense().norm().item()
+        opt.step()
+    run = vanishing.load_run(run_dir)
+    m = run.metrics
+    assert m[(m.layer == "0") & (m.param == "weight")].grad_norm.item() == pytest.approx(
+        dense, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"run_dir": ""}, "run_dir is empty"),
+        ({"run_dir": "/proc/vanishing-x"}, "cannot be written"),
+        ({"run_dir": "/tmp/" + "x" * 300}, "cannot be written.*File name too long"),
+        ({"flush_every": 10**9}, r"flush_every=1000000000 would hold .* GiB"),
+    ],
+)
+def test_bad_run_dirs_and_sizes_are_one_clear_error(tmp_path, kwargs, match):
+    kwargs = {"run_dir": tmp_path / "run", **kwargs}
+    with pytest.raises(vanishing.WatchError, match=match):
+        vanishing.watch(mlp(), **kwargs)
+
+
+def test_inspect_works_on_a_model_being_watched(run_dir):
+    torch.manual_seed(0)
+    model = mlp(depth=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with vanishing.watch(model, opt, run_dir=run_dir) as mon:
+        train(model, opt, steps=2)
+        diag = vanishing.inspect(model, x, y, nn.functional.cross_entropy)
+        train(model, opt, steps=1)
+        assert mon.step == 3  # inspect's batch is not one of the run's steps
+    assert isinstance(diag.healthy, bool)
+    assert vanishing.load_run(run_dir).steps.n_backward.tolist() == [1, 1, 1]

@@ -40,6 +40,7 @@ def inspect(model, inputs, targets, loss_fn: Callable) -> Diagnosis:
     from vanishing.diagnose.engine import diagnose_run
     from vanishing.modules import _unwrap
     from vanishing.monitor import Monitor, WatchError
+    from vanishing.monitor.monitor import suspended
     from vanishing.recorder.reader import load_run
 
     if not isinstance(model, torch.nn.Module):
@@ -61,7 +62,8 @@ def inspect(model, inputs, targets, loss_fn: Callable) -> Diagnosis:
             for p in root.parameters():
                 p.grad = None
             root.train()
-            with Monitor(model, run_dir=f"{tmp}/run", flush_every=1):
+            # a model being trained under a monitor: that one hears nothing of this batch
+            with suspended(model), Monitor(model, run_dir=f"{tmp}/run", flush_every=1):
                 loss = loss_fn(model(inputs), targets)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise WatchError("loss_fn must return a scalar tensor")

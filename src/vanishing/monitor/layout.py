@@ -58,8 +58,12 @@ class Layout:
         self.modules: list[ModuleRow] = []
         self.params: list[ParamRow] = []
         by_id: dict[int, ParamRow] = {}
+        owner_of = _parametrized_owners(root)
         for name, module in root.named_modules(remove_duplicate=True):
+            if name in owner_of or any(name.startswith(p + ".") for p in owner_of):
+                continue  # a parametrization's container: its tensors are its module's
             own = list(module.named_parameters(recurse=False))
+            own += [(f"{tensor}.{local}", p) for tensor, local, p in _parametrized(module)]
             entry = activations.for_module(module)
             kind = entry.kind if entry is not None else None
             recurrent = isinstance(module, RECURRENT)
@@ -184,6 +188,29 @@ class Layout:
                 layer["examples_per_unit"] = r.examples_per_unit
             layers.append(layer)
         return layers
+
+
+def _parametrized(module: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """(tensor, local name, parameter) of each parametrized tensor of ``module``
+    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal): the parametrized
+    module is the layer, its ``weight.original0`` a parameter of it."""
+    lists = getattr(module, "parametrizations", None)
+    if not isinstance(lists, nn.ModuleDict):
+        return []
+    return [
+        (tensor, local, p)
+        for tensor, plist in lists.items()
+        for local, p in plist.named_parameters(recurse=False)
+    ]
+
+
+def _parametrized_owners(root: nn.Module) -> set[str]:
+    """Qualified names of the ``parametrizations`` containers inside ``root``."""
+    return {
+        f"{name}.parametrizations" if name else "parametrizations"
+        for name, module in root.named_modules()
+        if _parametrized(module)
+    }
 
 
 def entry_modules(root: nn.Module) -> list[nn.Module]:

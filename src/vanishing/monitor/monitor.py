@@ -17,6 +17,7 @@ abandoned, and what a failure does (stop monitoring, never training).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -49,6 +50,7 @@ from vanishing.sinks.parquet import ParquetSink
 __all__ = ["Monitor", "watch", "WatchError"]
 
 _STATS_LEVELS = ("all", "parameters")
+_MAX_BUFFER_BYTES = 2**30  # the device buffer between flushes
 _WATCHED_ATTR = "_vanishing_monitor"
 
 
@@ -148,6 +150,18 @@ class Monitor:
             device=self._device,
         )
 
+        held = flush_every * self._buffer.width * 8
+        if held > _MAX_BUFFER_BYTES:
+            most = max(1, _MAX_BUFFER_BYTES // (self._buffer.width * 8))
+            raise WatchError(
+                f"flush_every={flush_every} would hold {held / 2**30:.1f} GiB of records on "
+                f"{self._device} for this model ({self._buffer.width} values a step); "
+                f"use at most {most} (the default is 50)"
+            )
+        if run_dir is not None and str(run_dir).strip() == "":
+            raise WatchError(
+                "run_dir is empty; pass a directory path (or None for runs/<date-time>)"
+            )
         if resume and run_dir is None:
             raise WatchError("resume=True needs the run_dir of the run to continue")
         self.run_dir = Path(run_dir) if run_dir is not None else _default_run_dir()
@@ -177,13 +191,20 @@ class Monitor:
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
 
         self._status = "running"
+        self._notes: dict[str, dict[str, Any]] = {}
+        self._manifest_changed = False  # a note since the manifest was last written
         self._unwritten: list[Block] = []  # blocks the run directory refused, to retry
         self._write_failed = False
         self._flushing = False
         try:
             self._run.open(self._manifest())
-        except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        except FileExistsError as e:
             raise WatchError(str(e)) from None
+        except OSError as e:  # read-only, not a directory, a name too long, /proc, ...
+            raise WatchError(
+                f"run_dir {str(self.run_dir)!r} cannot be written ({e.strerror or e}); "
+                "pass a directory you can create files in"
+            ) from None
         for sink in sinks:
             self._call_sink(sink, "open", self._manifest())
         self.events = Events(
@@ -202,12 +223,28 @@ class Monitor:
             capturing=self._capturing,
             unscale=self._unscale,
             n_backward=lambda: self._backwards,
+            note=self._note,
         )
         for probe in self._probes:
             probe.attach(ctx)
         setattr(self._root, _WATCHED_ATTR, weakref.ref(self))
         _open_monitors.add(self)
         _install_sigterm()
+
+    def _note(self, text: str) -> None:
+        """Keep a one-line note for the manifest (what could not be measured, and when)."""
+        seen = self._notes.get(text)
+        if seen is None:
+            self._notes[text] = {
+                "text": text,
+                "first_step": self.step,
+                "steps": 1,
+                "last": self.step,
+            }
+            self._manifest_changed = True
+        elif seen["last"] != self.step:
+            seen["steps"] += 1
+            seen["last"] = self.step
 
     def _continue(self, start_step: int | None) -> int:
         """Take over the run in ``run_dir`` (resume=True): check that it is of this model and
@@ -433,6 +470,15 @@ class Monitor:
             "amp_scaler": self._scaler is not None,
             "layers": self.layout.manifest_layers(trainable),
             **({"resumed_at": self._resumed} if self._resumed else {}),
+            **(
+                {
+                    "notes": [
+                        {k: v for k, v in n.items() if k != "last"} for n in self._notes.values()
+                    ]
+                }
+                if self._notes
+                else {}
+            ),
             "versions": {
                 "vanishing": _version(),
                 "torch": torch.__version__,
@@ -469,8 +515,14 @@ class Monitor:
         self._flushing = True
         try:
             params, modules, recurrent = self.layout.table_keys()
+            manifest = self._manifest() if self._manifest_changed else {}
+            self._manifest_changed = False
             block = self._buffer.take(
-                self.layout.sharded, params=params, modules=modules, recurrent=recurrent
+                self.layout.sharded,
+                params=params,
+                modules=modules,
+                recurrent=recurrent,
+                manifest=manifest,
             )
             if block is not None:
                 self._emit(block)
@@ -647,6 +699,31 @@ def _validate(model, optimizer, stats, flush_every, scaler, sinks, probes) -> No
 
 
 _open_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module):
+    """While inside, the monitor watching ``model`` (if any) hears nothing and the model may be
+    watched by another, short-lived one (``vanishing.inspect`` of a model being trained).
+
+    Example:
+        >>> with suspended(model):   # doctest: +SKIP
+        ...     diag = vanishing.inspect(model, x, y, loss_fn)
+    """
+    root = unwrap(model)
+    ref = getattr(root, _WATCHED_ATTR, None)
+    mon = ref() if ref is not None else None
+    if mon is None or mon._closed:
+        yield
+        return
+    active = mon.events.active
+    mon.events.active = False
+    delattr(root, _WATCHED_ATTR)
+    try:
+        yield
+    finally:
+        setattr(root, _WATCHED_ATTR, ref)
+        mon.events.active = active
 
 
 @atexit.register

@@ -114,6 +114,9 @@ class ActivationProbe(Probe):
             return
         if not isinstance(output, Tensor) or not output.is_floating_point():
             return
+        if output.numel() == 0:
+            self.ctx.note("an empty batch: no activation statistics for that call")
+            return
         z = args[0] if args and isinstance(args[0], Tensor) else None
         res = self._resolved.get(row.index)
         if res is None:

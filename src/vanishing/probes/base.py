@@ -58,6 +58,9 @@ class ProbeContext:
     unscale: Callable[[Any], Any]
     #: backward passes so far in this step
     n_backward: Callable[[], int]
+    #: ``note(text)``: something the probe could not measure this step, kept in the manifest's
+    #: ``notes`` (each text once, with the first step and how many steps it happened)
+    note: Callable[[str], None] = lambda text: None
 
 
 class Probe:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from vanishing.modules import local
 from vanishing.probes.base import Probe, ProbeContext
+from vanishing.probes.params import _dense_values
 from vanishing.recorder.columns import Column
 from vanishing.stats.norms import l2_norms
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 
 def _total_norm(params: list) -> Tensor | None:
-    grads = [local(p.grad.detach()) for p in params if p.grad is not None]
+    grads = [_dense_values(local(p.grad.detach())) for p in params if p.grad is not None]
     if not grads:
         return None
     # the per-parameter norms are exact (float64 recheck of tiny ones); their root sum square

@@ -143,6 +143,14 @@ class UpdateTracker:
         return self._in_order(update_norms)
 
 
+def _dense_values(g: Tensor) -> Tensor:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as the values it holds: its norm and
+    non-finite count are those of its coalesced values (duplicates summed first)."""
+    if g.layout == torch.strided:
+        return g
+    return g.coalesce().values()
+
+
 class ParamProbe(Probe):
     """Per parameter: gradient norm and non-finite count, weight norm and non-finite count, and
     the norm of the update the optimizer step made (with an optimizer).
@@ -186,7 +194,7 @@ class ParamProbe(Probe):
 
     def grads_ready(self) -> None:
         present = [r for r in self.rows if r.param.grad is not None]
-        grads = [local(r.param.grad.detach()) for r in present]
+        grads = [_dense_values(local(r.param.grad.detach())) for r in present]
         gnorm = l2_norms(grads)
         if self.ctx.optimizer is None:
             gnorm = self.ctx.unscale(gnorm)  # no GradScaler.unscale_ ran before this
