@@ -327,3 +327,35 @@ def test_inspect_works_on_a_model_being_watched(run_dir):
         assert mon.step == 3  # inspect's batch is not one of the run's steps
     assert isinstance(diag.healthy, bool)
     assert vanishing.load_run(run_dir).steps.n_backward.tolist() == [1, 1, 1]
+
+
+def test_in_a_gan_loop_the_watched_generator_records_its_own_loss(run_dir):
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+    D = nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    g_losses, g_norms = [], []
+    with vanishing.watch(G, opt_g, run_dir=run_dir):
+        for _ in range(3):
+            real, z = torch.randn(16, 6), torch.randn(16, 4)
+            fake = G(z)
+            opt_d.zero_grad()
+            ones, zeros = torch.ones(16, 1), torch.zeros(16, 1)
+            loss_d = bce(D(real), ones) + bce(D(fake.detach()), zeros)
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            loss_g = bce(D(fake), ones)
+            loss_g.backward()
+            g_losses.append(loss_g.item())
+            g_norms.append(G[0].weight.grad.norm().item())
+            opt_g.step()
+    run = vanishing.load_run(run_dir)
+    assert run.steps.loss.tolist() == pytest.approx(g_losses, rel=1e-6)  # not the discriminator's
+    assert run.steps.n_backward.tolist() == [1, 1, 1]
+    assert run.steps.skipped.tolist() == [0, 0, 0]
+    m = run.metrics
+    got = m[(m.layer == "0") & (m.param == "weight")].grad_norm.tolist()
+    assert got == pytest.approx(g_norms, rel=1e-6)

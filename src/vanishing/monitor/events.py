@@ -51,6 +51,7 @@ class Listener(Protocol):
     def _on_forward_begin(self) -> None: ...
     def _on_forward_end(self) -> None: ...
     def _on_backward_wanted(self) -> bool: ...
+    def _on_backward_begin(self) -> None: ...
     def _on_backward_end(self, roots: tuple[Tensor, ...]) -> None: ...
     def _on_step_begin(self) -> None: ...
     def _on_grads_ready(self) -> None: ...
@@ -146,6 +147,12 @@ class Events:
 
     def _backward_wanted(self) -> bool:
         return not self.closed and self.active and self._listener._on_backward_wanted()
+
+    def _backward_begin(self) -> None:
+        try:
+            self._listener._on_backward_begin()
+        except Exception as e:  # noqa: BLE001 - report, stop monitoring, keep training
+            self._listener._on_fail(e)
 
     def _backward_end(self, roots: tuple[Tensor, ...]) -> None:
         if self.closed or not self.active:
@@ -243,6 +250,8 @@ def _roots(args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
 
 def _backward(*args: Any, **kwargs: Any) -> Any:
     listeners = [e for e in list(_listeners) if e._backward_wanted()]
+    for e in listeners:
+        e._backward_begin()
     result = _original(*args, **kwargs)
     if listeners:
         roots = _roots(args, kwargs)

@@ -186,6 +186,7 @@ class Monitor:
         self._backwards = 0  # backward passes in this step
         self._forward_seen = False
         self._depth = 0  # entry modules entered and not yet left
+        self._grads_before: list[tuple[int, int]] | None = None
         self._generation = 0  # forward passes so far
         self._skipped = 0
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
@@ -318,9 +319,22 @@ class Monitor:
     def _on_backward_wanted(self) -> bool:
         return not self._closed and self._broken is None and self._forward_seen
 
+    def _grad_state(self) -> list[tuple[int, int]]:
+        return [
+            (id(g), g._version) if (g := r.param.grad) is not None else (0, 0)
+            for r in self.layout.params
+        ]
+
+    def _on_backward_begin(self) -> None:
+        self._grads_before = self._grad_state()
+
     def _on_backward_end(self, roots: tuple[Tensor, ...]) -> None:
         if not self.layout.order_final:
             self._finish_discovery()  # every forward of the first step has run by now
+        if self._grads_before is not None and self._grad_state() == self._grads_before:
+            # This backward reached none of the watched parameters (a GAN's discriminator step
+            # on G(z).detach() while G is watched): it is not this model's, its loss not ours.
+            return
         self._forward_seen = False
         self._depth = 0  # a forward that raised never ended
         self._backwards += 1
