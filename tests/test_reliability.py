@@ -359,3 +359,53 @@ def test_in_a_gan_loop_the_watched_generator_records_its_own_loss(run_dir):
     m = run.metrics
     got = m[(m.layer == "0") & (m.param == "weight")].grad_norm.tolist()
     assert got == pytest.approx(g_norms, rel=1e-6)
+
+
+def _module_rows(run_dir):
+    m = vanishing.load_run(run_dir).metrics
+    return m[m.param == ""]
+
+
+def test_a_model_compiled_and_run_before_watch_still_records_every_signal(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="eager")
+    compiled(torch.randn(2, 3)).sum().backward()  # it ran before the monitor existed
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with vanishing.watch(compiled, opt, run_dir=run_dir):
+        for _ in range(2):
+            opt.zero_grad()
+            compiled(torch.randn(5, 3)).sum().backward()
+            opt.step()
+    rows = _module_rows(run_dir)
+    assert rows[rows.layer == "1"].act_mean.notna().sum() == 2
+    assert rows[rows.layer == "0"].error_norm.notna().sum() == 2
+
+
+def test_reentrant_checkpointing_records_activations_and_error_signals(run_dir):
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(checkpoint(self.a, x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 3, requires_grad=True)
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        twin = Checkpointed()
+        expected = twin.a(x).mean().item()
+    rows = _module_rows(run_dir)
+    assert rows[rows.layer == "a.1"].act_mean.item() == pytest.approx(expected, rel=1e-6)
+    assert rows[rows.layer == "a.0"].error_norm.notna().all()
