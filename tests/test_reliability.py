@@ -409,3 +409,19 @@ def test_reentrant_checkpointing_records_activations_and_error_signals(run_dir):
     rows = _module_rows(run_dir)
     assert rows[rows.layer == "a.1"].act_mean.item() == pytest.approx(expected, rel=1e-6)
     assert rows[rows.layer == "a.0"].error_norm.notna().all()
+
+
+def test_a_script_that_forgets_close_keeps_its_records(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import torch, vanishing
+        from torch import nn
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = vanishing.watch(model, opt, run_dir={str(tmp_path / "run")!r}, flush_every=100)
+        for _ in range(3):
+            opt.zero_grad(); model(torch.randn(8, 3)).sum().backward(); opt.step()
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert vanishing.load_run(tmp_path / "run").steps.step.tolist() == [0, 1, 2]
