@@ -169,6 +169,35 @@ def test_gains_agree_with_the_diagnosis():
         assert (gain, remedy) == (pytest.approx(entry.init_gain), entry.init_remedy), entry.kind
 
 
+@pytest.mark.parametrize("kind", BUILTIN)
+def test_binary_derivative_and_negative_slope_hold(kind):
+    entry, module = activations.get(kind), MODULES[kind]
+    z = torch.linspace(-10, 10, 2001, dtype=torch.float64)[:, None].repeat(1, 3)
+    values = set(_autograd(module, z).unique().tolist())
+    assert entry.binary_derivative == (values <= {0.0, 1.0}), (kind, sorted(values)[:4])
+    if entry.negative_slope:  # the off side's slope of the module built with its defaults
+        built = entry.module_class()().double()
+        assert float(_autograd(built, -torch.ones(1, dtype=torch.float64))) == pytest.approx(
+            entry.negative_slope
+        )
+    assert (entry.negative_slope != 0) == (kind in ("leaky_relu", "prelu"))
+
+
+def test_the_diagnosis_reads_its_activation_sets_off_the_registry():
+    from vanishing.diagnose.view import (
+        derivative_rms,
+        dies_outright,
+        is_squashing,
+        max_derivative_text,
+    )
+
+    assert [k for k in BUILTIN if is_squashing(k)] == ["sigmoid", "tanh", "softsign", "hardtanh"]
+    assert [k for k in BUILTIN if dies_outright(k)] == ["relu", "relu6"]
+    assert derivative_rms("hardtanh", 0.25) == 0.5 and derivative_rms("tanh", -0.25) == 0.25
+    assert max_derivative_text("sigmoid") == "1/4" and max_derivative_text("relu") == "1"
+    assert not is_squashing("not-registered") and max_derivative_text("not-registered") == "1"
+
+
 # ------------------------------------------------------------------- the extension point
 def test_a_registered_activation_is_resolved(mish):
     assert activations.for_module(nn.Mish()) is mish

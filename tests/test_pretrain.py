@@ -109,3 +109,16 @@ def test_non_mlp_models_and_bad_steps_are_clear_errors(task):
         layerwise_pretrain(mlp(64, 10, depth=1), task.x_train.flatten(1), steps=0)
     with pytest.raises(ValueError, match="needs an MLP"):
         layerwise_pretrain(nn.Sequential(nn.ReLU()), task.x_train, steps=5)
+
+
+def test_batch_size_0_is_the_full_batch_as_in_the_runner(task):
+    """0 and anything >= the data size both mean the full batch (no sampling at all)."""
+
+    def run(batch_size):
+        torch.manual_seed(0)
+        model = build_model(task, depth=2, width=8)
+        losses = layerwise_pretrain(model, task.x_train, steps=5, batch_size=batch_size)
+        return losses, model.hidden[1].linear.weight.detach()
+
+    (l0, w0), (ln, wn) = run(0), run(len(task.x_train) + 1)
+    assert l0 == ln and torch.equal(w0, wn)

@@ -248,6 +248,24 @@ def test_speed_curves_one_line_per_hidden_layer(run_dir):
     assert ax.get_yscale() == "log" and "step" in ax.get_xlabel()
 
 
+def test_aggregation_scales_come_from_the_column_registry():
+    from vanishing.recorder.columns import BUILTIN, DERIVED_RATIOS, scale_of
+    from vanishing.recorder.schema import ACTIVATION_STATS
+
+    assert data_mod.LOG_STATS == (
+        "grad_norm", "param_norm", "update_norm", "grad_ratio", "update_ratio", "error_norm",
+    )  # fmt: skip
+    assert tuple(ACTIVATION_STATS) == data_mod.LINEAR_STATS
+    ratios = {name for name, _, _ in DERIVED_RATIOS}
+    for name in data_mod.LOG_STATS:
+        assert name in ratios or scale_of(name) == "log", name
+    for name in data_mod.LINEAR_STATS:
+        assert scale_of(name) == "linear", name
+    metrics = {c.name for c in BUILTIN if c.level in ("param", "module")}
+    counted = {c.name for c in BUILTIN if c.reduce == "sum" and c.level == "param"}
+    assert set(data_mod.LOG_STATS + data_mod.LINEAR_STATS) == (metrics - counted) | ratios
+
+
 def test_activation_bound_matches_the_stats_module():
     """The plotted bounds are the registry's, and both are the sup of |phi'| that autograd
     samples over a fine grid, for each kind's default module (no tautology)."""

@@ -407,3 +407,70 @@ def test_every_model_kind_trains_with_a_hidden_layer_profile(tmp_path):
             for layer, param in first_last[name]
         )
         assert summary["first_last_ratio"] == pytest.approx(float(np.median(a / b)))
+
+
+# ------------------------------------------------------------------ the one training loop
+def test_the_loop_evaluates_between_steps_and_after_the_monitor_closes(tmp_path):
+    from vanishing.experiments.train import minibatches, train
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen, monitors = [], []
+
+    def evaluate(step):
+        seen.append((step, "open" if " open " in repr(monitors[-1]) else "closed"))
+
+    log = train(
+        net,
+        minibatches(x, y, batch_size=16, generator=torch.Generator().manual_seed(0)),
+        torch.nn.functional.mse_loss,
+        opt,
+        steps=5,
+        watch={"run_dir": tmp_path / "run"},
+        evaluate=evaluate,
+        eval_every=2,
+        on_step=lambda step, loss, mon: monitors.append(mon),
+    )
+    assert seen == [(1, "open"), (3, "open"), (4, "closed")]
+    assert log.steps == 5 and not log.diverged and log.monitor is monitors[0]
+    assert vanishing.load_run(tmp_path / "run").steps["step"].tolist() == list(range(5))
+    # unwatched, without per-step reads: the same losses, read once at the end
+    torch.manual_seed(0)
+    net2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    quiet = train(
+        net2,
+        minibatches(x, y, batch_size=16, generator=torch.Generator().manual_seed(0)),
+        torch.nn.functional.mse_loss,
+        torch.optim.SGD(net2.parameters(), lr=0.1),
+        steps=5,
+        stop_on_nonfinite=False,
+    )
+    assert quiet.losses == log.losses and quiet.monitor is None
+
+
+def test_every_training_loop_is_the_one_loop(tmp_path, monkeypatch):
+    """The runner, pretraining, the demo's classifier and the Nielsen reproduction all train
+    through ``experiments.train.train``."""
+    import vanishing.experiments.train as train_mod
+    from vanishing.experiments.data import digits
+    from vanishing.experiments.models import mlp
+    from vanishing.experiments.reproductions import nielsen
+
+    calls = []
+    real = train_mod.train
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("watch") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    run_experiment(
+        _cfg(model={"depth": 2}, train={"steps": 2, "pretrain_steps": 2}), tmp_path / "r"
+    )
+    assert calls == [False, False, True]  # two hidden layers pretrained, then the run
+    train_mod.train_classifier(mlp(64, 10, depth=1), digits(), run_dir=tmp_path / "c", steps=2)
+    x, y, _ = nielsen.load_data()
+    nielsen.train_net([64, 30, 10], x, y, seed=0, steps=2, run_dir=tmp_path / "n")
+    assert calls == [False, False, True, True, True]

@@ -94,6 +94,10 @@ class Activation:
         remedy: the remedy name that recommends switching to it, or None.
         builder: dotted path of the module class experiments build for it (``"torch.nn.Tanh"``),
             or None when it is not an experiment choice.
+        binary_derivative: ``phi'`` is 0 or 1 everywhere (ReLU, ReLU6, hardtanh): its RMS is
+            ``sqrt(mean(phi'))``, and a unit of it that dies passes no gradient at all.
+        negative_slope: the slope on the off side (z < 0) of the module built with its
+            defaults (``nn.LeakyReLU``'s 0.01, ``nn.PReLU``'s initial 0.25): He init's ``a``.
 
     Example:
         >>> import math, torch
@@ -118,6 +122,8 @@ class Activation:
     init_remedy: str = "xavier_init"
     remedy: str | None = None
     builder: str | None = None
+    binary_derivative: bool = False
+    negative_slope: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.kind:
@@ -546,11 +552,37 @@ for _activation in (
         tails="both",
         builder="torch.nn.Softsign",
     ),
-    Activation("hardtanh", ("Hardtanh",), _hardtanh, 1.0, _clamp_params, tails="both"),
     Activation(
-        "relu", ("ReLU",), _relu, 1.0, can_die=True, remedy="relu", builder="torch.nn.ReLU", **_HE
+        "hardtanh",
+        ("Hardtanh",),
+        _hardtanh,
+        1.0,
+        _clamp_params,
+        tails="both",
+        binary_derivative=True,
     ),
-    Activation("relu6", ("ReLU6",), _relu6, 1.0, _clamp_params, tails="both", can_die=True, **_HE),
+    Activation(
+        "relu",
+        ("ReLU",),
+        _relu,
+        1.0,
+        can_die=True,
+        binary_derivative=True,
+        remedy="relu",
+        builder="torch.nn.ReLU",
+        **_HE,
+    ),
+    Activation(
+        "relu6",
+        ("ReLU6",),
+        _relu6,
+        1.0,
+        _clamp_params,
+        tails="both",
+        can_die=True,
+        binary_derivative=True,
+        **_HE,
+    ),
     Activation(
         "leaky_relu",
         ("LeakyReLU",),
@@ -560,6 +592,7 @@ for _activation in (
         input_needed=lambda p: p.get("negative_slope", 0.01) <= 0,
         can_die=True,
         signed=True,
+        negative_slope=0.01,
         remedy="leaky_relu",
         builder="torch.nn.LeakyReLU",
         **_HE,
@@ -573,6 +606,7 @@ for _activation in (
         input_needed=True,
         can_die=True,
         signed=True,
+        negative_slope=0.25,
         remedy="prelu",
         builder="torch.nn.PReLU",
         **_HE,

@@ -173,7 +173,6 @@ def run_demo(*, out: Path, steps: int, width: int = 16, seed: int = 0) -> list[D
 
 def _write_summary(row: DemoRow, result, steps: int, seconds: float) -> None:
     """``summary.json`` in the run directory, in the format ``vanishing run`` writes."""
-    import json
     import math
 
     summary = {
@@ -189,11 +188,15 @@ def _write_summary(row: DemoRow, result, steps: int, seconds: float) -> None:
         "error": None,
         "label": row.label,
     }
-    (row.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from vanishing.sinks import ParquetSink
+
+    ParquetSink(row.run_dir).write_json("summary.json", summary)  # atomic, as the runner's
 
 
 def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> None:
     from rich.table import Table
+
+    from vanishing.diagnose.view import max_derivative_text
 
     table = Table(title="Speed of learning: first vs last hidden layer (medians over training)")
     table.add_column("model")
@@ -225,7 +228,8 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     console.print(
         f"In the baseline the first hidden layer learns {shrink:.1e} times slower than the last "
         "(first / last: the median over the steps of each step's ratio): "
-        "each layer multiplies the gradient by sigmoid'(z) <= 1/4 and a weight. The remedies keep "
+        f"each layer multiplies the gradient by sigmoid'(z) <= {max_derivative_text('sigmoid')} "
+        "and a weight. The remedies keep "
         "the ratio near 1 (ReLU's derivative is 1 where active; He/Xavier/LeCun init scale weights "
         "to the fan-in; batch norm re-centres inputs away from the flat tails)."
     )

@@ -59,6 +59,7 @@ def _nielsen(*, as_json: bool, seeds: int, steps: int, data_dir: Path | None, ou
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from vanishing.cli.app import fail
+    from vanishing.diagnose.view import max_derivative_text
     from vanishing.experiments.reproductions import nielsen
 
     err = Console(stderr=True, highlight=False)
@@ -109,7 +110,8 @@ def _nielsen(*, as_json: bool, seeds: int, steps: int, data_dir: Path | None, ou
     if rising and shrinking:
         console.print(
             "As in Nielsen's chapter, the speed at initialisation rises with the layer index "
-            "(each layer back multiplies the error by sigmoid'(z) <= 1/4 and weights of size "
+            "(each layer back multiplies the error by sigmoid'(z) <= "
+            f"{max_derivative_text('sigmoid')} and weights of size "
             "~1/sqrt(n_in)), and the first-to-last ratio falls with depth: "
             + " > ".join(f"{r:.3g}" for r in ratios)
             + "."

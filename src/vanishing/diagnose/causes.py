@@ -10,8 +10,10 @@ factor is compared with what a careful design gives, in decades (log10) per laye
   ``sigmoid' <= 1/4``; saturated tanh: far below 0.
 - **weights**: ``log10(gain / g*)``: the weight scale against the init that fits the activation.
 
-For ReLU-like activations (derivative 0 or 1) ``rms(phi') = sqrt(mean(phi'))``; for the others the
-mean derivative stands in for its RMS. The dominant cause is the factor with the largest share of
+For activations whose derivative is 0 or 1 (ReLU, ReLU6, hardtanh: the registry's
+``binary_derivative``) ``rms(phi') = sqrt(mean(phi'))``; for the others the mean derivative stands
+in for its RMS. What is known of each activation (bound, init gain) comes from
+:mod:`vanishing.activations`. The dominant cause is the factor with the largest share of
 the measured change. Facts that modulate it (no normalization layer; saturated inputs) are stated
 with it.
 """
@@ -23,10 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from vanishing.diagnose.view import RunView, gain_target
+from vanishing.diagnose.view import RunView, derivative_rms, gain_target, max_derivative_text
 
-_MAX_DERIV = {"sigmoid": 0.25, "selu": 1.0507009873554805 * 1.6732632423543772}
-_ZERO_ONE = {"relu", "relu6"}  # derivative is 0 or 1: rms = sqrt(mean)
 _INIT_NAME = {"he_init": "He", "xavier_init": "Xavier", "lecun_init": "LeCun"}
 
 
@@ -54,7 +54,7 @@ def layer_factors(view: RunView, layers: list[str]) -> dict[str, dict[str, float
         }
         if kind is None:
             dphi = 1.0  # no activation module: a linear map, derivative 1
-        rms = math.sqrt(dphi) if kind in _ZERO_ONE and dphi >= 0 else abs(dphi)
+        rms = derivative_rms(kind, dphi)
         row["activation_decades"] = math.log10(rms * target) if rms > 0 else float("nan")
         row["weight_decades"] = (
             math.log10(gain / target) if math.isfinite(gain) and gain > 0 else float("nan")
@@ -108,7 +108,7 @@ def attribute(view: RunView, layers: list[str], *, growing: bool) -> tuple[str, 
     }
     dominant = max(shares, key=shares.get)
     name = kind or "the activation"
-    top = "1/4" if kind == "sigmoid" else f"{_MAX_DERIV.get(kind, 1.0):.2g}"
+    top = max_derivative_text(kind)
     if shares[dominant] <= 0:
         cause = "no single factor: the activation and the weight scale are each near their ideal"
     elif dominant == "activation" and math.isfinite(sat) and sat >= 0.5:

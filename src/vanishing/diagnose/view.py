@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vanishing import activations
 from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, is_normalization
-
-_BOUNDED = {"sigmoid", "tanh", "softsign", "hardtanh"}
 
 
 class RunView:
@@ -176,10 +175,6 @@ class RunView:
         kinds = [a for a in (self.activation_of(n) for n in layers) if a]
         return max(set(kinds), key=kinds.count) if kinds else None
 
-    def median_gain(self, layers: list[str]) -> float:
-        gains = [g for g in (self.weight_gain(n) for n in layers) if math.isfinite(g)]
-        return float(np.median(gains)) if gains else float("nan")
-
     def activation_of(self, layer: str) -> str | None:
         return self.by_name.get(layer, {}).get("activation")
 
@@ -212,13 +207,6 @@ class RunView:
             return float("nan")
         norm = float(rows["param_norm"].iloc[0])  # the earliest weight in the window
         return norm / math.sqrt(weight["numel"]) * math.sqrt(fan_in)
-
-
-def depth_slope(table: pd.DataFrame) -> tuple[float, float]:
-    """Median over steps of (decades per layer of log10 |signal| from first to last layer,
-    log10 of last / first). Positive slope: the signal is larger near the output."""
-    trend = depth_trend(table)
-    return trend["slope"], trend["span"]
 
 
 def depth_trend(table: pd.DataFrame) -> dict[str, float]:
@@ -259,10 +247,91 @@ def depth_trend(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def activation_entry(kind: str | None) -> activations.Activation | None:
+    """The registry entry of a recorded activation kind; None for no activation or a kind not
+    registered now (a run recorded with a custom activation, read without it).
+
+    Example:
+        >>> from vanishing.diagnose.view import activation_entry
+        >>> activation_entry("tanh").tails, activation_entry("mystery"), activation_entry(None)
+        ('both', None, None)
+    """
+    if not kind:
+        return None
+    try:
+        return activations.get(kind)
+    except ValueError:
+        return None
+
+
 def gain_target(activation: str | None) -> tuple[float, str]:
-    """The weight gain std(W) * sqrt(fan_in) a careful init gives for an activation."""
-    if activation in ("relu", "relu6", "prelu", "leaky_relu", "gelu", "silu"):
-        return math.sqrt(2.0), "he_init"
-    if activation == "selu":
-        return 1.0, "lecun_init"
-    return 1.0, "xavier_init"
+    """The weight gain std(W) * sqrt(fan_in) a careful init gives for an activation, and that
+    init's remedy name (the registry's ``init_gain``, ``init_remedy``; Xavier's 1 without one).
+
+    Example:
+        >>> from vanishing.diagnose.view import gain_target
+        >>> [(round(g, 3), r) for g, r in map(gain_target, ["relu", "selu", "tanh", None])]
+        [(1.414, 'he_init'), (1.0, 'lecun_init'), (1.0, 'xavier_init'), (1.0, 'xavier_init')]
+    """
+    entry = activation_entry(activation)
+    if entry is None:
+        return 1.0, "xavier_init"
+    return entry.init_gain, entry.init_remedy
+
+
+def is_squashing(activation: str | None) -> bool:
+    """A squashing activation (sigmoid, tanh, softsign, hardtanh): flat tails on both sides and
+    no dead side, so its derivative is small wherever the input is large (unlike ReLU6, whose
+    lower side is a ReLU's off half).
+
+    Example:
+        >>> from vanishing.diagnose.view import is_squashing
+        >>> [k for k in ("sigmoid", "hardtanh", "relu6", "relu", "gelu") if is_squashing(k)]
+        ['sigmoid', 'hardtanh']
+    """
+    entry = activation_entry(activation)
+    return entry is not None and entry.tails == "both" and not entry.can_die
+
+
+def dies_outright(activation: str | None) -> bool:
+    """Its units can die and a dead unit passes exactly no gradient (ReLU, ReLU6); leaky ReLU,
+    PReLU, ELU and SELU units still pass some gradient when "off".
+
+    Example:
+        >>> from vanishing.diagnose.view import dies_outright
+        >>> [k for k in ("relu", "relu6", "leaky_relu", "elu", "hardtanh") if dies_outright(k)]
+        ['relu', 'relu6']
+    """
+    entry = activation_entry(activation)
+    return entry is not None and entry.can_die and entry.binary_derivative
+
+
+def derivative_rms(activation: str | None, mean_derivative: float) -> float:
+    """RMS of ``phi'`` from its mean: ``sqrt(mean)`` when ``phi'`` is 0 or 1 (ReLU, ReLU6,
+    hardtanh), else the mean's magnitude stands in for it.
+
+    Example:
+        >>> from vanishing.diagnose.view import derivative_rms
+        >>> derivative_rms("relu", 0.25), derivative_rms("sigmoid", 0.2)
+        (0.5, 0.2)
+    """
+    entry = activation_entry(activation)
+    if entry is not None and entry.binary_derivative and mean_derivative >= 0:
+        return math.sqrt(mean_derivative)
+    return abs(mean_derivative)
+
+
+def max_derivative_text(activation: str | None) -> str:
+    """``max |phi'|`` of an activation with its default options, for a sentence: a unit
+    fraction as such (sigmoid's ``1/4``), else two significant digits (1 without one).
+
+    Example:
+        >>> from vanishing.diagnose.view import max_derivative_text
+        >>> [max_derivative_text(k) for k in ("sigmoid", "tanh", "selu", "gelu", None)]
+        ['1/4', '1', '1.8', '1.1', '1']
+    """
+    entry = activation_entry(activation)
+    bound = 1.0 if entry is None else entry.max_derivative()
+    if 0 < bound < 1 and math.isclose(1 / bound, round(1 / bound), rel_tol=1e-12):
+        return f"1/{round(1 / bound)}"
+    return f"{bound:.2g}"

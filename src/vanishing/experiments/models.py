@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from vanishing import activations as _registry
+from vanishing.experiments.config import RNN_CELL_ACTIVATIONS
 
 #: activation name -> module class: the registry's entries that name a class to build
 ACTIVATIONS = {kind: _registry.get(kind).module_class() for kind in _registry.buildable_kinds()}
@@ -62,8 +63,6 @@ NORMS = ("none", "batch", "layer")
 BIAS_INITS = ("zeros", "default", "constant", "normal")
 RECURRENT_INITS = ("default", "orthogonal", "identity")
 
-# negative slope used by He init for leaky units: nn.LeakyReLU's default, nn.PReLU's initial value
-_HE_SLOPE = {"leaky_relu": 0.01, "prelu": 0.25}
 # gates stacked in an LSTM/GRU weight (PyTorch order: LSTM i, f, g, o; GRU r, z, n)
 _GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
@@ -124,7 +123,8 @@ def init_weight_(
         elif init == "xavier_normal":
             nn.init.xavier_normal_(w, generator=g)
         elif init in ("he_uniform", "he_normal"):
-            slope = _HE_SLOPE.get(activation, 0.0)
+            # He init's a: the off side's slope (nn.LeakyReLU's 0.01, nn.PReLU's initial 0.25)
+            slope = _registry.get(activation).negative_slope if activation in ACTIVATIONS else 0.0
             fn = nn.init.kaiming_uniform_ if init == "he_uniform" else nn.init.kaiming_normal_
             fn(w, a=slope, mode="fan_in", nonlinearity="leaky_relu", generator=g)
         elif init == "lecun_normal":
@@ -706,9 +706,10 @@ def build_model(
             per_step=per_step,
         )
     elif kind == "rnn":
-        if cell == "rnn" and activation not in ("tanh", "relu"):
+        if cell == "rnn" and activation not in RNN_CELL_ACTIVATIONS:
             raise ValueError(
-                f"a plain RNN cell supports activation tanh or relu, got {activation!r}; "
+                f"a plain RNN cell supports activation {' or '.join(RNN_CELL_ACTIVATIONS)}, "
+                f"got {activation!r}; "
                 "or use cell = 'lstm' / 'gru'"
             )
         if norm != "none" or residual:

@@ -57,8 +57,10 @@ def layerwise_pretrain(
 ) -> list[float]:
     """Pretrain each hidden layer of an MLP as an autoencoder, in place; see the module doc.
 
-    ``steps`` SGD steps per layer on minibatches of ``x`` (inputs as the model takes them), drawn
-    with ``seed``; decoders are initialised from ``seed`` too. Returns each hidden layer's mean
+    ``steps`` SGD steps per layer (:func:`vanishing.experiments.train.train`, unwatched) on
+    minibatches of ``x`` (inputs as the model takes them) drawn with replacement with ``seed``
+    (``batch_size`` 0 or at least ``len(x)``: the full batch); decoders are initialised from
+    ``seed`` too. Returns each hidden layer's mean
     squared reconstruction error over all of ``x`` after its training, in forward order.
     Parameters are updated in place (an optimizer made before keeps working); the model's
     train/eval mode is restored.
@@ -75,6 +77,8 @@ def layerwise_pretrain(
         (2, torch.Size([3, 2]))
     """
     import torch
+
+    from vanishing.experiments.train import minibatches, train
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"pretraining steps must be an integer >= 1, got {steps!r}")
@@ -101,14 +105,18 @@ def layerwise_pretrain(
             decoder = decoder.to(device=h.device, dtype=h.dtype)
             params = [p for p in unit.parameters() if p.requires_grad]
             opt = torch.optim.SGD(params + list(decoder.parameters()), lr=lr, momentum=0.9)
-            n = len(h)
-            for _ in range(steps):
-                idx = torch.randint(0, n, (batch_size or n,), generator=g).to(h.device)
-                batch = h[idx]
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(decoder(unit(batch)), batch)
-                loss.backward()
-                opt.step()
+            # the package's one loop, unwatched; batches drawn with replacement from g, after
+            # the decoder's init (g is read lazily, step by step)
+            batches = minibatches(h, h, batch_size=batch_size, generator=g, replacement=True)
+            autoencoder = nn.Sequential(unit, decoder)  # decoder(unit(batch)) ~ batch
+            train(
+                autoencoder,
+                batches,
+                nn.functional.mse_loss,
+                opt,
+                steps=steps,
+                stop_on_nonfinite=False,
+            )
             with torch.no_grad():
                 code = unit(h)
                 losses.append(nn.functional.mse_loss(decoder(code), h).item())  # host sync

@@ -2,16 +2,16 @@
 
 ``run_experiment(config, run_dir)`` is the whole job of ``vanishing run`` and of each run of a
 sweep: seed, build the task and the model, optionally pretrain layer by layer, train with the
-configured optimizer, schedule and clipping while the monitor records every layer, evaluate on
+configured optimizer, schedule and clipping in the package's one training loop
+(:func:`vanishing.experiments.train.train`) while the monitor records every layer, evaluate on
 the train and test splits, and write ``config.json``, ``eval.parquet`` and ``summary.json``
-beside the monitor's records (see ``docs/config.md``). A run whose loss becomes NaN or infinite
+beside the monitor's records, through the run directory's sink (see ``docs/config.md``). A run whose loss becomes NaN or infinite
 stops there with status ``"diverged"``; an exception ends it with status ``"failed"`` and the
 error in the summary. Neither is raised to the caller.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -85,7 +85,11 @@ def run_experiment(
             f"{run_dir} already holds a run; pass a new run directory so nothing is overwritten"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / CONFIG, config.to_dict())
+    from vanishing.sinks import ParquetSink
+
+    # the run directory's files go through its sink: this one until the monitor exists (so a
+    # run that fails before training still leaves its config and summary), then the monitor's
+    ParquetSink(run_dir).write_json(CONFIG, config.to_dict())
 
     started = time.perf_counter()
     state = _State()
@@ -94,9 +98,10 @@ def run_experiment(
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, never raised
         state.status = "failed"
         state.error = f"{type(e).__name__}: {e}".splitlines()[0]
-    _write_eval(run_dir / EVAL, state.evals)
+    directory = state.monitor.directory if state.monitor is not None else ParquetSink(run_dir)
+    directory.write_bytes(EVAL, _eval_bytes(state.evals))
     summary = _summarize(run_dir, state, time.perf_counter() - started)
-    _write_json(run_dir / SUMMARY, summary)
+    directory.write_json(SUMMARY, summary)
     return summary
 
 
@@ -110,14 +115,16 @@ class _State:
         self.error: str | None = None
         self.metric_name = ""
         self.evals: list[dict[str, Any]] = []
+        self.monitor: Monitor | None = None  # once training has started
 
 
 def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Progress | None):
     import torch
 
-    import vanishing
     from vanishing.experiments.models import build_model
     from vanishing.experiments.tasks import make_task
+    from vanishing.experiments.train import minibatches
+    from vanishing.experiments.train import train as train_loop
 
     tc, train = config.task, config.train
     device = resolve_device(train.device)
@@ -153,8 +160,9 @@ def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Pro
         )
 
     opt = _optimizer(model, config)
-    schedule = _schedule(opt, config)
-    batches = _Batches(len(x), train.batch_size, seed=config.seed, device=device)
+    batches = minibatches(
+        x, y, batch_size=train.batch_size, generator=torch.Generator().manual_seed(config.seed)
+    )
 
     def evaluate(step: int) -> None:
         for split, xs, ys in (("train", x, y), ("test", xt, yt)):
@@ -169,33 +177,33 @@ def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Pro
                 }
             )
 
+    def on_step(step: int, loss: float, monitor: Monitor) -> None:
+        state.monitor, state.steps, state.last_loss = monitor, step + 1, loss
+        if progress is not None:
+            progress(step, loss, monitor)
+
     mc = config.monitor
-    with vanishing.watch(
-        model, opt, run_dir=run_dir, stats=mc.stats, every=mc.every, flush_every=mc.flush_every
-    ) as monitor:
-        model.train()
-        for step in range(train.steps):
-            idx = batches.next()
-            xb, yb = (x, y) if idx is None else (x[idx], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss = task.loss(model(xb), yb)
-            loss.backward()
-            if train.clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_norm)
-            opt.step()
-            if schedule is not None:
-                schedule.step()
-            state.steps = step + 1
-            value = loss.item()  # host sync: the divergence check needs the loss every step
-            state.last_loss = value
-            if progress is not None:
-                progress(step, value, monitor)
-            if not math.isfinite(value):
-                state.status = "diverged"
-                break
-            if (step + 1) % train.eval_every == 0 and step + 1 < train.steps:
-                evaluate(step)
-    evaluate(state.steps - 1)
+    watch = {
+        "run_dir": run_dir,
+        "stats": mc.stats,
+        "every": mc.every,
+        "flush_every": mc.flush_every,
+    }
+    log = train_loop(
+        model,
+        batches,
+        task.loss,
+        opt,
+        steps=train.steps,
+        watch=watch,
+        clip_norm=train.clip_norm,
+        schedule=_schedule(opt, config),
+        evaluate=evaluate,
+        eval_every=train.eval_every,
+        on_step=on_step,
+    )
+    if log.diverged:
+        state.status = "diverged"
 
 
 def _optimizer(model: torch.nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
@@ -224,33 +232,6 @@ def _schedule(opt: torch.optim.Optimizer, config: ExperimentConfig) -> Any:
     return None
 
 
-class _Batches:
-    """Minibatch indices: a fresh permutation each epoch, drawn from the run's own generator
-    (``batch_size`` 0 or >= the training set: the full batch every step, ``None``)."""
-
-    def __init__(self, n: int, batch_size: int, *, seed: int, device: str) -> None:
-        import torch
-
-        self.n = n
-        self.size = batch_size if 0 < batch_size < n else 0
-        self.generator = torch.Generator().manual_seed(seed)
-        self.device = device
-        self.order: torch.Tensor | None = None
-        self.pos = n
-
-    def next(self):
-        import torch
-
-        if not self.size:
-            return None
-        if self.pos + self.size > self.n:
-            self.order = torch.randperm(self.n, generator=self.generator).to(self.device)
-            self.pos = 0
-        idx = self.order[self.pos : self.pos + self.size]
-        self.pos += self.size
-        return idx
-
-
 def _evaluate(model, task, x, y) -> tuple[float, float]:
     """Loss and metric over a whole split, in eval mode, in chunks (example-weighted means)."""
     import torch
@@ -272,7 +253,8 @@ def _evaluate(model, task, x, y) -> tuple[float, float]:
     return total_loss / n, total_metric / n
 
 
-def _write_eval(path: Path, rows: list[dict[str, Any]]) -> None:
+def _eval_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """``eval.parquet``'s content: one row per evaluation and split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -285,16 +267,9 @@ def _write_eval(path: Path, rows: list[dict[str, Any]]) -> None:
             ("metric_name", pa.string()),
         ]
     )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name("." + path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from vanishing.recorder.writer import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(obj, indent=2, allow_nan=False).encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _finite(value: float | None) -> float | None:

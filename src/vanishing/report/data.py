@@ -30,9 +30,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vanishing.recorder.columns import BUILTIN, DERIVED_RATIOS
 from vanishing.recorder.errors import RunError
 from vanishing.recorder.reader import Run, committed_parts, read_part, with_all_columns
-from vanishing.recorder.schema import ACTIVATION_STATS, MANIFEST, METRIC_COLUMNS
+from vanishing.recorder.schema import MANIFEST, METRIC_COLUMNS
 from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, speed_source
 
 if TYPE_CHECKING:
@@ -48,10 +49,24 @@ __all__ = [
     "LINEAR_STATS",
 ]
 
-#: Statistics aggregated in log10 space (magnitudes that span decades).
-LOG_STATS = ("grad_norm", "param_norm", "update_norm", "grad_ratio", "update_ratio", "error_norm")
-#: Statistics aggregated linearly.
-LINEAR_STATS = ACTIVATION_STATS
+
+def _aggregated(level: str, scale: str) -> tuple[str, ...]:
+    # the per-layer columns of the metrics table, by their declared scale; counts (reduce
+    # "sum": the non-finite counts) are not averaged: the first non-finite step is read instead
+    return tuple(
+        c.name for c in BUILTIN if c.level == level and c.scale == scale and c.reduce != "sum"
+    )
+
+
+#: Statistics aggregated in log10 space (magnitudes that span decades): the metrics columns
+#: declared with ``scale="log"`` (recorder/columns.py) and the ratios derived from them.
+LOG_STATS = (
+    *_aggregated("param", "log"),
+    *(name for name, _, _ in DERIVED_RATIOS),
+    *_aggregated("module", "log"),
+)
+#: Statistics aggregated linearly: the metrics columns declared with ``scale="linear"``.
+LINEAR_STATS = (*_aggregated("param", "linear"), *_aggregated("module", "linear"))
 
 _CHUNK_ROWS = 200_000  # rows read before one group-by: bounds memory, amortises overhead
 _PARTIAL_ROWS = 300_000  # partial aggregates kept before they are combined

@@ -54,8 +54,16 @@ __all__ = [
     "MAX_DERIVATIVE",
 ]
 
-#: max |phi'(z)| per activation kind with its default options (from the torch-free registry)
+#: max |phi'(z)| per built-in activation kind with its default options (from the torch-free
+#: registry, at import; the plots read the registry when they draw, so later kinds show too)
 MAX_DERIVATIVE = {a.kind: a.max_derivative() for a in _activations.registered()}
+
+
+def _max_derivative(kind: str | None) -> float:
+    """``max |phi'|`` of a recorded kind from the registry now; NaN when it is not registered."""
+    return _activations.get(kind).max_derivative() if kind in _activations.kinds() else math.nan
+
+
 _MAX_LEGEND = 10  # more lines than this get a colour bar by depth instead of a legend
 _MAX_SHOWN = 8  # activation curves drawn (evenly spaced through depth)
 
@@ -382,10 +390,7 @@ def activations(run: Any) -> Figure | None:
                 color=color,
                 label=f"mean φ'(z), step {step}",
             )
-        bound = [
-            MAX_DERIVATIVE.get(data.by_name.get(n, {}).get("activation") or "", np.nan)
-            for n in names
-        ]
+        bound = [_max_derivative(data.by_name.get(n, {}).get("activation")) for n in names]
         ax.step(x, bound, where="mid", color="black", ls="--", lw=1, label="bound max |φ'|")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("activation layer (forward order: input → output)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult
-from vanishing.diagnose.view import RunView
+from vanishing.diagnose.view import RunView, dies_outright
 
 MIN_DEAD = 0.5  # share of a layer's units off for every example, in (nearly) every step
 #: The share must hold at this quantile of the window's steps: a dead unit stays dead, while a
@@ -13,7 +13,6 @@ PERSISTENCE_QUANTILE = 0.1
 #: Below this many examples per unit in one call, "off for every example" is too likely for a
 #: healthy unit (chance 0.5^n) to be called death: such layers get a note instead.
 MIN_EXAMPLES = 8
-_DEAD_KINDS = {"relu", "relu6"}  # leaky/elu/selu units still pass some gradient when "off"
 
 
 def check(view: RunView) -> RuleResult:
@@ -25,9 +24,9 @@ def check(view: RunView) -> RuleResult:
 def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     rows = view.activation_rows()
     rows = rows[rows["act_dead"].notna()]
-    rows = rows[
-        rows["layer"].map(lambda n: view.by_name.get(n, {}).get("activation") in _DEAD_KINDS)
-    ]
+    # only units that pass no gradient at all when off (ReLU, ReLU6); leaky ReLU, PReLU, ELU and
+    # SELU units still pass some
+    rows = rows[rows["layer"].map(lambda n: dies_outright(view.activation_of(n)))]
     if rows.empty:
         return []
     small = {

@@ -5,12 +5,9 @@ from __future__ import annotations
 import math
 
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult
-from vanishing.diagnose.view import RunView, gain_target
+from vanishing.diagnose.view import RunView, dies_outright, gain_target
 
 MIN_SATURATED = 0.5  # share of entries with phi' below 5% of its maximum, median over the window
-#: ReLU6's recorded share counts its off side (z <= 0), which is a ReLU's normal half, not a
-#: flat tail; its dead units are judged by dead_units instead
-_NOT_JUDGED = {"relu6"}
 
 
 def check(view: RunView) -> RuleResult:
@@ -21,7 +18,9 @@ def check(view: RunView) -> RuleResult:
 def _findings(view: RunView) -> list[Finding]:
     rows = view.activation_rows()
     rows = rows[rows["act_saturated"].notna()]
-    rows = rows[rows["layer"].map(lambda n: view.activation_of(n) not in _NOT_JUDGED)]
+    # ReLU6's recorded share counts its off side (z <= 0), which is a ReLU's normal half, not a
+    # flat tail: activations whose units die outright are judged by dead_units instead
+    rows = rows[rows["layer"].map(lambda n: not dies_outright(view.activation_of(n)))]
     if rows.empty:
         return []
     med = rows.groupby("layer")[["act_saturated", "act_deriv_mean", "act_mean"]].median()

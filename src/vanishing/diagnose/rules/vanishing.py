@@ -6,7 +6,13 @@ import math
 
 from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
-from vanishing.diagnose.view import _BOUNDED, RunView, depth_trend, gain_target
+from vanishing.diagnose.view import (
+    RunView,
+    depth_trend,
+    gain_target,
+    is_squashing,
+    max_derivative_text,
+)
 
 #: the first hidden layer gets at most this share of the last hidden layer's gradient (per unit)
 MAX_FIRST_TO_LAST = 0.1
@@ -75,10 +81,11 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
     gain = evidence["weight_gain"]
     sat = evidence["saturated_fraction"]
     target, init_name = gain_target(dominant)
+    squashing = is_squashing(dominant)  # sigmoid, tanh, softsign, hardtanh
     head = f"'{layers[0]}' gets {ratio:.1e} of the {label} of '{layers[-1]}'"
     weights_first = evidence["weight_decades_per_layer"] < evidence["activation_decades_per_layer"]
     remedies = []
-    if dominant in _BOUNDED and math.isfinite(sat) and sat >= 0.5 and gain > 1.25 * target:
+    if squashing and math.isfinite(sat) and sat >= 0.5 and gain > 1.25 * target:
         remedies.append(
             Remedy(
                 init_name,
@@ -87,7 +94,7 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 f"{init_name.replace('_', ' ')} gives",
             )
         )
-    if dominant in _BOUNDED and math.isfinite(sat) and sat >= 0.5:
+    if squashing and math.isfinite(sat) and sat >= 0.5:
         remedies.append(
             Remedy(
                 "input_scaling",
@@ -95,7 +102,7 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 "inputs and smaller weights bring them back to the slope",
             )
         )
-    if math.isfinite(gain) and gain < 0.8 * target and (weights_first or dominant not in _BOUNDED):
+    if math.isfinite(gain) and gain < 0.8 * target and (weights_first or not squashing):
         remedies.append(
             Remedy(
                 init_name,
@@ -105,12 +112,12 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
             )
         )
     act_costs = evidence["activation_decades_per_layer"] <= math.log10(0.7)
-    if dominant in _BOUNDED and act_costs:
+    if squashing and act_costs:
         remedies.append(
             Remedy(
                 "relu",
                 f"{head}; mean {dominant}'(z) is {deriv:.2f} (at most "
-                f"{'1/4' if dominant == 'sigmoid' else '1'}), so every layer scales "
+                f"{max_derivative_text(dominant)}), so every layer scales "
                 "the gradient down; ReLU's derivative is 1 where active",
             )
         )
@@ -121,7 +128,7 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 f"the weights' gain now is {gain:.2f}",
             )
         )
-    if dominant in _BOUNDED and math.isfinite(gain) and gain > 1.25 * target:
+    if squashing and math.isfinite(gain) and gain > 1.25 * target:
         remedies.append(
             Remedy(
                 init_name,
@@ -156,7 +163,7 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 f"reaches '{layers[0]}' without passing through every layer",
             )
         )
-    if dominant in _BOUNDED and act_costs and len(layers) >= 6:
+    if squashing and act_costs and len(layers) >= 6:
         remedies.append(
             Remedy(
                 "layerwise_pretraining",

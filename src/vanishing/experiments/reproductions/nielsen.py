@@ -245,7 +245,8 @@ def train_net(
     eta: float = ETA,
     lmbda: float = LMBDA,
 ) -> Path:
-    """Train one of Nielsen's nets by full-batch gradient descent under :func:`vanishing.watch`.
+    """Train one of Nielsen's nets by full-batch gradient descent under :func:`vanishing.watch`
+    (the package's one loop, :func:`vanishing.experiments.train.train`).
 
     Every step is recorded (per-parameter statistics only: the speeds need just the bias
     gradients). Torch runs on one thread meanwhile (restored after). Returns the run directory;
@@ -259,23 +260,20 @@ def train_net(
         >>> vanishing.load_run(run_dir).steps["step"].tolist()
         [0, 1, 2, 3]
     """
-    import vanishing
+    import torch
+
+    from vanishing.experiments.train import minibatches, train
 
     if int(sizes[0]) != x.shape[1]:
         raise ValueError(f"sizes[0] = {sizes[0]} but the data have {x.shape[1]} inputs")
     model = build_net(sizes, seed=seed, dtype=x.dtype)
     opt = make_optimizer(model, eta=eta, lmbda=lmbda, n=len(x))
-    with (
-        _one_thread(),
-        vanishing.watch(
-            model, opt, run_dir=run_dir, stats="parameters", flush_every=max(1, min(steps, 1000))
-        ) as mon,
-    ):
-        for _ in range(steps):
-            opt.zero_grad()
-            cost(model(x), y_onehot).backward()
-            opt.step()
-    return Path(mon.run_dir)
+    full_batch = minibatches(x, y_onehot, batch_size=0, generator=torch.Generator())
+    watch = {"run_dir": run_dir, "stats": "parameters", "flush_every": max(1, min(steps, 1000))}
+    with _one_thread():
+        # his loop has no divergence check: the costs are read once, at the end
+        log = train(model, full_batch, cost, opt, steps=steps, watch=watch, stop_on_nonfinite=False)
+    return Path(log.monitor.run_dir)
 
 
 @dataclass
