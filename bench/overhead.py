@@ -40,6 +40,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,8 @@ VARIANTS: dict[str, str] = {
     "vanishing-all": "vanishing (all statistics)",
     "vanishing-all-every10": "vanishing (all statistics, every=10)",
     "floor": "bare tensor ops of exact grad+update stats",
+    "baseline-params": "--baseline-src's vanishing (gradients+updates)",
+    "baseline-all": "--baseline-src's vanishing (all statistics)",
     "wandb": "wandb.watch (gradients, log_freq=1)",
     "tensorboard": "tensorboard (add_histogram grads)",
     "cockpit": "cockpit (economy)",
@@ -185,6 +188,45 @@ def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path, every: int = 
     stack.enter_context(mon)
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
     return Runner(key, step, close=stack.close, drain=getattr(mon, "flush", lambda: None))
+
+
+_BASELINE: Any = None  # an older vanishing, loaded by --baseline-src as vanishing_baseline
+
+
+def _load_baseline(src: Path) -> Any:
+    """An older checkout's package (``src/vanishing``) importable beside this one, as
+    ``vanishing_baseline``: a copy with its imports renamed, so both run in one process and are
+    timed in the same interleaved rounds (a before/after comparison of the monitor itself)."""
+    import importlib
+    import re
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="vanishing-baseline-"))
+    shutil.copytree(src / "vanishing", root / "vanishing_baseline")
+    for py in (root / "vanishing_baseline").rglob("*.py"):
+        text = re.sub(r"\bvanishing\b(?=[.\s]|$)", "vanishing_baseline", py.read_text(), flags=re.M)
+        py.write_text(text)
+    sys.path.insert(0, str(root))
+    return importlib.import_module("vanishing_baseline")
+
+
+def _baseline_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
+    if _BASELINE is None:
+        raise Skip("no --baseline-src given")
+    model, opt = task.fresh()
+    mon = _BASELINE.watch(model, optimizer=opt, stats=stats, run_dir=tmp / key)
+    stack = contextlib.ExitStack()
+    stack.enter_context(mon)
+    step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
+    return Runner(key, step, close=stack.close, drain=mon.flush)
+
+
+def setup_baseline_params(task: Task, tmp: Path, args) -> Runner:
+    return _baseline_runner("baseline-params", "parameters", task, tmp)
+
+
+def setup_baseline_all(task: Task, tmp: Path, args) -> Runner:
+    return _baseline_runner("baseline-all", "all", task, tmp)
 
 
 def setup_vanishing_params(task: Task, tmp: Path, args) -> Runner:
@@ -361,6 +403,8 @@ SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
     "vanishing-all": setup_vanishing_all,
     "vanishing-all-every10": setup_vanishing_all_every10,
     "floor": setup_floor,
+    "baseline-params": setup_baseline_params,
+    "baseline-all": setup_baseline_all,
     "wandb": setup_wandb,
     "tensorboard": setup_tensorboard,
     "cockpit": setup_cockpit,
@@ -531,7 +575,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        metavar="DIR",
+        help="the src/ folder of an older checkout (e.g. a git worktree): adds the variants "
+        "baseline-params and baseline-all, its monitor timed beside this one",
+    )
     args = p.parse_args(argv)
+    if args.baseline_src is not None:
+        global _BASELINE
+        if not (args.baseline_src / "vanishing" / "__init__.py").is_file():
+            p.error(f"--baseline-src {args.baseline_src}: no vanishing package there")
+        _BASELINE = _load_baseline(args.baseline_src)
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
