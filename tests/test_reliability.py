@@ -425,3 +425,33 @@ def test_a_script_that_forgets_close_keeps_its_records(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert vanishing.load_run(tmp_path / "run").steps.step.tolist() == [0, 1, 2]
+
+
+def test_a_module_replaced_mid_run_is_recorded_as_the_new_one(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    truth = {}
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        for step in range(6):
+            if step == 3:
+                model[2] = nn.Linear(4, 4)  # the new module, and its parameters to the optimizer
+                model.insert(3, nn.Linear(4, 4))  # and a module added
+                opt.add_param_group({"params": [*model[2].parameters(), *model[3].parameters()]})
+            opt.zero_grad()
+            model(torch.randn(5, 3)).sum().backward()
+            truth[step] = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+            opt.step()
+    run = vanishing.load_run(run_dir)
+    assert run.manifest["revisions"] == [
+        {"step": 3, "added": ["5"], "removed": [], "replaced": ["2", "3", "4"]}
+    ]
+    assert "layout changed at step 3" in run.manifest["notes"][0]["text"]
+    assert "3" in run.layers and len(run.layers) == 6
+    m = run.metrics
+    for step in (4, 5):  # the new layout, every parameter as it is now
+        for name, norm in truth[step].items():
+            layer, param = name.rsplit(".", 1)
+            got = m[(m.step == step) & (m.layer == layer) & (m.param == param)].grad_norm.item()
+            assert got == pytest.approx(norm, rel=1e-6), (step, name)
+    assert run.steps.step.tolist() == list(range(6))

@@ -73,6 +73,7 @@ class Events:
     ) -> None:
         self._listener = listener
         self._handles: list[Any] = []
+        self._probe_handles: list[Any] = []  # removed and made again on a layout revision
         self._discovery: list[Any] = []
         self.closed = False
         self.active = True  # False after a failure: hooks stay registered but do nothing
@@ -81,9 +82,7 @@ class Events:
             self._handles.append(entry.register_forward_pre_hook(self._guard(self._forward_pre)))
             self._handles.append(entry.register_forward_hook(self._guard(self._forward_post)))
         if discover is not None and root is not None:
-            for name, module in root.named_modules():
-                hook = functools.partial(_discover_hook, discover, name)
-                self._discovery.append(module.register_forward_pre_hook(hook))
+            self.start_discovery(root, discover)
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._guard(self._step_pre)))
             self._handles.append(optimizer.register_step_post_hook(self._guard(self._step_post)))
@@ -92,11 +91,11 @@ class Events:
     # ------------------------------------------------------------------ for probes
     def on_output(self, module: nn.Module, fn: Callable) -> None:
         """``fn(module, args, output)`` after each forward of ``module``."""
-        self._handles.append(module.register_forward_hook(self._guard(fn)))
+        self._probe_handles.append(module.register_forward_hook(self._guard(fn)))
 
     def on_input(self, module: nn.Module, fn: Callable) -> None:
         """``fn(module, args)`` before each forward of ``module``; may return new args."""
-        self._handles.append(module.register_forward_pre_hook(self._guard(fn)))
+        self._probe_handles.append(module.register_forward_pre_hook(self._guard(fn)))
 
     def on_grad(self, tensor: Tensor, fn: Callable) -> None:
         """``fn(grad)`` when the gradient w.r.t. ``tensor`` is computed (a tensor hook: it goes
@@ -107,6 +106,18 @@ class Events:
         """``fn`` wrapped so that a failure stops monitoring (reported once), never training."""
         return self._guard(fn)
 
+    def start_discovery(self, root: nn.Module, discover: Callable[[str], None]) -> None:
+        """``discover(name)`` as each module of ``root`` starts, until :meth:`stop_discovery`."""
+        for name, module in root.named_modules():
+            hook = functools.partial(_discover_hook, discover, name)
+            self._discovery.append(module.register_forward_pre_hook(hook))
+
+    def remove_probe_hooks(self) -> None:
+        """Remove the module hooks probes asked for (a layout revision makes them again)."""
+        for h in self._probe_handles:
+            h.remove()
+        self._probe_handles.clear()
+
     def stop_discovery(self) -> None:
         for h in self._discovery:
             h.remove()
@@ -114,9 +125,10 @@ class Events:
 
     def close(self) -> None:
         """Remove every hook. Idempotent."""
-        for h in self._handles + self._discovery:
+        for h in self._handles + self._probe_handles + self._discovery:
             h.remove()
         self._handles.clear()
+        self._probe_handles.clear()
         self._discovery.clear()
         _remove_listener(self)
         self.closed = True

@@ -117,6 +117,12 @@ class Monitor:
             raise WatchError(
                 "this model is already watched by another monitor; close() that one first"
             )
+        if _is_compiled(model):
+            # Code torch.compile made before the monitor's hooks existed would skip them (no
+            # activation or error-signal rows): drop it; the next call compiles again.
+            import torch._dynamo
+
+            torch._dynamo.reset()
         self._optimizer = optimizer
         self._scaler = scaler
         self._stats = stats
@@ -192,6 +198,7 @@ class Monitor:
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
 
         self._status = "running"
+        self._revisions: list[dict[str, Any]] = []  # layout changes during the run
         self._notes: dict[str, dict[str, Any]] = {}
         self._manifest_changed = False  # a note since the manifest was last written
         self._unwritten: list[Block] = []  # blocks the run directory refused, to retry
@@ -226,8 +233,10 @@ class Monitor:
             n_backward=lambda: self._backwards,
             note=self._note,
         )
+        self._ctx = ctx
         for probe in self._probes:
             probe.attach(ctx)
+        self._held_params = self._optimizer_size()
         setattr(self._root, _WATCHED_ATTR, weakref.ref(self))
         _open_monitors.add(self)
         _install_sigterm()
@@ -349,7 +358,64 @@ class Monitor:
             else:
                 self._advance()
 
+    def _optimizer_size(self) -> int:
+        opt = self._optimizer
+        return 0 if opt is None else sum(len(g["params"]) for g in opt.param_groups)
+
+    def _check_layout(self) -> None:
+        """A module replaced or added since the layout was made (``model[2] = nn.Linear(...)``,
+        its parameters given to the optimizer) starts a new layout revision: the steps so far
+        are flushed under the old layout, the new one is watched from this step on, and the
+        manifest says what changed (``revisions``, and a note)."""
+        new = Layout(self._root)
+        before = {r.name: r.module for r in self.layout.modules}
+        after = {r.name: r.module for r in new.modules}
+        params_before = [id(r.param) for r in self.layout.params]
+        if (
+            [id(r.param) for r in new.params] == params_before
+            and all(before.get(n) is m for n, m in after.items())
+            and before.keys() == after.keys()
+        ):
+            return
+        added = [n for n in after if n not in before]
+        removed = [n for n in before if n not in after]
+        replaced = [n for n in after if n in before and before[n] is not after[n]]
+        self.flush()  # the old layout's steps, under the old layout
+        self.events.remove_probe_hooks()
+        known = set(after)
+        new.order = [n for n in self.layout.order if n in known]  # the new ones are found next
+        self.layout = new
+        self.events.start_discovery(self._root, new.module_started)
+        self._buffer = Buffer(
+            self._buffer.columns,
+            n_params=len(new.params),
+            n_modules=len(new.modules),
+            n_recurrent=len(new.recurrent),
+            capacity=self._flush_every,
+            device=self._device,
+        )
+        self._ctx.layout = new
+        for probe in self._probes:
+            probe.attach(self._ctx)
+        self._revisions.append(
+            {"step": self.step, "added": added, "removed": removed, "replaced": replaced}
+        )
+        changed = ", ".join(
+            f"{k} {v}"
+            for k, v in (("added", added), ("removed", removed), ("replaced", replaced))
+            if v
+        )
+        self._note(
+            f"layout changed at step {self.step} ({changed}); that step's activations "
+            "and error signals are not recorded"
+        )
+        self._manifest_changed = True
+
     def _on_step_begin(self) -> None:
+        size = self._optimizer_size()
+        if size != self._held_params:  # parameters given to (or taken from) the optimizer
+            self._held_params = size
+            self._check_layout()
         if self._recording:
             for probe in self._probes:
                 probe.step_begin()
@@ -484,6 +550,7 @@ class Monitor:
             "amp_scaler": self._scaler is not None,
             "layers": self.layout.manifest_layers(trainable),
             **({"resumed_at": self._resumed} if self._resumed else {}),
+            **({"revisions": self._revisions} if self._revisions else {}),
             **(
                 {
                     "notes": [
@@ -674,6 +741,17 @@ def _default_run_dir() -> Path:
             i += 1
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a ``torch.compile`` module."""
+    seen = set()
+    while isinstance(model, nn.Module) and id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
 def _rank() -> tuple[int, int]:
     """(rank, world size) of this process under torch.distributed, (0, 1) otherwise."""
     import torch.distributed as dist
@@ -821,7 +899,9 @@ def watch(
 
     Args:
         model: any ``nn.Module`` (a ``DistributedDataParallel`` or ``torch.compile`` wrapper is
-            looked through, so layer names are the inner model's). Under FSDP2
+            looked through, so layer names are the inner model's; given a compiled model,
+            ``watch`` resets torch.compile's caches, since code compiled before the monitor's
+            hooks existed would skip them: the next call compiles again). Under FSDP2
             (``fully_shard``), watch after sharding: each rank measures its shards and the flush
             combines them into whole-parameter norms (a collective, so every rank must run the
             same steps); activation statistics are each rank's own batch, as under DDP. With
