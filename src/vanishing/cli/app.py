@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import warnings
 
 import typer
 
@@ -30,13 +32,25 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+_warned: set[str] = set()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # a warning on the command line is one line, as an error is (no source line), and once
+    # (a damaged part is met by every reader of its table)
+    text = str(message).removeprefix("vanishing: ")
+    if text not in _warned:
+        _warned.add(text)
+        print(f"warning: {text}", file=file or sys.stderr)
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    pass
+    warnings.showwarning = _one_line_warning
 
 
 def fail(message: str) -> typer.Exit:

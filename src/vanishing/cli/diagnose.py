@@ -25,8 +25,15 @@ def register(app: typer.Typer) -> None:
             diag = load_run(run).diagnose()
         except RunError as e:
             raise fail(str(e)) from None
+        from vanishing.diagnose.engine import NO_LAYERS
+
         if as_json:
             typer.echo(json.dumps(diag.to_dict(), indent=2))
+        elif NO_LAYERS in diag.notes:  # no findings, and no verdict either: say so, not "healthy"
+            typer.echo(f"Cannot judge this run: {NO_LAYERS}.")
+            for note in diag.notes:
+                if note != NO_LAYERS:
+                    typer.echo(f"note: {note}")
         else:
             from rich.console import Console
 

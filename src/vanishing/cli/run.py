@@ -198,6 +198,14 @@ def _fmt(value, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _verdict(summary: dict) -> str:
+    """The diagnosis line of a summary: its kinds, "healthy", or why there is no diagnosis."""
+    kinds = summary.get("kinds")
+    if kinds is None or not summary.get("steps"):
+        return "none: no steps recorded"
+    return ", ".join(kinds) or "healthy"
+
+
 def print_summary(summary: dict, run_dir: Path) -> None:
     """Print a run's summary as a table, then where its records are."""
     from rich.console import Console
@@ -218,7 +226,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
             _fmt(summary["test_metric"], ".1%" if metric == "accuracy" else ".4g"),
         ),
         ("first / last hidden speed", _fmt(summary["first_last_ratio"], ".2e")),
-        ("diagnosis", ", ".join(summary["kinds"]) or "healthy"),
+        ("diagnosis", _verdict(summary)),
         ("seconds", f"{summary['seconds']:.1f}"),
     ]
     if summary.get("error"):

@@ -1,4 +1,5 @@
-"""``vanishing sweep CONFIG [--out DIR] [--workers N]``: a grid of experiments, resumable."""
+"""``vanishing sweep CONFIG [--out DIR] [--workers N] [--backend local|ray]``: a grid of
+experiments, resumable."""
 
 from __future__ import annotations
 
@@ -20,7 +21,16 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="Sweep directory (default: sweeps/<config name>)."
         ),
         workers: int = typer.Option(
-            0, "--workers", "-w", min=0, help="Worker processes (0: one per core)."
+            None,
+            "--workers",
+            "-w",
+            min=1,
+            help="Worker processes, or concurrent Ray trials (default: one per core).",
+        ),
+        backend: str = typer.Option(
+            "local",
+            "--backend",
+            help="local: worker processes here; ray: Ray Tune trials (RAY_ADDRESS: a cluster).",
         ),
         retry_failed: bool = typer.Option(
             False, "--retry-failed", help="Also redo runs that failed before."
@@ -31,6 +41,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run every combination of a sweep config in worker processes into a SQLite store.
 
+        With --backend ray the runs are Ray Tune trials: on a local Ray, or on the cluster that
+        RAY_ADDRESS names (the sweep directory must then be on storage every node shares).
         Started again (after a crash, a kill or Ctrl-C) with the same config and directory, it
         redoes only the runs that did not finish.
         """
@@ -39,11 +51,24 @@ def register(app: typer.Typer) -> None:
 
         from vanishing.cli.app import fail
         from vanishing.experiments.config import ConfigError
-        from vanishing.experiments.sweep import DB, SweepBusyError, run_sweep
+        from vanishing.experiments.sweep import (
+            BACKENDS,
+            DB,
+            MissingBackendError,
+            SweepBusyError,
+            run_sweep,
+        )
 
+        if backend not in BACKENDS:
+            raise fail(f"--backend {backend!r}: must be one of {', '.join(BACKENDS)}")
         sweep_dir = out if out is not None else Path("sweeps") / config.stem
         if sweep_dir.exists() and not sweep_dir.is_dir():
             raise fail(f"--out {sweep_dir} is a file; pass a directory for the sweep")
+        if (sweep_dir / "manifest.json").exists():
+            raise fail(
+                f"--out {sweep_dir} holds a run (manifest.json), not a sweep; pass a new "
+                "directory for the sweep (nothing there is overwritten)"
+            )
         display = SweepDisplay(sweep_dir)
 
         def _terminated(signum, frame):  # SIGTERM (timeout, schedulers): stop workers as Ctrl-C
@@ -57,7 +82,10 @@ def register(app: typer.Typer) -> None:
                 workers=workers or None,
                 retry_failed=retry_failed,
                 on_event=display.event,
+                backend=backend,
             )
+        except MissingBackendError as e:
+            raise fail(str(e)) from None
         except ConfigError as e:
             message = str(e)
             prefix = "" if message.startswith(str(config)) else f"{config}: "

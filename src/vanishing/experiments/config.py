@@ -72,6 +72,21 @@ Device = Literal["cpu", "cuda", "auto"]
 Stats = Literal["all", "parameters"]
 
 
+# Upper bounds of what a config may ask for (docs/config.md, "Limits"): each refuses a value that
+# cannot work here (it overflows, hangs or cannot fit in memory) with the usual one-line error,
+# before anything is trained. Well beyond every published experiment this package reproduces.
+MAX_SEED = 2**32 - 1  # numpy's and Python's generators' seed range (torch takes it too)
+MAX_DEPTH = 1000  # watched layers; a 1000-layer MLP already takes minutes per 100 steps
+MAX_WIDTH = 65536  # units, channels, classes, features
+MAX_PARAMS = 2**31  # parameters of the built model (8 GiB of float32 weights, before grads)
+MAX_STEPS = 10**7  # optimizer steps: 10 million at 1 kHz is still about three hours
+MAX_EXAMPLES = 10**7  # examples of a generated split (the tasks are generated in memory)
+MAX_SEQ_LEN = 100_000  # time steps of a sequence task
+MAX_KERNEL = 1000
+MAX_FLUSH_EVERY = 100_000  # recorded steps held in memory between writes
+MAX_SCALE = 1e30  # init and gain scales: larger ones overflow float32 weights at once
+
+
 class ConfigError(ValueError):
     """An invalid experiment or sweep config; the message is one line naming the field.
 
@@ -101,13 +116,13 @@ class TaskConfig(BaseModel):
 
     name: TaskName = "digits"
     standardize: Standardize = "standard"
-    n_train: int = Field(0, ge=0)
-    n_test: int = Field(0, ge=0)
-    seq_len: int = Field(50, ge=1)
+    n_train: int = Field(0, ge=0, le=MAX_EXAMPLES)
+    n_test: int = Field(0, ge=0, le=MAX_EXAMPLES)
+    seq_len: int = Field(50, ge=1, le=MAX_SEQ_LEN)
     data_dir: str = ""
-    teacher_depth: int = Field(3, ge=1)
-    n_classes: int = Field(10, ge=2)
-    n_features: int = Field(32, ge=1)
+    teacher_depth: int = Field(3, ge=1, le=MAX_DEPTH)
+    n_classes: int = Field(10, ge=2, le=MAX_WIDTH)
+    n_features: int = Field(32, ge=1, le=MAX_WIDTH)
 
 
 class ModelConfig(BaseModel):
@@ -122,23 +137,23 @@ class ModelConfig(BaseModel):
     model_config = _STRICT
 
     kind: Kind = "mlp"
-    depth: int = Field(10, ge=0)
-    width: int = Field(32, ge=1)
+    depth: int = Field(10, ge=0, le=MAX_DEPTH)
+    width: int = Field(32, ge=1, le=MAX_WIDTH)
     activation: Activation = "sigmoid"
     init: Init = "default"
-    init_std: float = Field(1.0, gt=0)
+    init_std: float = Field(1.0, gt=0, le=MAX_SCALE)
     bias_init: BiasInit = "zeros"
-    bias_value: float = 0.0
-    bias_std: float = Field(1.0, ge=0)
+    bias_value: float = Field(0.0, ge=-MAX_SCALE, le=MAX_SCALE)
+    bias_std: float = Field(1.0, ge=0, le=MAX_SCALE)
     norm: Norm = "none"
     residual: bool = False
     cell: Cell = "rnn"
     recurrent_init: RecurrentInit = "default"
-    recurrent_gain: float = Field(1.0, gt=0)
-    forget_bias: float = 0.0
-    heads: int = Field(4, ge=1)
+    recurrent_gain: float = Field(1.0, gt=0, le=MAX_SCALE)
+    forget_bias: float = Field(0.0, ge=-MAX_SCALE, le=MAX_SCALE)
+    heads: int = Field(4, ge=1, le=MAX_WIDTH)
     norm_first: bool = True
-    kernel_size: int = Field(3, ge=1)
+    kernel_size: int = Field(3, ge=1, le=MAX_KERNEL)
 
 
 class TrainConfig(BaseModel):
@@ -157,14 +172,14 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Schedule = "constant"
-    lr_step: int = Field(0, ge=0)
+    lr_step: int = Field(0, ge=0, le=MAX_STEPS)
     lr_gamma: float = Field(0.1, gt=0)
-    steps: int = Field(400, ge=1)
-    batch_size: int = Field(64, ge=0)
+    steps: int = Field(400, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(64, ge=0, le=MAX_EXAMPLES)
     clip_norm: float = Field(0.0, ge=0)
-    pretrain_steps: int = Field(0, ge=0)
+    pretrain_steps: int = Field(0, ge=0, le=MAX_STEPS)
     pretrain_lr: float = Field(0.1, gt=0)
-    eval_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS)
     device: Device = "cpu"
 
 
@@ -181,7 +196,7 @@ class MonitorConfig(BaseModel):
 
     stats: Stats = "all"
     every: int | str = 1
-    flush_every: int = Field(50, ge=1)
+    flush_every: int = Field(50, ge=1, le=MAX_FLUSH_EVERY)
 
     @field_validator("every", mode="plain")
     @classmethod
@@ -211,7 +226,7 @@ class ExperimentConfig(BaseModel):
     model_config = _STRICT
 
     name: str = "experiment"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -253,6 +268,13 @@ class ExperimentConfig(BaseModel):
                 "model.forget_bias: applies to LSTMs only; set kind = 'rnn' and cell = 'lstm', "
                 "or forget_bias = 0"
             )
+        params = _weights_estimate(m)
+        if params > MAX_PARAMS:
+            _cross(
+                f"model.width: depth {m.depth} x width {m.width} is about {params:.2g} "
+                f"parameters, more than the {MAX_PARAMS:.2g} that fit in memory; make it "
+                "narrower or shallower"
+            )
         if tr.pretrain_steps and m.kind != "mlp":
             _cross(
                 f"train.pretrain_steps: layer-wise pretraining is for kind 'mlp', "
@@ -268,6 +290,18 @@ class ExperimentConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as a JSON-ready dict (every default filled in)."""
         return self.model_dump(mode="json")
+
+
+def _weights_estimate(m: ModelConfig) -> int:
+    """The hidden weights a model config builds, roughly (the largest terms): enough to refuse
+    one that cannot fit in memory before building it."""
+    per_layer = {
+        "mlp": m.width**2,
+        "cnn": m.width**2 * m.kernel_size**2,
+        "rnn": 4 * 2 * m.width**2,  # up to four gates (LSTM), input and recurrent weights
+        "transformer": 12 * m.width**2,  # attention 4 d^2, feed-forward 8 d^2
+    }[m.kind]
+    return max(1, m.depth) * per_layer
 
 
 def _cross(message: str) -> typing.NoReturn:
@@ -467,6 +501,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not field:
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. model.depth=20")
         parts = field.split(".")
+        value = _parse_value(text.strip())
+        if len(parts) == 1 and parts[0] in SECTIONS:
+            raise ConfigError(
+                f"--set {item!r}: {parts[0]} is a section; set its fields one by one, "
+                f"e.g. --set {parts[0]}.{_example_field(parts[0], value)}"
+            )
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"--set {item!r}: the value is a table; every field takes one value, "
+                f"e.g. --set {field}=2"
+            )
         node = out
         for part in parts[:-1]:
             if part not in SECTIONS:
@@ -476,8 +521,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a table in the config")
-        node[parts[-1]] = _parse_value(text.strip())
+        node[parts[-1]] = value
     return out
+
+
+def _example_field(section: str, value: Any) -> str:
+    if isinstance(value, dict) and value:
+        key, v = next(iter(value.items()))
+        return f"{key}={json.dumps(v) if isinstance(v, str) else v}"
+    return f"{next(iter(ExperimentConfig.model_fields[section].annotation.model_fields))}=..."
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -154,7 +154,7 @@ def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Pro
             model,
             x,
             steps=train.pretrain_steps,
-            lr=train.pretrain_lr,
+            lr=_representable(train.pretrain_lr, list(model.parameters())),
             batch_size=train.batch_size,
             seed=config.seed,
         )
@@ -210,14 +210,33 @@ def _optimizer(model: torch.nn.Module, config: ExperimentConfig) -> torch.optim.
     import torch
 
     t = config.train
-    params = model.parameters()
+    params = list(model.parameters())
+    lr, wd = _representable(t.lr, params), _representable(t.weight_decay, params)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if t.optimizer == "momentum":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=wd)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def _representable(value: float, params: list[torch.Tensor]) -> float:
+    """``value`` as the parameters' dtype holds it: beyond its range (3.4e38 for float32) it
+    is infinite, as a float32 cast makes it.
+
+    torch refuses to scale a float32 update by a finite number beyond the dtype's range
+    ("value cannot be converted to type float without overflow"), which would end a run with
+    ``lr = 1e308`` as ``failed``. As infinity, that run does what such a learning rate does:
+    its first update makes the weights non-finite, and it stops as ``diverged`` with the
+    non-finite step recorded.
+    """
+    import torch
+
+    floats = [p.dtype for p in params if p.dtype.is_floating_point]
+    if floats and value > min(torch.finfo(d).max for d in floats):
+        return math.inf
+    return value
 
 
 def _schedule(opt: torch.optim.Optimizer, config: ExperimentConfig) -> Any:
@@ -280,7 +299,8 @@ def _summarize(run_dir: Path, state: _State, seconds: float) -> dict[str, Any]:
     test = [r for r in state.evals if r["split"] == "test"]
     last_test = test[-1] if test else None
     test_loss = _finite(last_test["loss"]) if last_test else None
-    ratio, kinds = None, []
+    # kinds stay None (not judged, not "healthy") for a run that recorded no steps
+    ratio, kinds = None, None
     if (run_dir / "manifest.json").exists():
         from vanishing.recorder.reader import load_run
 

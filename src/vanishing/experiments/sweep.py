@@ -8,6 +8,10 @@ run before starting any, and trains the runs that are not finished yet, each int
 ``failed``. A sweep killed at any point and started again resets its ``running`` rows to
 ``pending``, takes the result of a pending run whose directory holds a finished run (its
 ``summary.json``, written last) and redoes the others from an empty directory; the key (a hash of the resolved config) is the primary key, so no run is ever listed twice.
+
+``backend="ray"`` trains the same runs as Ray Tune trials instead of local worker processes
+(:func:`_execute_ray`): the planning, the store and its rows, the run directories and the
+single-run function are the same; only who runs ``run_experiment`` changes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ __all__ = [
     "SweepStore",
     "SweepRun",
     "SweepBusyError",
+    "MissingBackendError",
+    "BACKENDS",
     "plan_sweep",
     "run_sweep",
     "read_sweep",
@@ -41,6 +47,8 @@ DB = "sweep.sqlite"
 COPY = "sweep.toml"
 RUNS = "runs"
 FINISHED = ("completed", "diverged", "failed")
+BACKENDS = ("local", "ray")
+RAY_DIR = "ray"  # Ray Tune's own experiment state, under the sweep directory
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -238,8 +246,6 @@ def read_sweep(sweep: str | os.PathLike) -> list[dict[str, Any]]:
 def _init_worker(sweep_pid: int) -> None:
     import threading
 
-    import torch
-
     def watch_parent() -> None:  # a sweep killed outright (SIGKILL) leaves no orphans behind
         while True:
             time.sleep(1.0)
@@ -251,6 +257,11 @@ def _init_worker(sweep_pid: int) -> None:
                 pass  # alive, owned by someone else: keep going
 
     threading.Thread(target=watch_parent, name="vanishing-sweep-parent", daemon=True).start()
+    _one_thread()
+
+
+def _one_thread() -> None:
+    import torch
 
     torch.set_num_threads(1)  # one core per worker: N workers use N cores, not N x N threads
     with contextlib.suppress(RuntimeError):  # already set in the forkserver's torch
@@ -346,10 +357,13 @@ def run_sweep(
     workers: int | None = None,
     retry_failed: bool = False,
     on_event: OnEvent | None = None,
+    backend: str = "local",
 ) -> tuple[list[SweepRun], list[dict[str, Any]]]:
     """Run every unfinished run of the sweep config into ``sweep_dir``; resumable.
 
-    ``workers`` processes (default: one per core) train one run each at a time. ``on_event``
+    ``workers`` processes (default: one per core) train one run each at a time. With
+    ``backend="ray"`` the runs are Ray Tune trials instead (1 CPU each, at most ``workers`` at
+    a time; see ``docs/ray.md``), recorded in the same store the same way. ``on_event``
     is called in the parent with ``("plan", None, {"total": n, "todo": m})`` once, then
     ``("start", run, None)`` and ``("finish", run, summary)`` for each run it trains.
     ``retry_failed`` also redoes runs that failed before. Returns the runs of this config (in
@@ -364,6 +378,10 @@ def run_sweep(
         >>> [r["status"] for r in rows]                                    # doctest: +SKIP
         ['completed', 'completed']
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "ray":
+        _import_ray()  # before anything is written: a missing ray is a clear error
     config_path = Path(config_path)
     raw = read_toml(config_path)
     plan = plan_sweep(raw)  # every run validated before anything starts
@@ -371,6 +389,7 @@ def run_sweep(
         from vanishing.experiments.runner import resolve_device
 
         resolve_device("cuda")
+    requested_workers = workers
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -412,7 +431,9 @@ def run_sweep(
             todo.append(r)
         if on_event:
             on_event("plan", None, {"total": len(plan), "todo": len(todo)})
-        if todo:
+        if todo and backend == "ray":
+            _execute_ray(store, sweep_dir, todo, requested_workers, on_event)
+        elif todo:
             _execute(store, sweep_dir, todo, min(workers, len(todo)), on_event)
         return plan, store.rows(r.key for r in plan)
     finally:
@@ -422,6 +443,10 @@ def run_sweep(
 
 class SweepBusyError(RuntimeError):
     """Another process is running a sweep in the same directory."""
+
+
+class MissingBackendError(ImportError):
+    """The sweep backend asked for is not installed."""
 
 
 def _lock(sweep_dir: Path):
@@ -507,3 +532,221 @@ def _execute(
         _terminate(pool)  # interrupted: rows left 'running' are redone by the next start
         raise
     pool.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------- Ray backend
+_RAY_MISSING = '--backend ray needs ray: pip install "vanishing[ray]"'
+
+# the live side of the Ray sweep that this process drives now: (store, the runs to do by key,
+# on_event). Tune pickles its callbacks into its experiment state (restored by a later start,
+# maybe from a moved directory) and, with Ray Client, runs them on the head node; so the
+# callback carries only a path and keys, for when it runs where no sweep is live.
+_RayLive = tuple[SweepStore, dict[str, SweepRun], "OnEvent | None"]
+_RAY_LIVE: list[_RayLive] = []
+
+
+def _ray_live() -> _RayLive | None:
+    # a module-level function, so that the callback, pickled by value, refers to it by name
+    return _RAY_LIVE[-1] if _RAY_LIVE else None
+
+
+def _import_ray() -> Any:
+    """``ray`` with ``ray.tune``, or :class:`MissingBackendError` with the one-line fix."""
+    try:
+        import ray
+        import ray.tune  # noqa: F401 - Tune is what the backend uses
+    except ImportError:
+        raise MissingBackendError(_RAY_MISSING) from None
+    return ray
+
+
+def _ray_trial(trial: dict[str, Any], *, runs: dict[str, tuple[dict[str, Any], str]]) -> None:
+    """One Tune trial: train one run of the sweep with the local pool's single-run function.
+
+    ``trial["key"]`` picks the run; ``runs`` (``key -> (config, absolute run dir)``) holds the
+    runs this start of the sweep has to do. A trial of a restored experiment whose run is not
+    among them (finished since, or dropped from the config) reports no summary and trains
+    nothing; a run whose directory already holds its finished run is taken, not trained again.
+    """
+    from ray import tune
+
+    key = trial["key"]
+    if key not in runs:
+        tune.report({"key": key, "summary": ""})
+        return
+    config, run_dir = runs[key]
+    summary = _finished_summary(Path(run_dir), ExperimentConfig.model_validate(config))
+    if summary is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a half-written try of this trial
+        _one_thread()
+        try:
+            summary = _run_one(config, run_dir)
+        except Exception as e:  # noqa: BLE001 - recorded in the store, as the local pool does
+            summary = _failed(f"{type(e).__name__}: {e}".splitlines()[0])
+    tune.report({"key": key, "summary": json.dumps(summary)})
+
+
+def _trial_dirname(trial: Any) -> str:
+    return str(trial.config["key"])
+
+
+def _ray_callback(sweep_dir: str, keys: frozenset[str]) -> Any:
+    """A Tune callback that records trial starts and results in the sweep's store, through the
+    same :class:`SweepStore` calls as the local pool, in the process that drives Tune (the only
+    writer). Writes follow the row's status (pending -> running -> finished), so a callback
+    restored from an older start of the sweep never rewrites a finished row."""
+    from ray import tune
+
+    class SweepStoreCallback(tune.Callback):
+        def __init__(self) -> None:
+            self.sweep_dir, self.keys = sweep_dir, keys
+            self._own: SweepStore | None = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"sweep_dir": self.sweep_dir, "keys": self.keys}
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            self.__dict__.update(state, _own=None)
+
+        def _live(self) -> tuple[SweepStore, set[str] | dict[str, SweepRun], OnEvent | None]:
+            live = _ray_live()
+            if live is not None:
+                return live
+            if self._own is None:  # driven elsewhere (Ray Client: on the head node)
+                self._own = SweepStore(Path(self.sweep_dir) / DB)
+            return self._own, set(self.keys), None
+
+        def _record(self, key: str, summary: dict[str, Any]) -> None:
+            store, todo, on_event = self._live()
+            if key not in todo or store.statuses().get(key) not in ("pending", "running"):
+                return
+            store.finish(key, summary)
+            if on_event and isinstance(todo, dict):
+                on_event("finish", todo[key], summary)
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            store, todo, on_event = self._live()
+            key = trial.config["key"]
+            if key not in todo or store.statuses().get(key) != "pending":
+                return
+            store.mark_running(key)
+            if on_event and isinstance(todo, dict):
+                on_event("start", todo[key], None)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("summary"):
+                self._record(result["key"], json.loads(result["summary"]))
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._record(trial.config["key"], _failed(_trial_error(trial)))
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self._own is not None:
+                self._own.close()
+                self._own = None
+
+    return SweepStoreCallback()
+
+
+def _trial_error(trial: Any) -> str:
+    """One line for a Tune trial that raised (its worker died, or Ray failed it)."""
+    last = ""
+    with contextlib.suppress(Exception):
+        lines = [ln.strip() for ln in Path(trial.error_file).read_text().splitlines()]
+        last = next((ln for ln in reversed(lines) if ln), "")
+    return f"the Ray trial failed: {last}" if last else "the Ray trial failed"
+
+
+def _execute_ray(
+    store: SweepStore,
+    sweep_dir: Path,
+    todo: deque[SweepRun],
+    workers: int | None,
+    on_event: OnEvent | None,
+) -> None:
+    """Train ``todo`` as Ray Tune trials, one per run, 1 CPU each, at most ``workers`` at once.
+
+    Ray connects to ``RAY_ADDRESS`` when it is set, else starts a local Ray of ``workers`` CPUs
+    (one per core by default) for this sweep, unless this process already called ``ray.init``.
+    Tune's own state lives in ``<sweep_dir>/ray``: when a killed sweep left it there, that
+    experiment is resumed first with ``Tuner.restore(..., resume_errored=True)``; the runs it
+    did not cover (new grid points, rows reset since) then run as a fresh experiment there.
+    """
+    ray = _import_ray()
+    from ray import tune
+
+    sweep_dir = sweep_dir.absolute()  # trials run in other processes, maybe other machines
+    started_ray = False
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        quiet: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": "error",
+        }
+        if address:
+            ray.init(address=address, **quiet)
+        else:  # "local": never a stray `ray start` cluster of this machine (RAY_ADDRESS=auto is)
+            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, **quiet)
+        started_ray = True
+
+    where = str(sweep_dir)
+    by_key = {r.key: r for r in todo}
+    experiment = sweep_dir / RAY_DIR
+    # Ctrl-C raises here, as with the local pool: the state Tune saved and the store resume it;
+    # and the sweep's own progress is the only output (Tune's tables are off)
+    tune_env = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+    saved_env = {name: os.environ.get(name) for name in tune_env}
+    os.environ.update(tune_env)
+    _RAY_LIVE.append((store, by_key, on_event))
+    try:
+        for attempt in ("restore", "fresh"):
+            status = store.statuses()
+            left = [r for r in todo if status.get(r.key) in ("pending", "running")]
+            if not left:
+                break
+            runs = {r.key: (r.config.to_dict(), str(sweep_dir / r.run_dir)) for r in left}
+            trainable = tune.with_resources(tune.with_parameters(_ray_trial, runs=runs), {"cpu": 1})
+            if attempt == "restore":
+                # killed before Tune saved any trial: only tuner.pkl, nothing to resume
+                saved = any(experiment.glob("experiment_state-*.json"))
+                if not saved or not tune.Tuner.can_restore(str(experiment)):
+                    continue
+                try:
+                    tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+                except (ValueError, TypeError, OSError, EOFError):  # another version's state
+                    continue
+            else:
+                shutil.rmtree(experiment, ignore_errors=True)  # done with, or unreadable
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={"key": tune.grid_search([r.key for r in left])},
+                    tune_config=tune.TuneConfig(
+                        max_concurrent_trials=workers or None,
+                        trial_name_creator=_trial_dirname,
+                        trial_dirname_creator=_trial_dirname,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=RAY_DIR,
+                        storage_path=str(sweep_dir),
+                        verbose=0,
+                        callbacks=[_ray_callback(where, frozenset(runs))],
+                    ),
+                )
+            tuner.fit()
+        status = store.statuses()
+        for r in todo:  # a trial Tune ended without a result: never left looking unfinished
+            if status.get(r.key) in ("pending", "running"):
+                summary = _failed("the Ray trial ended without reporting a result")
+                store.finish(r.key, summary)
+                if on_event:
+                    on_event("finish", r, summary)
+    finally:
+        _RAY_LIVE.pop()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if started_ray:
+            ray.shutdown()

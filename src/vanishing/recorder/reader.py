@@ -6,6 +6,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,16 @@ from vanishing.recorder.semantics import (
     speed_source,
 )
 
-__all__ = ["Run", "RunError", "load_run", "committed_parts", "read_part", "hidden_layers"]
+__all__ = [
+    "Run",
+    "RunError",
+    "DamagedPart",
+    "load_run",
+    "committed_parts",
+    "read_part",
+    "check_manifest",
+    "hidden_layers",
+]
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,6 +54,11 @@ def _parts(directory: Path) -> dict[int, Path]:
     return out
 
 
+def _part_number(path: Path) -> int:
+    m = _PART.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 def committed_parts(run_dir: Path, table: str) -> list[Path]:
     """A table's part files in order, without the torn tail: parts numbered after the last
     ``steps`` part were written by a flush that did not finish (``steps`` is written last)."""
@@ -51,20 +66,247 @@ def committed_parts(run_dir: Path, table: str) -> list[Path]:
     return [p for i, p in sorted(_parts(run_dir / table).items()) if i <= done]
 
 
-def read_part(path: Path, read: Any = None) -> Any:
+def read_part(path: Path, read: Any = None, damaged: dict[Path, str] | None = None) -> Any:
     """``read(pyarrow.parquet.ParquetFile(path))`` (default: the whole table), or None with a
-    warning when the file is damaged: one bad part never hides the rest of a run."""
+    warning when the file is damaged: one bad part never hides the rest of a run. ``damaged``,
+    when given, gets ``{path: reason}`` for such a part.
+
+    A part that reads but is not a part of its table (a key column missing, a column of the
+    wrong type: see :func:`check_part_schema`) is a :class:`RunError` naming the file: that is
+    not damage but a file that does not belong there.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         f = pq.ParquetFile(path)
+        check_part_schema(path, f.schema_arrow)
         return f.read() if read is None else read(f)
     except (OSError, pa.ArrowException) as e:
+        if damaged is not None:
+            damaged[Path(path)] = str(e).splitlines()[0] if str(e) else type(e).__name__
         warnings.warn(
             f"vanishing: skipping unreadable part {path}: {e}", RuntimeWarning, stacklevel=3
         )
         return None
+
+
+#: the key columns each table's parts must have, and the kind of each
+_KEYS = {
+    "metrics": {"step": "integer", "layer": "string", "param": "string"},
+    "steps": {"step": "integer"},
+    "temporal": {"step": "integer", "layer": "string", "t": "integer"},
+}
+
+
+def _kind_of(dtype: Any) -> str:
+    """``"integer"``, ``"number"`` (float, bool, all-null), ``"string"``, or the type's name."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_integer(dtype):
+        return "integer"
+    if pa.types.is_floating(dtype) or pa.types.is_boolean(dtype) or pa.types.is_null(dtype):
+        return "number"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "string"
+    return str(dtype)
+
+
+_ARTICLE = {"integer": "an integer", "string": "a string", "number": "a number"}
+
+
+def check_part_schema(path: Path, schema: Any) -> None:
+    """Raise :class:`RunError` unless ``schema`` (a pyarrow schema) is that of a part of the
+    table its folder names (``metrics``, ``steps``, ``temporal``): the table's key columns, of
+    their kinds (``step`` an integer, ``layer`` and ``param`` strings), and every other column a
+    number (the statistics; a probe of your own declares numeric columns too).
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from pathlib import Path
+        >>> from vanishing.recorder.reader import check_part_schema
+        >>> part = Path("RUN/steps/part-00000.parquet")
+        >>> check_part_schema(part, pa.schema([("step", pa.int64()), ("loss", pa.float64())]))
+        >>> check_part_schema(part, pa.schema([("a", pa.int64())]))
+        Traceback (most recent call last):
+        ...
+        vanishing.recorder.errors.RunError: RUN/steps/part-00000.parquet: not a part of the steps table: no 'step' column (it has: a)
+    """
+    table = Path(path).parent.name
+    keys = _KEYS.get(table)
+    if keys is None:
+        return
+    names = list(schema.names)
+    for name in keys:
+        if name not in names:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise RunError(
+                f"{path}: not a part of the {table} table: no {name!r} column "
+                f"(it has: {shown or 'no columns'})"
+            )
+    for field in schema:
+        want = keys.get(field.name, "number")
+        got = _kind_of(field.type)
+        if got == want or (want == "number" and got == "integer"):
+            continue
+        raise RunError(
+            f"{path}: not a part of the {table} table: column {field.name!r} is "
+            f"{field.type}, expected {_ARTICLE[want]}"
+        )
+
+
+_TYPES = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+    "number": (int, float),
+}
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "an object",
+    "number": "a number",
+}
+#: the manifest's layer fields the readers use: (type, required); others are kept unread
+_LAYER_FIELDS = {
+    "name": ("str", True),
+    "depth": ("int", False),
+    "type": ("str", True),
+    "role": ("str", True),
+    "activation": ("str?", False),
+    "recurrent": ("bool", False),
+    "params": ("list", False),
+    "num_params": ("int", True),
+    "examples_per_unit": ("int", False),
+    "ran_forward": ("bool", False),
+}
+_PARAM_FIELDS = {
+    "name": ("str", True),
+    "shape": ("list", False),
+    "numel": ("int", False),
+    "trainable": ("bool", False),
+    "shared_with": ("list", False),
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        if value is None:
+            return True
+        kind = kind[:-1]
+    if kind in ("int", "number") and isinstance(value, bool):
+        return False
+    return isinstance(value, _TYPES[kind])
+
+
+def _check_fields(where: str, obj: Any, fields: dict[str, tuple[str, bool]]) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} is {_shown(obj)}, expected an object"
+    for key, (kind, required) in fields.items():
+        if key not in obj:
+            if required:
+                return f"{where} has no {key!r}"
+            continue
+        if not _is(obj[key], kind):
+            expected = _TYPE_NAMES[kind.rstrip("?")] + (" or null" if kind.endswith("?") else "")
+            return f"{where}.{key} is {_shown(obj[key])}, expected {expected}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_manifest(manifest: Any) -> str | None:
+    """What is wrong with a parsed ``manifest.json`` (one line), or None when the readers can
+    use it: an object, an integer ``schema_version``, ``layers`` a list of objects with a string
+    ``name``, ``type`` and ``role`` and an integer ``num_params`` (each name once), their
+    ``params`` a list of objects with a string ``name`` and a list ``shape``, ``optimizer`` an
+    object (with ``defaults`` an object) or null. Fields the readers do not use are not checked.
+
+    Example:
+        >>> from vanishing.recorder.reader import check_manifest
+        >>> check_manifest({"schema_version": 1, "layers": "x"})
+        'layers is "x", expected a list'
+        >>> check_manifest({"schema_version": 1, "layers": []}) is None
+        True
+    """
+    if not isinstance(manifest, dict):
+        return f"not a JSON object (it is {_shown(manifest)})"
+    version = manifest.get("schema_version")
+    if not _is(version, "int") or version < 1:
+        return f"schema version {version!r} is not a positive integer"
+    layers = manifest.get("layers", [])
+    if not isinstance(layers, list):
+        return f"layers is {_shown(layers)}, expected a list"
+    seen: set[str] = set()
+    for i, layer in enumerate(layers):
+        problem = _check_fields(f"layers[{i}]", layer, _LAYER_FIELDS)
+        if problem:
+            return problem
+        if layer["num_params"] < 0:
+            return f"layers[{i}].num_params is {layer['num_params']}, expected >= 0"
+        if layer["name"] in seen:
+            return f"layers[{i}].name {layer['name']!r} is listed twice"
+        seen.add(layer["name"])
+        for j, param in enumerate(layer.get("params", [])):
+            problem = _check_fields(f"layers[{i}].params[{j}]", param, _PARAM_FIELDS)
+            if problem:
+                return problem
+            shape = param.get("shape", [])
+            if not all(_is(n, "int") for n in shape):
+                return f"layers[{i}].params[{j}].shape is {_shown(shape)}, expected integers"
+    optimizer = manifest.get("optimizer")
+    if optimizer is not None:
+        problem = _check_fields("optimizer", optimizer, {"type": ("str", False)})
+        if problem:
+            return problem
+        if not isinstance(optimizer.get("defaults", {}), dict):
+            return f"optimizer.defaults is {_shown(optimizer['defaults'])}, expected an object"
+    for key, kind in (("notes", "list"), ("status", "str"), ("resumed_at", "list")):
+        if key in manifest and not _is(manifest[key], kind):
+            return f"{key} is {_shown(manifest[key])}, expected {_TYPE_NAMES[kind]}"
+    return None
+
+
+@dataclass(frozen=True)
+class DamagedPart:
+    """A part file of a run that could not be read, and the recorded steps it held.
+
+    ``part``: its path in the run directory (``metrics/part-00003.parquet``); ``first_step``
+    and ``last_step``: the recorded steps whose rows are missing because of it (None where
+    that is not known: the steps part of the same flush is unreadable too and no later flush
+    bounds it); ``reason``: the reader's error.
+
+    Example:
+        >>> from vanishing.recorder.reader import DamagedPart
+        >>> str(DamagedPart("metrics/part-00003.parquet", 150, 199, "truncated"))
+        'part metrics/part-00003.parquet unreadable, steps 150-199 missing'
+    """
+
+    part: str
+    first_step: int | None
+    last_step: int | None
+    reason: str = ""
+
+    def __str__(self) -> str:
+        lo, hi = self.first_step, self.last_step
+        if lo is not None and hi is not None:
+            steps = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+        elif lo is not None:
+            steps = f"steps from {lo} on"
+        elif hi is not None:
+            steps = f"steps up to {hi}"
+        else:
+            steps = "its steps"
+        return f"part {self.part} unreadable, {steps} missing"
 
 
 class Run:
@@ -115,18 +357,23 @@ class Run:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise RunError(f"{manifest_path}: unreadable manifest ({e})") from e
-        if not isinstance(self.manifest, dict):
-            raise RunError(f"{manifest_path}: unreadable manifest (not a JSON object)")
-        version = self.manifest.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else 0
+        # one rule for every reader (diagnose, report, load_run): a newer format is refused
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
             raise RunError(
                 f"{manifest_path}: schema version {version!r} is not readable by this version "
                 f"of vanishing (reads up to {SCHEMA_VERSION}); upgrade vanishing"
             )
+        problem = check_manifest(self.manifest)
+        if problem:
+            raise RunError(f"{manifest_path}: unreadable manifest: {problem}")
         if max_steps is not None and max_steps < 3:
             raise ValueError("max_steps must be at least 3 (the first, middle and last step)")
         self.max_steps = max_steps
         self._tables: dict[str, pd.DataFrame] = {}
+        self._unreadable: dict[Path, str] = {}  # parts found damaged while reading
+        self._footer_damage: dict[Path, str] | None = None
+        self._step_spans: dict[int, tuple[int, int, str]] = {}
 
     def __repr__(self) -> str:
         bounded = f", max_steps={self.max_steps}" if self.max_steps is not None else ""
@@ -171,11 +418,16 @@ class Run:
         frames = [
             t
             for path in committed_parts(self.path, table)
-            if (t := read_part(path, read)) is not None and t.num_columns
+            if (t := read_part(path, read, self._unreadable)) is not None and t.num_columns
         ]
         if not frames:
             return pd.DataFrame({c: [] for c in (columns or _COLUMNS[table])})
-        df = pa.concat_tables(frames, promote_options="default").to_pandas()
+        try:
+            df = pa.concat_tables(frames, promote_options="permissive").to_pandas()
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise RunError(
+                f"{self.path / table}: its parts do not share one schema ({e})".splitlines()[0]
+            ) from None
         return df if columns else with_all_columns(df, table)
 
     def _table(self, table: str) -> pd.DataFrame:
@@ -236,6 +488,62 @@ class Run:
         none; see :func:`vanishing.recorder.semantics.first_nonfinite_step`)."""
         return first_nonfinite_step(self.all_steps)
 
+    @property
+    def damaged(self) -> list[DamagedPart]:
+        """The committed part files that cannot be read (truncated, overwritten, unreadable),
+        each with the recorded steps whose rows are missing because of it; ``[]`` for an intact
+        run. The tables skip such parts (with a warning); the diagnosis and the report say so.
+
+        The steps a part held are those of the ``steps`` part of the same flush (same number);
+        when that one is unreadable too, the steps between its readable neighbours.
+
+        Example:
+            >>> vanishing.load_run("runs/my-run").damaged   # doctest: +SKIP
+            [DamagedPart(part='metrics/part-00003.parquet', first_step=150, last_step=199, ...)]
+        """
+        if self._footer_damage is None:
+            self._footer_damage, self._step_spans = self._check_footers()
+        bad = {**self._footer_damage, **self._unreadable}
+        spans = {k: v for k, v in self._step_spans.items() if self.path / "steps" / v[2] not in bad}
+        out = []
+        for path in sorted(bad, key=lambda p: (_part_number(p), p.parent.name)):
+            k = _part_number(path)
+            if k in spans:
+                lo, hi = spans[k][:2]
+            else:
+                before = [v[1] for j, v in spans.items() if j < k]
+                after = [v[0] for j, v in spans.items() if j > k]
+                lo = max(before) + 1 if before else (0 if k == 0 else None)
+                hi = min(after) - 1 if after else None
+            out.append(DamagedPart(f"{path.parent.name}/{path.name}", lo, hi, bad[path]))
+        return out
+
+    def _check_footers(self) -> tuple[dict[Path, str], dict[int, tuple[int, int, str]]]:
+        """Every committed part's footer opened (no data read): the parts that fail, and the
+        (first, last) recorded step of each readable ``steps`` part by number."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        bad: dict[Path, str] = {}
+        spans: dict[int, tuple[int, int, str]] = {}
+        for table in ("steps", "metrics", "temporal"):
+            for path in committed_parts(self.path, table):
+                try:
+                    f = pq.ParquetFile(path)
+                    try:
+                        if table == "steps":
+                            span = _step_span(f.metadata)
+                            if span is None and f.metadata.num_rows:
+                                s = f.read(columns=["step"]).column("step").to_numpy()
+                                span = (int(s.min()), int(s.max()))
+                            if span is not None:
+                                spans[_part_number(path)] = (int(span[0]), int(span[1]), path.name)
+                    finally:
+                        f.close()
+                except (OSError, pa.ArrowException) as e:
+                    bad[path] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return bad, spans
+
     def pivot(self, stat: str, param: str | None = None) -> pd.DataFrame:
         """A step x layer table of one statistic, layers in forward order.
 
@@ -259,6 +567,12 @@ class Run:
             if param is None:
                 raise ValueError(f"{stat!r} is per parameter: pass param='weight' or 'bias'")
             rows = df[df["param"] == param]
+            if rows.empty:
+                present = sorted({str(p) for p in df["param"].unique()} - {""})
+                raise ValueError(
+                    f"param {param!r} is not in this run; its parameters are: "
+                    + (", ".join(repr(p) for p in present) or "none")
+                )
         else:
             known = ", ".join(PARAM_STATS + PARAM_RATIOS + MODULE_STATS)
             raise ValueError(f"unknown statistic {stat!r}; expected one of: {known}")
@@ -314,6 +628,12 @@ class Run:
         if speeds.shape[1] < 2:
             return None
         return first_last_ratio(speeds[hidden[0]], speeds[hidden[-1]])
+
+    def _repr_html_(self) -> str:
+        """Rich display in Jupyter: summary, layer table and the depth profile (inline)."""
+        from vanishing.report.notebook import run_html
+
+        return run_html(self)
 
     def diagnose(self, model=None):
         """The diagnosis of this run (see :func:`vanishing.diagnose.diagnose_run`).

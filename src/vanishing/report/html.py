@@ -156,8 +156,12 @@ def _diagnose(data: RunData) -> tuple[Any, str]:
 def _diagnosis_html(diag: Any, note: str) -> str:
     if diag is None:
         return f'<p class="muted">No diagnosis: {_e(note)}</p>'
+    from vanishing.diagnose.engine import NO_LAYERS
+
     parts = []
-    if diag.healthy:
+    if diag.healthy and NO_LAYERS in diag.notes:
+        parts.append(f'<div class="finding warning"><b>Not judged</b>: {_e(NO_LAYERS)}.</div>')
+    elif diag.healthy:
         parts.append(
             '<div class="healthy"><span class="badge ok">healthy</span>'
             "No gradient-flow problems found.</div>"
@@ -189,7 +193,7 @@ def _diagnosis_html(diag: Any, note: str) -> str:
             )
             + "</div>"
         )
-    notes = list(diag.notes) + ([note] if note else [])
+    notes = [n for n in diag.notes if n != NO_LAYERS] + ([note] if note else [])
     if notes:
         parts.append("<ul>" + "".join(f'<li class="muted">{_e(n)}</li>' for n in notes) + "</ul>")
     return "".join(parts)
@@ -247,9 +251,29 @@ def _summary_rows(data: RunData, diag: Any) -> list[tuple[str, str]]:
     ratio = data.first_last_ratio()
     if ratio is not None:
         rows.append((RATIO_LABEL, _num(ratio, "{:.3g}")))
+    damaged = data.run.damaged
+    if damaged:
+        rows.append(
+            (
+                "damaged run",
+                '<span class="badge critical">damaged</span> '
+                + _e("; ".join(str(d) for d in damaged)),
+            )
+        )
     if diag is not None:
-        rows.append(("diagnosis", "healthy" if diag.healthy else _e(", ".join(diag.kinds))))
+        rows.append(("diagnosis", _verdict(diag)))
+    elif not data.step_list:
+        rows.append(("diagnosis", "none: no steps recorded"))
     return rows
+
+
+def _verdict(diag: Any) -> str:
+    """The one-cell verdict of a diagnosis: its kinds, "healthy", or why there is none."""
+    from vanishing.diagnose.engine import NO_LAYERS
+
+    if diag.findings:
+        return _e(", ".join(diag.kinds))
+    return f"not judged: {_e(NO_LAYERS)}" if NO_LAYERS in diag.notes else "healthy"
 
 
 def _layer_table(data: RunData) -> str:
@@ -370,9 +394,13 @@ def _run_dirs(path: Path) -> list[Path]:
 def _overview_row(data: RunData, label: str) -> tuple[str, dict[str, Any]]:
     summary = data.summary or {}
     kinds = summary.get("kinds")
-    if kinds is None:
+    verdict = None
+    if not data.step_list:
+        verdict = "no steps recorded"
+    elif kinds is None:
         diag, _ = _diagnose(data)
         kinds = None if diag is None else diag.kinds
+        verdict = None if diag is None else _verdict(diag)
     loss = data.steps["loss"] if not data.steps.empty else []
     metric = summary.get("test_metric")
     if metric is None and data.eval is not None:
@@ -384,7 +412,7 @@ def _overview_row(data: RunData, label: str) -> tuple[str, dict[str, Any]]:
         f'<td class="num">{len(data.step_list)}</td>'
         f'<td class="num">{_num(loss.iloc[-1]) if len(loss) else "—"}</td>'
         f'<td class="num">{_num(metric, "{:.4g}")}</td><td class="num">{_num(ratio)}</td>'
-        f"<td>{_e(', '.join(kinds) if kinds else ('healthy' if kinds is not None else '—'))}</td></tr>"
+        f"<td>{verdict or _e(_sweep_verdict(kinds, {}))}</td></tr>"
     )
     return row, {"ratio": ratio, "kinds": kinds}
 
@@ -474,7 +502,7 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
             f'<td>{_e(r["status"])}</td><td class="num">{_num(s.get("test_metric"), "{:.4g}")}</td>'
             f'<td class="num">{_num(s.get("test_loss"), "{:.4g}")}</td>'
             f'<td class="num">{_num(s.get("first_last_ratio"))}</td>'
-            f"<td>{_e(', '.join(kinds) if kinds else ('healthy' if kinds is not None else '—'))}</td></tr>"
+            f"<td>{_e(_sweep_verdict(kinds, s))}</td></tr>"
         )
     table.append("</table></div>")
     body = [
@@ -533,6 +561,14 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
     return _page(
         f"vanishing sweep report: {path.name}", f"Sweep <code>{_e(path)}</code>", "".join(body)
     )
+
+
+def _sweep_verdict(kinds: Any, summary: dict[str, Any]) -> str:
+    if summary and summary.get("steps") == 0:  # e.g. failed before its first step
+        return "no steps recorded"
+    if kinds:
+        return ", ".join(kinds)
+    return "healthy" if kinds is not None else "—"
 
 
 # ---- entry point ------------------------------------------------------------------------------
@@ -594,7 +630,8 @@ def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None
     if dest.is_dir():
         raise ValueError(f"{dest}: is a directory; pass a file name such as {dest / 'report.html'}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dest)
+    from vanishing.recorder.writer import atomic_write_bytes
+
+    # an exclusive temporary file under an unpredictable name: nothing planted is followed
+    atomic_write_bytes(dest, text.encode("utf-8"))
     return dest
