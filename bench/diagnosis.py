@@ -77,7 +77,12 @@ def evaluate(case: Case) -> dict:
     """Both detectors on one case, after training and (if its label holds there) at init."""
     import vanishing
 
-    out = {"name": case.name, "required": list(case.required), "allowed": list(case.allowed)}
+    out = {
+        "name": case.name,
+        "family": case.family,
+        "required": list(case.required),
+        "allowed": list(case.allowed),
+    }
     if case.at_init:
         job = case.build()
         diag = vanishing.inspect(job.model, *job.batches[0], job.loss_fn)
@@ -128,6 +133,39 @@ def table(results: list[dict], phase: str) -> str:
     return "\n".join(lines)
 
 
+def families(results: list[dict]) -> str:
+    """A markdown table per family: cases, healthy controls, required kinds found, false alarms
+    on healthy controls and cases outside their label, after training and at init."""
+    lines = [
+        "| family | cases | healthy | required found (trained / init) | false alarms on healthy "
+        "(trained / init) | outside label (trained / init) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for fam in sorted({r.get("family", "?") for r in results}):
+        rows = [r for r in results if r.get("family", "?") == fam]
+        cells = [fam, str(len(rows)), str(sum(not r["required"] for r in rows))]
+        found, alarms, outside = [], [], []
+        for phase in ("trained", "init"):
+            ph = [r for r in rows if phase in r]
+            need = sum(len(r["required"]) for r in ph)
+            hit = sum(len(set(r["required"]) & set(r[phase]["vanishing"])) for r in ph)
+            found.append(f"{hit}/{need}" if need else "-")
+            healthy = [r for r in ph if not r["required"]]
+            alarms.append(f"{sum(bool(r[phase]['vanishing']) for r in healthy)}/{len(healthy)}")
+            out = sum(
+                not (
+                    set(r["required"])
+                    <= set(r[phase]["vanishing"])
+                    <= set(r["required"]) | set(r["allowed"])
+                )
+                for r in ph
+            )
+            outside.append(str(out))
+        cells += [" / ".join(found), " / ".join(alarms), " / ".join(outside)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(results: list[dict], seconds: float) -> str:
     misses = [
         f"{r['name']} ({phase}): found {r[phase]['vanishing']}, required {r['required']}"
@@ -152,6 +190,10 @@ def report(results: list[dict], seconds: float) -> str:
         f"At init, `vanishing.inspect` on one batch ({n_init} cases whose label holds at init):",
         "",
         table(results, "init"),
+        "",
+        "Per family (`vanishing`):",
+        "",
+        families(results),
         "",
         "Cases outside their label (required kind missed, or a kind neither required nor "
         "allowed): " + ("; ".join(misses) if misses else "none."),

@@ -743,4 +743,259 @@ def _():
     return Job(model, _adam(model, 3e-3), tokens(), F.cross_entropy, [])
 
 
+# -- repeated blocks: transformers and residual streams ------------------------------------
+# Depth is judged per role across repeated blocks (docs/diagnosis.md): block 0's query against
+# block 3's query, never a chain from an attention projection to a pooler.
+def stream(max_ratio=10.0, min_ratio=0.1):
+    """The residual stream's gradient (w.r.t. each block's output) stays within [min, max] of
+    the last block's, from the first block on (plain torch); and the label's healthy checks."""
+
+    def confirm(job, losses):
+        healthy()(job, losses)
+        x, y = _batch(job)
+        g = oracle.block_output_grad_norms(job.model, job.hidden, x, y, job.loss_fn)
+        assert min_ratio * g[-1] <= g[0] <= max_ratio * g[-1], f"stream gradient {g}"
+
+    return confirm
+
+
+def exploding_stream(min_ratio=10.0):
+    """The stream's gradient at the first block is >= 10x that at the last (plain torch)."""
+
+    def confirm(job, _losses):
+        x, y = _batch(job)
+        g = oracle.block_output_grad_norms(job.model, job.hidden, x, y, job.loss_fn)
+        assert g[0] >= min_ratio * g[-1], f"not exploding: stream gradient {g}"
+
+    return confirm
+
+
+class Encoder(nn.Module):
+    """Token embedding + a positional table owned by the model itself (the root module ``''``
+    has a parameter), ``nn.TransformerEncoder`` pre-LN or post-LN, a linear head."""
+
+    def __init__(self, blocks, norm_first, vocab=20, d=32, T=12, classes=2):
+        super().__init__()
+        self.pos = nn.Parameter(0.02 * torch.randn(T, d))
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(
+            d, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        self.enc = nn.TransformerEncoder(
+            layer, blocks, enable_nested_tensor=False, norm=nn.LayerNorm(d) if norm_first else None
+        )
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x) + self.pos[: x.shape[1]]).mean(1))
+
+
+def _encoder_case(blocks, norm_first):
+    name = f"healthy_{'pre' if norm_first else 'post'}_ln_encoder_{blocks}"
+
+    # normalised blocks: the stream's gradient grows toward the input boundedly (trained pre-LN
+    # 6 blocks: 12x) and is not an explosion below 100x (docs/diagnosis.md)
+    @case(name, "transformer", check=stream(max_ratio=100.0))
+    def _():
+        model = Encoder(blocks, norm_first)
+        hidden = [f"enc.layers.{i}" for i in range(blocks)]
+        return Job(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-3), tokens(), F.cross_entropy, hidden
+        )
+
+
+for _blocks in (3, 6, 10):
+    _encoder_case(_blocks, True)
+    _encoder_case(_blocks, False)
+
+
+class Block(nn.Module):
+    """``x + fc2(relu(fc1(x)))``, no normalization; ``zero`` sets fc2 to 0 (Fixup/ReZero-style:
+    every block starts as the identity)."""
+
+    def __init__(self, width, zero=False):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(width, width)
+        he(self.fc1.weight)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+        if zero:
+            nn.init.zeros_(self.fc2.weight)
+        else:
+            he(self.fc2.weight)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class PlainResNet(nn.Module):
+    def __init__(self, blocks, width=32, zero=False, d_in=16, classes=4):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.blocks = nn.Sequential(*[Block(width, zero) for _ in range(blocks)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.inp(x)))
+
+
+@case("residual_mlp_unnormalised_explodes", "residual", [E], [N, ST, D], check=exploding_stream())
+def _():
+    # He-initialised branches with no normalization: each block adds a branch as large as the
+    # stream (x1.7 in spread per block), and the gradient compounds with it going back
+    model = PlainResNet(10)
+    hidden = [f"blocks.{i}" for i in range(10)]
+    return Job(model, _sgd(model, 1e-6), blobs(), F.cross_entropy, hidden)
+
+
+@case("healthy_residual_mlp_fixup", "residual", check=stream())
+def _():
+    # each branch's last layer starts at zero (Fixup/ReZero): every block is the identity at
+    # init and the stream's gradient is flat; Adam moves fc1 as soon as fc2 lets gradient through
+    model = PlainResNet(10, zero=True)
+    hidden = [f"blocks.{i}" for i in range(10)]
+    return Job(model, _adam(model, 1e-3), blobs(), F.cross_entropy, hidden)
+
+
+@case("sigmoid_blocks_vanish", "mlp", [V], [ST], check=vanishing_depth())
+def _():
+    # a deep sigmoid net built from repeated blocks (Sequential of Linear+Sigmoid): per role
+    # across blocks, the gradient still shrinks ~4x per block
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Linear(16 if i == 0 else 32, 32), nn.Sigmoid()) for i in range(10)],
+        nn.Linear(32, 4),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+    return Job(model, _sgd(model, 0.1), blobs(), F.cross_entropy, [f"{i}.0" for i in range(10)])
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face model called on token ids, returning its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        return self.m(input_ids=x).logits
+
+
+def lm_loss(logits, x):
+    """Next-token cross-entropy (the target is the input shifted by one)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+class TinyGPT(nn.Module):
+    """Pure-torch stand-in for GPT-2 when transformers is not installed: pre-LN decoder blocks,
+    an lm_head tied to the token embedding."""
+
+    def __init__(self, vocab=20, d=32, blocks=4, T=12):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(T, d)
+        layer = nn.TransformerEncoderLayer(
+            d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.h = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(T))
+
+    def forward(self, x):
+        T = x.shape[1]
+        h = self.wte(x) + self.wpe(torch.arange(T))
+        return self.lm_head(self.ln_f(self.h(h, mask=self.mask[:T, :T], is_causal=True)))
+
+
+def _has_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@case("healthy_gpt2_tied_embeddings", "transformer", check=healthy())
+def _():
+    if _has_transformers():
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=20,
+            n_positions=16,
+            n_embd=32,
+            n_layer=4,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = HFLogits(GPT2LMHeadModel(cfg))
+    else:
+        model = TinyGPT()
+    data = [(x, x) for x, _ in tokens()]
+    return Job(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, lm_loss, [])
+
+
+class TinyBert(nn.Module):
+    """Pure-torch stand-in for BERT: post-LN encoder, a tanh pooler on the first token."""
+
+    def __init__(self, vocab=20, d=32, blocks=4, classes=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(
+            d, 4, 64, dropout=0.0, batch_first=True, activation="gelu"
+        )
+        self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.pooler = nn.Linear(d, d)
+        self.pool_act = nn.Tanh()
+        self.classifier = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.encoder(self.emb(x))
+        return self.classifier(self.pool_act(self.pooler(h[:, 0])))
+
+
+@case("healthy_bert_pooler", "transformer", check=healthy())
+def _():
+    # the issue's model: default-initialised BERT, 4 small layers, a pooler on [CLS]; at init
+    # the attention queries get ~1e-4 of the pooler's gradient (attention starts uniform), the
+    # same in every block: per role the gradient is flat through depth
+    if _has_transformers():
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(
+            vocab_size=20,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = HFLogits(BertForSequenceClassification(cfg))
+    else:
+        model = TinyBert()
+    return Job(model, torch.optim.AdamW(model.parameters(), lr=1e-3), tokens(), F.cross_entropy, [])
+
+
+@case("relu_rnn_weights_overflow", "rnn", [N], [E, ST, V], at_init=False, check=non_finite)
+def _():
+    # the issue's crash: an over-unity identity recurrence trained with a large step until the
+    # weights overflow (diagnosing it once raised from an SVD of the non-finite weight)
+    model = SeqNet(nn.RNN, hidden=16, nonlinearity="relu")
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.copy_(1.5 * torch.eye(16))
+    return Job(model, _sgd(model, 10.0), sequences(T=30, target="recent"), F.mse_loss, [])
+
+
 BY_NAME = {c.name: c for c in CASES}

@@ -142,3 +142,8 @@ def finite(values) -> bool:
 def decreased(losses, k=5) -> bool:
     """The mean of the last k losses is below the mean of the first k."""
     return finite(losses) and sum(losses[-k:]) / k < sum(losses[:k]) / k
+
+
+def block_output_grad_norms(model, blocks, x, y, loss_fn):
+    """||dLoss/d(output of block)|| of each named block (the residual stream after it)."""
+    return output_grad_norms(model, blocks, x, y, loss_fn)

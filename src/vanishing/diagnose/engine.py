@@ -11,9 +11,11 @@ from typing import Any
 from vanishing.diagnose.findings import Diagnosis, Finding
 from vanishing.recorder.errors import RunError
 
-__all__ = ["diagnose_run", "model_facts", "MODEL_FACTS"]
+__all__ = ["diagnose_run", "model_facts", "MODEL_FACTS", "NO_LAYERS"]
 
 MODEL_FACTS = "<model>"  # key of the facts about the whole model (not a module name)
+#: the note of a run whose manifest lists no layers: no finding, and no verdict either
+NO_LAYERS = "the run lists no layers: nothing to judge"
 
 
 def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
@@ -38,11 +40,24 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
             f"{run.path}: the run recorded no steps, so there is nothing to diagnose; "
             "train at least one step (or use vanishing.inspect before training)"
         )
-    view = RunView(run, facts=model_facts(model) if model is not None else None)
-    findings: list[Finding] = []
     rule_notes: list[str] = []
+    facts = None
+    if model is not None:
+        try:
+            facts = model_facts(model)
+        except Exception as e:  # noqa: BLE001 - a model in any state is diagnosed from its records
+            rule_notes.append(f"facts about the model not measured ({type(e).__name__}: {e})")
+    view = RunView(run, facts=facts)
+    findings: list[Finding] = []
     for rule in RULES:
-        result = rule(view)
+        # never raise: a corrupted record or a model in an odd state costs that rule's judgement
+        # (a note says so), not the diagnosis of the others
+        try:
+            result = rule(view)
+        except Exception as e:  # noqa: BLE001
+            name = rule.__module__.rpartition(".")[2]
+            rule_notes.append(f"rule {name!r} could not judge this run ({type(e).__name__}: {e})")
+            continue
         findings.extend(result.findings)
         rule_notes.extend(result.notes)
     n = len(view.steps)
@@ -53,10 +68,34 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
         else f"{n} recorded step(s), none before the first non-finite value: only non_finite "
         "is judged"
     ]
-    label, _ = view.depth_signal
+    try:
+        label, _ = view.depth_signal
+    except Exception:  # noqa: BLE001 - see above
+        label = ""
     if label:
-        notes.append(f"gradient through depth read from the {label} (per unit)")
+        where = ""
+        if view.depth_unit == "block":
+            where = (
+                f", compared per role across the {len(view.stack_blocks)} repeated blocks "
+                f"'{view.stack_blocks[0]}' ... '{view.stack_blocks[-1]}' (heads, poolers, "
+                "embeddings and the root module placed by role, outside the profile)"
+            )
+        elif view.stack_blocks:
+            where = (
+                f"; not judged through depth: {len(view.stack_blocks)} repeated blocks are too "
+                "few to compare a role across them"
+            )
+        notes.append(f"gradient through depth read from the {label} (per unit){where}")
+    elif view.stack_blocks and len(view.stack_blocks) < 3:
+        notes.append(
+            f"not judged through depth: {len(view.stack_blocks)} repeated blocks are too few to "
+            "compare a role across them"
+        )
     notes.extend(rule_notes)
+    if not run.layer_info:
+        notes.insert(0, NO_LAYERS)
+    # parts the reader had to skip (Run.damaged): the steps they held are not judged
+    notes[:0] = [f"damaged run: {d}" for d in getattr(run, "damaged", ())]
     return Diagnosis(findings=findings, notes=notes)
 
 
@@ -84,10 +123,31 @@ def model_facts(model: Any) -> dict[str, dict[str, float]]:
     for name, module in root.named_modules():
         if isinstance(module, (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU)):
             w = getattr(module, "weight_hh_l0", None)
-            if w is not None:
+            if w is None:
+                continue
+            with torch.no_grad():
+                w = w.detach().double()
+                if not bool(torch.isfinite(w).all()):
+                    # an SVD of NaN/inf does not converge; non_finite reports the weight itself
+                    out[name] = {"recurrent_weight_nonfinite": 1.0}
+                    continue
+                try:
+                    sigma = float(torch.linalg.matrix_norm(w, ord=2))
+                except RuntimeError:  # e.g. overflow inside the SVD of a huge weight
+                    continue
+            out[name] = {"sigma_max_recurrent": round(sigma, 12)}
+            if isinstance(module, torch.nn.LSTM):
+                # the forget gate's bias (PyTorch's gate order: input, forget, cell, output), so
+                # that a model that sets it is not advised to
+                h = module.hidden_size
                 with torch.no_grad():
-                    sigma = torch.linalg.matrix_norm(w.detach().double(), ord=2)
-                out[name] = {"sigma_max_recurrent": round(float(sigma), 12)}
+                    b = sum(
+                        getattr(module, f"{k}_l0")[h : 2 * h].detach().double()
+                        for k in ("bias_ih", "bias_hh")
+                        if getattr(module, f"{k}_l0", None) is not None
+                    )
+                if isinstance(b, torch.Tensor) and bool(torch.isfinite(b).all()):
+                    out[name]["forget_gate_bias"] = round(float(b.mean()), 12)
     skip = skip_connections(root)
     if skip is not None:
         out[MODEL_FACTS] = {"skip_connections": float(skip)}

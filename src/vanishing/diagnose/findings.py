@@ -36,6 +36,9 @@ REMEDIES = (
     "layerwise_pretraining",
     "input_scaling",
     "forget_gate_bias",
+    "pre_layer_norm",
+    "learning_rate_warmup",
+    "zero_init_residual",
 )
 SEVERITIES = ("warning", "critical")
 
@@ -91,6 +94,12 @@ class Finding:
             str(k): {s: float(v) for s, v in row.items()} for k, row in self.per_layer.items()
         }
 
+    def _repr_html_(self) -> str:
+        """Rich display in Jupyter (see :func:`vanishing.report.notebook.finding_html`)."""
+        from vanishing.report.notebook import finding_html
+
+        return finding_html(self)
+
 
 @dataclass
 class Diagnosis:
@@ -140,6 +149,13 @@ class Diagnosis:
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """Rich display in Jupyter: the verdict, each finding and, when the diagnosis has a run,
+        its depth profile (see :func:`vanishing.report.notebook.diagnosis_html`)."""
+        from vanishing.report.notebook import diagnosis_html
+
+        return diagnosis_html(self)
 
 
 def _jsonable(value: Any) -> Any:

@@ -10,7 +10,17 @@ import numpy as np
 import pandas as pd
 
 from vanishing import activations
-from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, is_normalization
+from vanishing.recorder.semantics import (
+    first_nonfinite_step,
+    hidden_layers,
+    is_embedding,
+    is_normalization,
+    layer_placement,
+    repeated_blocks,
+)
+
+#: a stack of repeated blocks is judged through depth per role across blocks from this many on
+MIN_BLOCKS = 3
 
 
 class RunView:
@@ -48,14 +58,137 @@ class RunView:
         """Layers whose gradient profile tells depth: the hidden layers (see
         :func:`vanishing.recorder.semantics.hidden_layers`) that are not recurrent; a recurrent
         layer's gradient is judged through time instead (:meth:`time_profiles`)."""
-        return [n for n in hidden_layers(self.layers) if not self.by_name[n].get("recurrent")]
+        return [
+            n
+            for n in hidden_layers(self.layers)
+            if not self.by_name[n].get("recurrent") and self.placement.get(n) != "root"
+        ]
+
+    @cached_property
+    def placement(self) -> dict[str, str]:
+        """Each layer's place by role (:func:`vanishing.recorder.semantics.layer_placement`)."""
+        return layer_placement(self.layers)
+
+    @cached_property
+    def stack(self) -> dict[str, tuple[str, int, str]]:
+        """The main stack of repeated blocks: per module in it, (block, block index, role)."""
+        blocks = repeated_blocks([x["name"] for x in self.layers])
+        main = {b[0] for n, b in blocks.items() if self.placement.get(n) == "block"}
+        return {n: b for n, b in blocks.items() if b[0] in main}
+
+    @cached_property
+    def stack_blocks(self) -> list[str]:
+        """The main stack's blocks (module names), in block order."""
+        seen = {b: i for b, i, _ in self.stack.values()}
+        return sorted(seen, key=seen.get)
+
+    @property
+    def depth_unit(self) -> str:
+        """``"block"`` when depth is judged per role across the blocks of a stack (at least
+        MIN_BLOCKS of them), else ``"layer"`` (a chain of hidden layers)."""
+        return "block" if len(self.stack_blocks) >= MIN_BLOCKS else "layer"
+
+    def members(self, layers: list[str]) -> list[str]:
+        """Hidden-like layers (own parameters; not norms, embeddings or recurrent) of the given
+        blocks; layers that are not blocks are themselves."""
+        blocks = set(layers) & set(self.stack_blocks)
+        if not blocks:
+            return list(layers)
+        out = []
+        for x in self.layers:
+            b = self.stack.get(x["name"])
+            if b and b[0] in blocks and self._hidden_like(x):
+                out.append(x["name"])
+        return out
+
+    @staticmethod
+    def _hidden_like(x: dict) -> bool:
+        return (
+            x.get("role") == "layer"
+            and (x.get("num_params") or 0) > 0
+            and not is_normalization(x.get("type", ""))
+            and not is_embedding(x.get("type", ""))
+            and not x.get("recurrent")
+        )
+
+    @cached_property
+    def block_norms(self) -> tuple[bool, bool]:
+        """(the stack's blocks have a normalization layer, the block ends with one: post-LN,
+        where the sum ``x + f(x)`` is normalised, unlike pre-LN's ``x + f(norm(x))``)."""
+        if not self.stack_blocks:
+            return False, False
+        first = self.stack_blocks[0]
+        inside = [
+            x
+            for x in self.layers
+            if self.stack.get(x["name"], ("",))[0] == first and x.get("role") == "layer"
+        ]
+        norms = [is_normalization(x.get("type", "")) for x in inside]
+        return any(norms), bool(norms) and norms[-1] and not norms[0]
+
+    @property
+    def residual_model(self) -> bool | None:
+        """Whether the model has skip connections: measured on the model when it is at hand;
+        else a stack of blocks with attention or normalization inside (a transformer, a
+        ResNet: residual by construction); else unknown (None)."""
+        if self.skip_connections is not None:
+            return self.skip_connections
+        if self.stack_blocks and (
+            self.block_norms[0]
+            or any("Attention" in self.by_name[n].get("type", "") for n in self.stack)
+        ):
+            return True
+        return None
+
+    def by_block(self, table: pd.DataFrame) -> pd.DataFrame:
+        """A step x layer table as step x block of the main stack: per step, the median over
+        roles (modules of the same name in every block) of each role's value relative to its
+        value in the first block. So block 0's attention query is compared with block 3's
+        query, not with a pooler or an FFN; an empty table when no role is in every block."""
+        index = {b: i for i, b in enumerate(self.stack_blocks)}
+        roles: dict[str, dict[int, str]] = {}
+        for c in table.columns:
+            b = self.stack.get(c)
+            if b is not None:
+                roles.setdefault(b[2], {})[index[b[0]]] = c
+        keep = [r for r, m in roles.items() if len(m) == len(index)]
+        if not keep:
+            return pd.DataFrame()
+        logs = []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for r in keep:
+                v = table[[roles[r][i] for i in range(len(index))]].to_numpy(dtype=float)
+                v = np.where(np.isfinite(v) & (v > 0), v, np.nan)
+                lg = np.log10(v)
+                logs.append(lg - lg[:, :1])
+            stacked = np.stack(logs)
+            ok = np.isfinite(stacked).any(axis=0)
+            prof = np.full(stacked.shape[1:], np.nan)
+            if ok.any():
+                prof[ok] = np.nanmedian(stacked[:, ok], axis=0)
+            values = 10**prof
+        out = pd.DataFrame(values, index=table.index, columns=list(self.stack_blocks))
+        out.attrs["roles"] = len(keep)
+        return out
 
     def profile(self, stat: str, param: str | None = None) -> pd.DataFrame:
-        """step x hidden layer table of ``stat`` over the window (NaN where missing)."""
+        """step x hidden layer table of ``stat`` over the window (NaN where missing); the
+        layers of the main stack (``depth_unit == "block"``) in place of the hidden layers."""
         df = self.recent(self.metrics)
         rows = df[df["param"] == (param or "")]
+        if rows.empty:
+            return pd.DataFrame()
         table = rows.pivot_table(index="step", columns="layer", values=stat, aggfunc="mean")
-        cols = [c for c in self.hidden if c in table.columns]
+        if self.depth_unit == "block":
+            names = [x["name"] for x in self.layers if x["name"] in self.stack]
+            names = [n for n in names if self._hidden_like(self.by_name[n])]
+        elif self.stack_blocks:
+            # two blocks: too few to compare a role through depth, and the chain of their
+            # sublayers would mix roles (an attention query against a pooler)
+            return pd.DataFrame()
+        else:
+            names = self.hidden
+        cols = [c for c in names if c in table.columns]
         return table[cols] if cols else pd.DataFrame()
 
     @cached_property
@@ -76,7 +209,12 @@ class RunView:
             if not table.empty and table.notna().any().sum() >= 3:
                 table = table.dropna(axis=1, how="all")
                 units = [self.units(c, param or "bias") for c in table.columns]
-                out.append((label, table / np.sqrt(np.asarray(units, dtype=float))))
+                table = table / np.sqrt(np.asarray(units, dtype=float))
+                if self.depth_unit == "block":
+                    table = self.by_block(table)
+                    if table.empty or table.notna().any().sum() < MIN_BLOCKS:
+                        continue
+                out.append((label, table))
         return out
 
     @property
@@ -135,11 +273,16 @@ class RunView:
         t = self.recent(self.temporal)
         for layer, rows in t.groupby("layer", sort=False):
             prof = rows.groupby("t")["grad_norm"].median().sort_index()
-            if len(prof) < 3 or not (prof.iloc[-1] > 0):
+            if len(prof) < 3 or not (prof.iloc[-1] > 0) or not np.isfinite(prof.iloc[-1]):
                 continue
-            ratio = float(prof.iloc[0] / prof.iloc[-1])
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                ratio = float(prof.iloc[0] / prof.iloc[-1])
+            if math.isnan(ratio) or prof.iloc[0] < 0:
+                continue
             cell = self.by_name.get(layer, {}).get("type", "")
-            out.append((layer, ratio, int(rows["length"].max()), cell))
+            length = rows["length"].max() if "length" in rows else float("nan")
+            T = int(length) if np.isfinite(length) and length >= len(prof) else len(prof)
+            out.append((layer, ratio, T, cell))
         return out
 
     def time_trend(self, layer: str) -> float:

@@ -6,6 +6,9 @@ reproductions and the diagnosis all call these, so that a number shown in two pl
 same number:
 
 - :func:`hidden_layers`: which layers are hidden layers;
+- :func:`repeated_blocks`, :func:`layer_placement`: the repeated blocks of a model (a
+  transformer's layers, a ResNet's blocks) and where every layer sits by role (embedding, root,
+  stem, block, head, ...), so that depth compares like with like;
 - :data:`NORMALIZATION_TYPES`, :func:`is_normalization`, :func:`is_embedding`: the module
   types that are not part of the gradient's path through depth;
 - :func:`speed_source`: where a hidden layer's speed of learning is read;
@@ -26,6 +29,9 @@ __all__ = [
     "is_normalization",
     "is_embedding",
     "hidden_layers",
+    "tied_owners",
+    "repeated_blocks",
+    "layer_placement",
     "speed_source",
     "first_last_ratio",
     "nonfinite_steps",
@@ -86,15 +92,150 @@ def hidden_layers(layer_info: Sequence[Mapping[str, Any]]) -> list[str]:
         >>> hidden_layers(info)
         ['0', '2']
     """
+    tied = tied_owners(layer_info)
     names = [
         str(layer["name"])
         for layer in layer_info
         if layer.get("role") == "layer"
-        and (layer.get("num_params") or 0) > 0
+        and ((layer.get("num_params") or 0) > 0 or str(layer["name"]) in tied)
         and not is_normalization(layer.get("type", ""))
         and not is_embedding(layer.get("type", ""))
     ]
-    return names[:-1]
+    # a layer whose parameters are all tied to an earlier one (GPT-2's lm_head sharing the token
+    # embedding) records nothing of its own, yet it is where it is: the output layer
+    return [n for n in names[:-1] if n not in tied]
+
+
+def tied_owners(layer_info: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Modules that own a parameter recorded under another module (tied weights), whose own
+    manifest row therefore lists no parameters.
+
+    Example:
+        >>> from vanishing.recorder.semantics import tied_owners
+        >>> info = [{"name": "wte", "params": [{"name": "weight", "shared_with": ["lm_head.weight"]}]},
+        ...         {"name": "lm_head", "params": []}]
+        >>> tied_owners(info)
+        {'lm_head'}
+    """
+    out = set()
+    for layer in layer_info:
+        for p in layer.get("params", []) or []:
+            for other in p.get("shared_with", []) or []:
+                owner = str(other).rpartition(".")[0]
+                if owner != str(layer.get("name")):
+                    out.add(owner)
+    return out
+
+
+def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
+    """The repeated structure of a model, from its module names: per module inside a numbered
+    block, ``(block, block index, role)``. A block is a numbered child of one container
+    (``encoder.layer.3``) with modules inside it; its role is the name with the block index
+    replaced (``encoder.layer.*.attention.self.query``), so block 0's query is compared with
+    block 3's query, not with block 0's FFN. The outermost number counts (in
+    ``block.2.layer.0.q`` the block is ``block.2``); a plain ``nn.Sequential`` of layers
+    (``0``, ``2``, ...) has no blocks. A container needs at least two blocks.
+
+    Example:
+        >>> from vanishing.recorder.semantics import repeated_blocks
+        >>> names = ["emb", "enc.0.attn", "enc.0.ffn", "enc.1.attn", "enc.1.ffn", "head"]
+        >>> repeated_blocks(names)["enc.1.ffn"]
+        ('enc.1', 1, 'enc.*.ffn')
+        >>> repeated_blocks(["0", "2", "4"])
+        {}
+    """
+    groups: dict[str, dict[int, list[tuple[str, str]]]] = {}
+    for name in names:
+        parts = str(name).split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                prefix = ".".join(parts[:i])
+                rest = ".".join(parts[i + 1 :])
+                groups.setdefault(prefix, {}).setdefault(int(part), []).append((name, rest))
+                break
+    out: dict[str, tuple[str, int, str]] = {}
+    for prefix, blocks in groups.items():
+        nested = any(rest for members in blocks.values() for _, rest in members)
+        if len(blocks) < 2 or not nested:
+            continue
+        # a numbered sibling with nothing in common with the others (a Sequential's final
+        # Linear after its numbered blocks) is not one of the blocks
+        count: dict[str, int] = {}
+        for members in blocks.values():
+            for rest in {r for _, r in members}:
+                count[rest] = count.get(rest, 0) + 1
+        blocks = {i: m for i, m in blocks.items() if any(count[r] >= 2 for _, r in m)}
+        if len(blocks) < 2:
+            continue
+        for index, members in blocks.items():
+            block = f"{prefix}.{index}" if prefix else str(index)
+            for name, rest in members:
+                role = ".".join(x for x in (prefix, "*", rest) if x)
+                out[name] = (block, index, role)
+    return out
+
+
+def layer_placement(layer_info: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Where each layer of a run sits, by role: ``root`` (parameters of the model itself, e.g.
+    a positional table), ``embedding``, ``normalization``, ``activation``, ``recurrent``,
+    ``tied`` (its parameters are recorded under another module), ``block`` (inside the model's
+    main stack of repeated blocks: see :func:`repeated_blocks`; the stack with the most
+    blocks), ``stem`` (before that stack), ``head`` (after it: poolers, classifiers, the output
+    layer; without a stack, the output layer) and ``layer`` (a plain hidden layer of a chain).
+
+    Example:
+        >>> from vanishing.recorder.semantics import layer_placement
+        >>> info = [{"name": n, "role": "layer", "num_params": 4, "type": t}
+        ...         for n, t in [("emb", "Embedding"), ("enc.0.fc", "Linear"), ("enc.0.ln", "LayerNorm"),
+        ...                      ("enc.1.fc", "Linear"), ("enc.1.ln", "LayerNorm"),
+        ...                      ("pooler", "Linear"), ("head", "Linear")]]
+        >>> sorted(set(layer_placement(info).items()))[:4]
+        [('emb', 'embedding'), ('enc.0.fc', 'block'), ('enc.0.ln', 'normalization'), ('enc.1.fc', 'block')]
+        >>> layer_placement(info)["pooler"], layer_placement(info)["head"]
+        ('head', 'head')
+    """
+    names = [str(x["name"]) for x in layer_info]
+    blocks = repeated_blocks(names)
+    stacks: dict[str, set[int]] = {}
+    for _block, index, role in blocks.values():
+        stacks.setdefault(role.split("*")[0], set()).add(index)
+    main = max(stacks, key=lambda k: len(stacks[k])) if stacks else None
+    in_main = {n for n, (_b, _i, role) in blocks.items() if role.split("*")[0] == main}
+    tied = tied_owners(layer_info)
+    first = next((i for i, n in enumerate(names) if n in in_main), None)
+    last = max((i for i, n in enumerate(names) if n in in_main), default=None)
+    out: dict[str, str] = {}
+    chain = []
+    for i, layer in enumerate(layer_info):
+        name, kind = names[i], str(layer.get("type", ""))
+        if name == "":
+            out[name] = "root"
+        elif layer.get("role") == "activation":
+            out[name] = "block" if name in in_main else "activation"
+        elif is_embedding(kind):
+            out[name] = "embedding"
+        elif is_normalization(kind):
+            out[name] = "normalization"
+        elif layer.get("recurrent"):
+            out[name] = "recurrent"
+        elif name in tied:
+            out[name] = "tied"
+        elif name in in_main:
+            out[name] = "block"
+        elif first is not None and i < first:
+            out[name] = "stem"
+        elif last is not None and i > last:
+            out[name] = "head"
+        else:
+            out[name] = "layer"
+            chain.append(name)
+    if main is None and chain:
+        out[chain[-1]] = "head"
+    if main is None and tied & set(names):  # a tied output layer is the chain's last
+        last_tied = max(names.index(n) for n in tied & set(names))
+        if chain and names.index(chain[-1]) < last_tied:
+            out[chain[-1]] = "layer"
+    return out
 
 
 def _speed_param(params: Sequence[str]) -> str | None:

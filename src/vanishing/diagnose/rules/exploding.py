@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
+
 from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import RunView, depth_trend, gain_target
@@ -23,6 +25,16 @@ MIN_FIRST_TO_LAST_TIME = 10.0
 #: gates keep (a trained cell may rightly weigh the first steps more), so only gross growth counts
 MIN_FIRST_TO_LAST_TIME_GATED = 1e3
 MAX_UPDATE_RATIO = 1.0  # an update as large as the weight it changes
+#: in a stack of repeated blocks (a residual stream), the growth per block on the fitted line
+#: that makes an explosion: each block adds its branch's gradient, so a pre-LN stack grows
+#: toward its input too, but boundedly (16 blocks: 10x in all, ~1.17x per block), while an
+#: unnormalised residual MLP compounds at ~1.7x per block
+MIN_GROWTH_PER_BLOCK = 1.25
+#: a stack whose blocks normalise (pre-LN: each branch's input; post-LN: each sum) cannot
+#: compound its forward signal, so its gradient's growth toward the input is the branches'
+#: contributions adding up: trained pre-/post-LN encoders of 6-10 blocks read 10-20x per role
+#: while their stream's gradient stays within 10x. Only growth beyond this is an explosion there.
+MIN_FIRST_TO_LAST_NORMALIZED_STACK = 100.0
 
 
 def check(view: RunView) -> RuleResult:
@@ -35,10 +47,21 @@ def _through_depth(view: RunView) -> list[Finding]:
     grows_back = False
     evidence: dict[str, float] = {}
     layers: list[str] = []
+    blocks = view.depth_unit == "block"
+    # along a residual stream each block adds its branch's gradient, so growth toward the input
+    # is expected; it is an explosion when it compounds block after block
+    rate = math.log10(MIN_GROWTH_PER_BLOCK) if blocks else -math.inf
+    normalized_stack = blocks and view.block_norms[0]
     if not table.empty and table.shape[1] >= 3:
         trend = depth_trend(table)
-        lim = math.log10(MIN_FIRST_TO_LAST)
-        if trend["span"] <= -lim and trend["fitted_span"] <= -math.log10(MIN_FITTED_FIRST_TO_LAST):
+        lim = math.log10(
+            MIN_FIRST_TO_LAST_NORMALIZED_STACK if normalized_stack else MIN_FIRST_TO_LAST
+        )
+        if (
+            trend["span"] <= -lim
+            and trend["fitted_span"] <= -math.log10(MIN_FITTED_FIRST_TO_LAST)
+            and -trend["slope"] >= rate
+        ):
             grows_back = True
             layers = list(table.columns)
             evidence.update(
@@ -53,6 +76,10 @@ def _through_depth(view: RunView) -> list[Finding]:
         order = [n["name"] for n in view.layers]
         std = arows.pivot_table(index="step", columns="layer", values="act_std", aggfunc="mean")
         std = std[[c for c in order if c in std.columns]]
+        if blocks:  # per role across blocks (an FFN's GELU against the FFN's GELU)
+            std = view.by_block(std)
+        elif view.stack_blocks:
+            std = pd.DataFrame()
         if std.shape[1] >= 3:
             trend_f = depth_trend(std)
             lim = math.log10(MIN_FIRST_TO_LAST)
@@ -63,26 +90,63 @@ def _through_depth(view: RunView) -> list[Finding]:
                 and trend_f["slope"] >= per_layer
             ):
                 forward_growth = True
-                layers = layers or [n for n in view.hidden] or list(std.columns)
+                layers = (
+                    layers or (list(std.columns) if blocks else view.hidden) or list(std.columns)
+                )
                 evidence.update(
                     activation_growth_per_layer=10 ** trend_f["slope"],
                     last_to_first_activation_std=10 ** trend_f["span"],
                 )
     if not (grows_back or forward_growth):
         return []
-    hidden = [n for n in layers if n in view.by_name and view.by_name[n]["role"] == "layer"]
+    members = view.members(layers)
+    hidden = [n for n in members if n in view.by_name and view.by_name[n]["role"] == "layer"]
     cause, causes, factors = attribute(view, hidden or view.hidden, growing=True)
     evidence.update(causes)
     gain = causes["weight_gain"]
-    dominant = view.dominant_activation(view.hidden)
+    dominant = view.dominant_activation(hidden or view.hidden)
     target, init_name = gain_target(dominant)
+    unit = "block" if blocks else "layer"
     what = (
-        f"the {label} grows {evidence['growth_per_layer']:.1f}x per layer back through depth"
+        f"the {label} grows {evidence['growth_per_layer']:.1f}x per {unit} back through depth"
         if grows_back
-        else f"activations grow {evidence['activation_growth_per_layer']:.1f}x per layer forward "
-        f"({evidence['last_to_first_activation_std']:.1e}x in all), and the gradient with them"
+        else f"activations grow {evidence['activation_growth_per_layer']:.1f}x per {unit} "
+        f"forward ({evidence['last_to_first_activation_std']:.1e}x in all), and the gradient "
+        "with them"
     )
     remedies = []
+    has_norm, post_ln = view.block_norms
+    if blocks:
+        evidence["blocks"] = len(view.stack_blocks)
+        evidence["normalization_in_blocks"] = float(has_norm)
+        cause += (
+            f"; compounding across {len(view.stack_blocks)} repeated blocks (compared per role: "
+            "each block's layers against the same layers of the other blocks)"
+        )
+        if not has_norm:
+            remedies.append(
+                Remedy(
+                    "zero_init_residual",
+                    f"{what}: each block's branch adds a signal as large as the stream's, so the "
+                    "scale compounds block after block; zero-initialising each branch's last "
+                    "layer (Fixup, ReZero) starts every block at the identity",
+                )
+            )
+        elif post_ln:
+            remedies.append(
+                Remedy(
+                    "learning_rate_warmup",
+                    f"{what} in a post-LN stack; a warm-up keeps the first updates small while "
+                    "the gradient is largest",
+                )
+            )
+            remedies.append(
+                Remedy(
+                    "pre_layer_norm",
+                    "normalising each branch's input (pre-LN) instead of the sum keeps the "
+                    "stream's gradient bounded with depth",
+                )
+            )
     if math.isfinite(gain) and gain > 1.25 * target:
         remedies.append(
             Remedy(
@@ -94,8 +158,15 @@ def _through_depth(view: RunView) -> list[Finding]:
         )
     remedies += [
         Remedy("gradient_clipping", f"{what}; clipping the gradient norm bounds each update"),
-        Remedy(
-            "batch_norm", "normalising each layer's input stops the scale compounding with depth"
+        *(
+            []
+            if blocks and view.normalization_layers
+            else [
+                Remedy(
+                    "layer_norm" if blocks else "batch_norm",
+                    "normalising each layer's input stops the scale compounding with depth",
+                )
+            ]
         ),
         Remedy(
             "lower_learning_rate",
@@ -187,6 +258,17 @@ def _huge_updates(view: RunView) -> list[Finding]:
                 ),
                 Remedy(
                     "gradient_clipping", "clipping bounds the update whatever the gradient does"
+                ),
+                *(
+                    [
+                        Remedy(
+                            "learning_rate_warmup",
+                            "a post-LN stack's first updates are its largest; a warm-up "
+                            "starts the learning rate small while the optimizer's statistics settle",
+                        )
+                    ]
+                    if view.block_norms[1]
+                    else []
                 ),
             ],
         )

@@ -106,7 +106,16 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
                 f"{rel_grad:.1e} of their gradient reaches it; a careful init keeps its scale",
             ),
             Remedy("batch_norm", "normalisation keeps every layer's gradient on one scale"),
-            Remedy("residual", "skip connections deliver gradient straight to the stalled layers"),
+            *(
+                []
+                if view.residual_model
+                else [
+                    Remedy(
+                        "residual",
+                        "skip connections deliver gradient straight to the stalled layers",
+                    )
+                ]
+            ),
             Remedy("layerwise_pretraining", "pretrain the stalled early layers greedily"),
         ]
     return [

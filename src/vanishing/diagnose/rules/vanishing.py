@@ -48,24 +48,53 @@ def _through_depth(view: RunView) -> list[Finding]:
         return []
     label, table, trend, ratio, fitted = chosen
     layers = list(table.columns)
+    blocks = view.depth_unit == "block"
+    members = view.members(layers)
     per_layer = 10 ** trend["slope"]
-    cause, causes, factors = attribute(view, layers, growing=False)
+    cause, causes, factors = attribute(view, members, growing=False)
     evidence = {
         "first_to_last_ratio": ratio,
         "fitted_first_to_last_ratio": fitted,
         "shrink_per_layer": per_layer,
-        "hidden_layers": len(layers),
+        "hidden_layers": len(members),
         **causes,
     }
-    remedies = _depth_remedies(view, layers, per_layer, ratio, evidence, label)
+    if blocks:
+        evidence["blocks"] = len(layers)
+        evidence["roles_compared"] = float(table.attrs.get("roles", 0))
+        cause += (
+            f"; the same layers of each of {len(layers)} repeated blocks compared (median over "
+            "roles of each block's gradient relative to the first block's)"
+        )
+    remedies = _depth_remedies(view, members, per_layer, ratio, evidence, label)
+    if blocks and view.block_norms[1]:
+        remedies = unique(
+            [
+                Remedy(
+                    "pre_layer_norm",
+                    f"'{layers[0]}' gets {ratio:.1e} of the {label} of '{layers[-1]}': each "
+                    "post-LN block normalises the sum x + f(x), dividing the stream's gradient "
+                    "again and again; normalising the branch input instead (pre-LN) leaves the "
+                    "identity path untouched",
+                ),
+                Remedy(
+                    "learning_rate_warmup",
+                    "post-LN stacks whose gradient compounds at init train only with a "
+                    "learning-rate warm-up",
+                ),
+            ]
+            + remedies
+        )
+    unit = "block" if blocks else "layer"
+    what = f"{len(layers)} blocks" if blocks else f"{len(layers)} hidden layers"
     return [
         Finding(
             kind="vanishing_gradient",
             layers=layers,
             severity="critical" if ratio <= 1e-4 else "warning",
             message=(
-                f"the {label} shrinks {per_layer:.1f}x per layer back through {len(layers)} hidden "
-                f"layers: '{layers[0]}' gets {ratio:.1e} of the gradient of '{layers[-1]}'"
+                f"the {label} shrinks {per_layer:.1f}x per {unit} back through {what}: "
+                f"'{layers[0]}' gets {ratio:.1e} of the gradient of '{layers[-1]}'"
             ),
             evidence=evidence,
             remedies=remedies,
@@ -154,7 +183,7 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 "layer)",
             )
         )
-    if view.skip_connections is not True:  # a model that has them gets no such advice
+    if view.residual_model is not True:  # a model that has them gets no such advice
         remedies.append(
             Remedy(
                 "residual",
@@ -200,11 +229,16 @@ def _through_time(view: RunView, notes: list[str]) -> list[Finding]:
             continue
         per_step = ratio ** (1 / max(T - 1, 1)) if ratio > 0 else 0.0
         if cell in GATED:
+            forget = view.facts.get(layer, {}).get("forget_gate_bias", float("nan"))
+            advice = (
+                f"its forget-gate bias is already {forget:.2g}"
+                if math.isfinite(forget) and forget >= 0.5
+                else "if the target needs the start of the sequence: forget_gate_bias"
+            )
             notes.append(
                 f"{layer} ({cell}): the gradient reaching t=0 is {ratio:.1e} of that at "
                 f"t={T - 1} ({per_step:.2f}x per step); gated cells learn to keep or forget "
-                "through their gates, so this is not judged a problem (if the target needs "
-                "the start of the sequence: forget_gate_bias)"
+                f"through their gates, so this is not judged a problem ({advice})"
             )
             continue
         cause, scale = time_cause(view, layer, cell, per_step)
