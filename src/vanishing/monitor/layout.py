@@ -214,11 +214,14 @@ def _parametrized_owners(root: nn.Module) -> set[str]:
 
 
 def entry_modules(root: nn.Module) -> list[nn.Module]:
-    """The modules a forward pass enters through: the root and its children (a training step
-    may call a submodule, ``self.net(x)``, rather than the root: Lightning modules often do);
+    """The modules a forward pass enters through: the root and, for a model class of one's own,
+    its children (a training step may call a submodule, ``self.net(x)``, rather than the root:
+    Lightning modules often do; a hook on each costs little, unlike on all 40 of a Sequential's);
     for a container without a forward of its own (``nn.ModuleDict``, ``nn.ModuleList``) its
     children's entries, recursively."""
     if type(root).forward is not nn.Module.forward:
+        if type(root).__module__.startswith("torch.nn."):
+            return [root]  # torch's own modules (nn.Sequential, ...) are called as a whole
         return [root, *root.children()]
     entries: list[nn.Module] = []
     for child in root.children():
