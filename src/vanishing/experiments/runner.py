@@ -189,6 +189,10 @@ def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Pro
         "every": mc.every,
         "flush_every": mc.flush_every,
     }
+    if mc.sinks:
+        from vanishing.sinks import by_name
+
+        watch["sinks"] = [by_name(name, run_dir) for name in mc.sinks]
     log = train_loop(
         model,
         batches,
