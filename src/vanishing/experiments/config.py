@@ -197,6 +197,9 @@ class MonitorConfig(BaseModel):
     stats: Stats = "all"
     every: int | str = 1
     flush_every: int = Field(50, ge=1, le=MAX_FLUSH_EVERY)
+    #: destinations besides the run directory, by name (vanishing.sinks.by_name): a
+    #: TensorBoard log under the run directory, the active/new MLflow run, a W&B run
+    sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = []
 
     @field_validator("every", mode="plain")
     @classmethod
