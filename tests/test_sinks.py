@@ -272,10 +272,16 @@ def read_wandb_history(path):
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
+    import wandb
+
+    # wandb keeps its settings (WANDB_DIR among them) in a process-wide singleton made by the
+    # first wandb call: tear it down so that this test's directory is the one used
+    wandb.teardown()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path
+    yield tmp_path
+    wandb.teardown()
 
 
 def test_wandb_history_matches_the_run_directory(tmp_path, wandb_offline):
