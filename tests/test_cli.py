@@ -62,3 +62,56 @@ def test_version_and_quick_demo(tmp_path):
     summaries = [json.loads(p.read_text()) for p in sorted(demo_dir.glob("*/summary.json"))]
     assert len(summaries) == 8 and all(0 <= s["test_metric"] <= 1 for s in summaries)
     assert summaries[0]["label"].startswith("sigmoid, N(0,1)") and "vanishing_gradient" in page
+
+
+def test_dash_h_is_help_for_every_command():
+    from vanishing.cli.app import COMMAND_MODULES
+
+    for args in ((), *((name,) for name in COMMAND_MODULES)):
+        short, long = _cli(*args, "-h"), _cli(*args, "--help")
+        assert short.returncode == 0 and short.stdout == long.stdout, (args, short.stderr)
+        assert "Usage:" in short.stdout
+
+
+def test_a_bad_set_is_named_as_the_set_not_the_config_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\ndepth = 3\n")
+    r = _cli("run", cfg, "--out", tmp_path / "r", "--set", "model.depth=abc")
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == "error: --set 'model.depth=abc': model.depth: expected an integer, got 'abc'"
+    )
+    r = _cli("run", cfg, "--out", tmp_path / "r", "--set", "depth=5")
+    assert r.returncode == 2 and "did you mean model.depth?" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    cfg.write_text("[model]\ndepth = 'deep'\n")  # an error in the file still names the file
+    r = _cli("run", cfg, "--out", tmp_path / "r", "--set", "model.width=8")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {cfg}: model.depth:")
+
+
+def test_diagnose_prints_each_finding_once_within_80_columns(tmp_path):
+    import os
+
+    _record(tmp_path / "deep", 10)
+    r = subprocess.run(
+        [sys.executable, "-m", "vanishing", "diagnose", str(tmp_path / "deep")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    assert r.returncode == 1, r.stderr
+    assert max(map(len, r.stdout.splitlines())) <= 80, r.stdout
+    diag = vanishing.load_run(tmp_path / "deep").diagnose()
+    verdict = r.stdout.split("\n\n")[0]
+    assert verdict.startswith("Vanishing gradient") and "best remedy" in verdict  # first
+    for f in diag.findings:  # each finding once
+        assert r.stdout.count(f"] {f.kind}:") == 1, r.stdout
+
+
+def test_diagnose_on_a_directory_of_runs_names_them(tmp_path):
+    _record(tmp_path / "runs" / "a", 2)
+    _record(tmp_path / "runs" / "b", 2)
+    r = _cli("diagnose", tmp_path / "runs")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "directory of runs" in r.stderr and "a, b" in r.stderr, r.stderr

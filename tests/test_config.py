@@ -121,7 +121,7 @@ def test_defaults_match_the_documented_format():
         "eval_every": 50,
         "device": "cpu",
     }
-    assert d["monitor"] == {"stats": "all", "every": 1, "flush_every": 50}
+    assert d["monitor"] == {"stats": "all", "every": 1, "flush_every": 50, "sinks": []}
 
 
 def test_every_field_is_documented():
@@ -266,6 +266,10 @@ def test_overrides_parse_values_as_toml():
         apply_overrides({}, ["model.depth"])
     with pytest.raises(ConfigError, match="unknown section"):
         apply_overrides({}, ["modle.depth=3"])
+    with pytest.raises(ConfigError, match=r"unknown field depth \(did you mean model\.depth\?\)"):
+        apply_overrides({}, ["depth=5"])
+    with pytest.raises(ConfigError, match=r"did you mean train\.lr\?"):
+        apply_overrides({}, ["train.rl=0.1"])
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -439,7 +439,9 @@ def test_a_step_that_calls_a_submodule_of_the_watched_model_is_recorded(run_dir)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"foreach": True}, {"fused": True}, {"foreach": False}], ids=["foreach", "fused", "loop"]
+    "kwargs",
+    [{"foreach": True}, {"fused": True}, {"foreach": False}],
+    ids=["foreach", "fused", "loop"],
 )
 def test_foreach_and_fused_optimizers_record_the_true_gradients_and_updates(run_dir, kwargs):
     torch.manual_seed(0)

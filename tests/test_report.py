@@ -1,5 +1,6 @@
 """Reports: bounded reading, plots that show the recorded numbers, the HTML page, the CLI."""
 
+import html
 import importlib.util
 import json
 import re
@@ -479,7 +480,7 @@ def test_run_report(run_dir):
         for r in f.remedies:
             assert f"<b>{r.name}</b>" in text
     assert "deep-sigmoid" in text  # config name
-    assert "<th>test (eval at step 29)</th><td>loss 1.1, accuracy 0.35</td>" in text
+    assert "<th>test (eval at step 29)</th><td>loss 1.1, accuracy 35.0%</td>" in text
     assert "&quot;lr&quot;: 0.5" in text  # config.json, escaped
     for name in RunData(run_dir).layers:  # the layer table lists every module
         assert f"<td><code>{name}</code></td>" in text
@@ -603,3 +604,55 @@ def test_a_damaged_part_is_skipped_with_a_warning_like_load_run(tmp_path):
     with pytest.warns(RuntimeWarning, match="unreadable"):
         page = write_report(d)
     assert "<img" in page.read_text()
+
+
+def _verdict(text):
+    m = re.search(r'<p class="verdict (\w+)"><b>Verdict</b>: (.*?)</p>', text)
+    assert m, "no verdict"
+    assert text.index('class="verdict') < text.index("<h2>")  # the page opens with it
+    return m.group(1), html.unescape(m.group(2))
+
+
+def test_every_page_opens_with_a_one_sentence_verdict(run_dir, tmp_path):
+    from vanishing.report.html import render_compare
+
+    diag = vanishing.load_run(run_dir).diagnose()
+    f = diag.findings[0]
+    cls, sentence = _verdict(write_report(run_dir, tmp_path / "run.html").read_text())
+    assert cls == f.severity and sentence.endswith(".") and sentence.count(". ") == 0
+    assert f.kind.replace("_", " ") in sentence.lower() and f.severity in sentence
+    assert f"'{f.layers[0]}'" in sentence and f"best remedy: {f.remedies[0].name}" in sentence
+    healthy = _record(tmp_path / "healthy", steps=6, depth=1, act=nn.ReLU)
+    assert vanishing.load_run(healthy).diagnose().healthy
+    assert _verdict(write_report(healthy).read_text()) == ("ok", "No gradient-flow problems found.")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "a").symlink_to(run_dir, target_is_directory=True)
+    (demo / "b").symlink_to(healthy, target_is_directory=True)
+    cls, sentence = _verdict(write_report(demo).read_text())
+    assert sentence.startswith("1 of 2 runs has gradient-flow problems; worst, deep-sigmoid: ")
+    assert f"best remedy: {f.remedies[0].name}" in sentence
+    cls, sentence = _verdict(render_compare([run_dir, healthy]))
+    assert sentence.startswith("1 of 2 runs has gradient-flow problems")
+    sweep, _ = _sweep(tmp_path, run_dirs=[run_dir])
+    cls, sentence = _verdict(write_report(sweep, tmp_path / "sweep.html").read_text())
+    assert "runs have gradient-flow problems" in sentence or "runs has" in sentence
+
+
+def test_accuracy_in_percent_dashes_not_nan_and_captions_match(run_dir, tmp_path):
+    text = write_report(run_dir, tmp_path / "run.html").read_text()
+    assert ">nan<" not in text and "—" in text  # a statistic that does not apply: a dash
+    assert "accuracy 35.0%" in text
+    assert "band 2nd-98th percentile" in text and "±1 std" not in text
+    loss_caption = text.split('alt="loss"')[1].split("</figcaption>")[0]
+    assert "evaluation" in loss_caption  # this run has eval.parquet
+    saturation_caption = text.split('alt="saturation"')[1].split("</figcaption>")[0]
+    assert "dead" not in saturation_caption  # sigmoid: no dead-unit panel is drawn
+    bare = _record(tmp_path / "bare", steps=4, depth=2)  # no eval, not downsampled
+    text = write_report(bare).read_text()
+    loss_caption = text.split('alt="loss"')[1].split("</figcaption>")[0]
+    assert "band" not in loss_caption and "eval" not in loss_caption
+    sweep, _ = _sweep(tmp_path, run_dirs=[run_dir])
+    text = write_report(sweep, tmp_path / "sweep.html").read_text()
+    assert "0.95" not in text.split("<h2>Runs</h2>")[1].split("</table>")[0]
+    assert "%</td>" in text and '"sigmoid"' not in text  # values without quotes

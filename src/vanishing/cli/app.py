@@ -16,13 +16,14 @@ import typer
 from vanishing import __version__
 
 # in the order ``vanishing --help`` lists them
-COMMAND_MODULES = ("demo", "run", "sweep", "diagnose", "report", "reproduce")
+COMMAND_MODULES = ("demo", "run", "sweep", "diagnose", "report", "compare", "reproduce")
 
 app = typer.Typer(
     help="Find, explain and fix vanishing and exploding gradients in PyTorch.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
 
 

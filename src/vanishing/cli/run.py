@@ -41,9 +41,7 @@ def register(app: typer.Typer) -> None:
             raw = apply_overrides(read_toml(config), overrides or [])
             cfg = parse_config(raw)
         except ConfigError as e:
-            message = str(e)
-            prefix = "" if message.startswith(str(config)) else f"{config}: "
-            raise fail(prefix + message) from None
+            raise fail(_config_message(str(e), config, overrides or [])) from None
         run_dir = out if out is not None else default_run_dir(cfg.name)
         problem = preflight(cfg, run_dir)
         if problem:
@@ -59,6 +57,26 @@ def register(app: typer.Typer) -> None:
         if report:
             write_report_quietly(run_dir)
         raise typer.Exit(1 if summary["status"] == "failed" else 0)
+
+
+def _config_message(message: str, config: Path, overrides: list[str]) -> str:
+    """Where a config error is: in a ``--set`` (named so) or in the config file.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from vanishing.cli.run import _config_message
+        >>> _config_message("model.depth: expected an integer, got 'x'", Path("c.toml"), ["model.depth=x"])
+        "--set 'model.depth=x': model.depth: expected an integer, got 'x'"
+        >>> _config_message("model.depth: expected an integer, got 'x'", Path("c.toml"), [])
+        "c.toml: model.depth: expected an integer, got 'x'"
+    """
+    if message.startswith(("--set ", str(config))):
+        return message
+    for item in reversed(overrides):  # the last --set of a field is the one that counts
+        field = item.partition("=")[0].strip()
+        if field and (message.startswith(f"{field}:") or f"field {field} " in message):
+            return f"--set {item!r}: {message}"
+    return f"{config}: {message}"
 
 
 def write_report_quietly(target: Path) -> Path | None:

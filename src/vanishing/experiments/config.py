@@ -515,6 +515,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 f"--set {item!r}: the value is a table; every field takes one value, "
                 f"e.g. --set {field}=2"
             )
+        known = _field_paths()
+        if field not in known and (len(parts) == 1 or parts[0] in SECTIONS):
+            # did-you-mean over every field path: `depth` -> `model.depth`, `model.dpeth` too
+            leaf = [p for p in known if p.rsplit(".", 1)[-1] == parts[-1]]
+            close = leaf or difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see docs/config.md"
+            raise ConfigError(f"--set {item!r}: unknown field {field} ({hint})")
         node = out
         for part in parts[:-1]:
             if part not in SECTIONS:
@@ -526,6 +533,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {item!r}: {part} is not a table in the config")
         node[parts[-1]] = value
     return out
+
+
+def _field_paths() -> list[str]:
+    """Every settable field as a dotted path (``seed``, ``model.depth``, ...)."""
+    paths = []
+    for name, info in ExperimentConfig.model_fields.items():
+        fields = getattr(info.annotation, "model_fields", None)
+        if fields:
+            paths += [f"{name}.{sub}" for sub in fields]
+        else:
+            paths.append(name)
+    return paths
 
 
 def _example_field(section: str, value: Any) -> str:

@@ -694,6 +694,25 @@ class Monitor:
         # the live model lets the diagnosis measure the recurrent weights' singular values
         return load_run(self.run_dir).diagnose(self._root)
 
+    def report(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the HTML report of everything recorded so far (flushes first); returns its path.
+
+        ``path`` defaults to ``<run_dir>/report.html``. Works during training and after
+        :meth:`close`.
+
+        Example:
+            >>> with vanishing.watch(model, optimizer=opt) as mon:   # doctest: +SKIP
+            ...     train(model)
+            >>> mon.report()                                        # doctest: +SKIP
+            PosixPath('runs/2026-12-01-120000/report.html')
+            >>> mon.report("deep.html")                             # doctest: +SKIP
+            PosixPath('deep.html')
+        """
+        self.flush()
+        from vanishing.report.html import write_report
+
+        return write_report(self.run_dir, path)
+
     def __enter__(self) -> Monitor:
         return self
 

@@ -649,6 +649,23 @@ class Run:
 
         return diagnose_run(self, model)
 
+    def report(self, path: str | os.PathLike | None = None) -> Path:
+        """Write this run's self-contained HTML report and return its path.
+
+        ``path`` defaults to ``<run directory>/report.html``; it is the page
+        ``vanishing report RUN -o PATH`` writes.
+
+        Example:
+            >>> page = vanishing.load_run("runs/my-run").report()   # doctest: +SKIP
+            >>> page                                                # doctest: +SKIP
+            PosixPath('runs/my-run/report.html')
+            >>> vanishing.load_run("runs/my-run").report("deep.html")   # doctest: +SKIP
+            PosixPath('deep.html')
+        """
+        from vanishing.report.html import write_report
+
+        return write_report(self.path, path)
+
 
 def with_all_columns(df: pd.DataFrame, table: str) -> pd.DataFrame:
     """``df`` with every column of the schema's ``table``: a statistic the run did not record

@@ -767,3 +767,25 @@ def finite_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def distinct_labels(paths: list[str | os.PathLike]) -> list[str]:
+    """The shortest trailing parts of each path that tell the paths apart (a run's folder name,
+    with as many parent folders as it takes).
+
+    Example:
+        >>> from vanishing.report.data import distinct_labels
+        >>> distinct_labels(["a/deep/r", "b/deep/r", "c/shallow"])
+        ['a/deep/r', 'b/deep/r', 'shallow']
+        >>> distinct_labels(["runs/x", "runs/y"])
+        ['x', 'y']
+    """
+    parts = [Path(p).resolve().parts if Path(p).is_absolute() else Path(p).parts for p in paths]
+    out = []
+    for i, mine in enumerate(parts):
+        for k in range(1, len(mine) + 1):
+            tail = mine[-k:]
+            if all(tuple(o[-k:]) != tuple(tail) for j, o in enumerate(parts) if j != i):
+                break
+        out.append("/".join(tail) if mine else str(paths[i]))
+    return out

@@ -22,7 +22,15 @@ from typing import Any
 
 from vanishing.report.data import RunData, finite_or_none
 
-__all__ = ["write_report", "render_run", "render_sweep", "render_collection", "target_kind"]
+__all__ = [
+    "write_report",
+    "write_page",
+    "render_run",
+    "render_sweep",
+    "render_collection",
+    "render_compare",
+    "target_kind",
+]
 
 #: how the report labels :func:`vanishing.recorder.semantics.first_last_ratio`
 RATIO_LABEL = "speed of learning, first / last hidden layer (median of per-step ratios)"
@@ -41,7 +49,7 @@ h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:34px 0 10px;
 .sub{color:#5a6470;margin:0 0 18px}
 table{border-collapse:collapse;font-size:.86em;margin:6px 0 12px}
 th,td{border:1px solid #dde1e6;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .scroll{overflow-x:auto;max-height:560px;overflow-y:auto}
 .finding{border-left:5px solid #e0a100;background:#fffaf0;padding:8px 14px;margin:10px 0}
 .finding.critical{border-color:#c62828;background:#fff4f4}
@@ -55,6 +63,12 @@ pre{background:#f3f5f7;padding:10px;overflow-x:auto;font-size:.82em;border:1px s
 code{background:#f3f5f7;padding:0 3px}
 ul.remedies{margin:4px 0 4px 0;padding-left:20px}
 .muted{color:#6b7580}
+.verdict{font-size:1.08em;padding:10px 14px;margin:0 0 8px;border-left:6px solid #e0a100;
+ background:#fffaf0}.verdict.critical{border-color:#c62828;background:#fff4f4}
+.verdict.ok{border-color:#2e7d32;background:#f2fbf3}.verdict.none{border-color:#9aa3ad;
+ background:#f3f5f7}
+.side{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:18px}
+.card{min-width:0}.card .finding h3{margin-top:8px}
 """
 
 _CAPTIONS = {
@@ -68,8 +82,8 @@ _CAPTIONS = {
     "barely learn.",
     "speed_curves": "Nielsen's speed-of-learning curves: one line per hidden layer, log scale. "
     "A wide vertical spread between the layers is the vanishing (or exploding) gradient.",
-    "activations": "Left: activation values over training (mean, band ±1 std; Glorot & Bengio's "
-    "saturation picture). Right: the mean derivative φ'(z) of each activation against its "
+    "activations": "Left: activation values over training (mean, band {band}; Glorot & "
+    "Bengio's saturation picture). Right: the mean derivative φ'(z) of each activation against its "
     "largest possible value; backpropagation multiplies the gradient by it at every layer.",
     "saturation": "Share of activation entries in the flat tails (|φ'(z)| < 5% of its maximum) and "
     "share of ReLU-like units that are off for the whole batch (dead).",
@@ -91,6 +105,27 @@ def _num(value: Any, fmt: str = "{:.3g}") -> str:
     return fmt.format(v)
 
 
+def _metric(value: Any, name: Any) -> str:
+    """A test or eval metric as everywhere else: accuracy in percent with one decimal (8.6%),
+    any other metric with four significant digits."""
+    if str(name) == "accuracy" and finite_or_none(value) is not None:
+        return f"{float(value):.1%}"
+    return _num(value, "{:.4g}")
+
+
+def _cell(value: Any) -> str:
+    """A table cell of a statistic: a dash where it does not apply (missing or NaN); an
+    infinity stays visible."""
+    v = finite_or_none(value)
+    if v is None:
+        try:
+            if value is None or value != value:  # None or NaN
+                return "—"
+        except (TypeError, ValueError):
+            return "—"
+    return _num(value)
+
+
 def _img(fig: Any, alt: str) -> str:
     from vanishing.report.plots import png_bytes
 
@@ -109,14 +144,14 @@ def _kv_table(rows: list[tuple[str, Any]]) -> str:
     return f"<table>{body}</table>"
 
 
-def _page(title: str, subtitle: str, body: str) -> str:
+def _page(title: str, subtitle: str, body: str, verdict: str = "") -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "img-src data:; style-src 'unsafe-inline'\">"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
-        f'<h1>{_e(title)}</h1><p class="sub">{subtitle}</p>{body}'
+        f'<h1>{_e(title)}</h1><p class="sub">{subtitle}</p>{verdict}{body}'
         '<p class="muted">Written by vanishing '
         f"{_e(_version())} on {_e(dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}."
         "</p></main></body></html>\n"
@@ -199,6 +234,94 @@ def _diagnosis_html(diag: Any, note: str) -> str:
     return "".join(parts)
 
 
+_KIND_WORDS = {"non_finite": "NaN or infinity"}
+
+
+def _layers_phrase(layers: list[str]) -> str:
+    quoted = [f"'{n}'" for n in layers]
+    if not layers:
+        return ""
+    if len(layers) == 1:
+        return f" in layer {quoted[0]}"
+    if len(layers) <= 3:
+        return f" in layers {', '.join(quoted[:-1])} and {quoted[-1]}"
+    return f" in {len(layers)} layers, {quoted[0]} to {quoted[-1]}"
+
+
+def verdict_sentence(diag: Any, note: str = "", *, below: bool = True) -> str:
+    """The one-sentence verdict of a diagnosis, as the terminal's conclusion gives it: what is
+    wrong, where, how bad and the best remedy (from the first finding), or that nothing is.
+
+    Example:
+        >>> from vanishing.report.data import example_run
+        >>> from vanishing.report.html import verdict_sentence
+        >>> import vanishing
+        >>> print(verdict_sentence(vanishing.load_run(example_run()).diagnose()))  # doctest: +ELLIPSIS
+        Vanishing gradient (critical) in ... layers, ... best remedy: relu...
+    """
+    from vanishing.diagnose.engine import NO_LAYERS
+
+    if diag is None:
+        return f"No diagnosis: {note}." if note else "No diagnosis."
+    if not diag.findings:
+        if NO_LAYERS in diag.notes:
+            return f"Not judged: {NO_LAYERS}."
+        return "No gradient-flow problems found."
+    f = diag.findings[0]
+    what = _KIND_WORDS.get(f.kind, f.kind.replace("_", " "))
+    text = f"{what[0].upper()}{what[1:]} ({f.severity}){_layers_phrase(list(f.layers))}"
+    ratio = finite_or_none(f.evidence.get("first_to_last_ratio"))
+    if ratio is not None:
+        text += f" (the first gets {ratio:.2g} of the last one's gradient)"
+    if f.remedies:
+        text += f"; best remedy: {f.remedies[0].name}"
+    more = len(diag.findings) - 1
+    if more:
+        text += f" ({more} more finding{'s' if more > 1 else ''}{' below' if below else ''})"
+    return text + "."
+
+
+def _verdict_html(diag: Any, note: str = "", prefix: str = "", below: bool = True) -> str:
+    from vanishing.diagnose.engine import NO_LAYERS
+
+    if diag is None or (not diag.findings and NO_LAYERS in diag.notes):
+        cls = "none"
+    elif not diag.findings:
+        cls = "ok"
+    else:
+        cls = "critical" if diag.findings[0].severity == "critical" else "warning"
+    text = verdict_sentence(diag, note, below=below)
+    return f'<p class="verdict {cls}"><b>Verdict</b>: {_e(prefix)}{_e(text)}</p>'
+
+
+def _worst(datas: list[RunData], labels: list[str], kinds: list[Any]) -> str:
+    """The verdict of several runs: how many have problems and the sentence of the worst one
+    (the first with a critical finding, else the first with any)."""
+    judged = [i for i, k in enumerate(kinds) if k is not None]
+    bad = [i for i in judged if kinds[i]]
+    if not bad:
+        if not judged:
+            return _verdict_html(None, "no run has a diagnosis yet")
+        return (
+            '<p class="verdict ok"><b>Verdict</b>: No gradient-flow problems found in '
+            f"{'any of the ' + str(len(judged)) + ' runs' if len(judged) > 1 else 'the run'}.</p>"
+        )
+    diags = {}
+    for i in bad:
+        diags[i], _ = _diagnose(datas[i])
+        if diags[i] is not None and any(f.severity == "critical" for f in diags[i].findings):
+            break
+    worst = next(
+        (i for i, d in diags.items() if d and any(f.severity == "critical" for f in d.findings)),
+        next((i for i, d in diags.items() if d and d.findings), bad[0]),
+    )
+    have = "has" if len(bad) == 1 else "have"
+    prefix = (
+        f"{len(bad)} of {len(judged)} runs {have} gradient-flow problems; worst, {labels[worst]}: "
+    )
+    return _verdict_html(diags.get(worst), "", prefix, below=False)
+
+
 # ---- one run ----------------------------------------------------------------------------------
 
 
@@ -241,12 +364,15 @@ def _summary_rows(data: RunData, diag: Any) -> list[tuple[str, str]]:
             rows.append(
                 (
                     f"{split} (eval at step {int(last['step'])})",
-                    f"loss {_num(last['loss'], '{:.4g}')}, {_e(name)} {_num(last['metric'], '{:.4g}')}",
+                    f"loss {_num(last['loss'], '{:.4g}')}, {_e(name)} {_metric(last['metric'], name)}",
                 )
             )
     if summary.get("test_metric") is not None:
         rows.append(
-            (f"test {summary.get('metric_name', 'metric')}", _num(summary["test_metric"], "{:.4g}"))
+            (
+                f"test {summary.get('metric_name') or 'metric'}",
+                _metric(summary["test_metric"], summary.get("metric_name")),
+            )
         )
     ratio = data.first_last_ratio()
     if ratio is not None:
@@ -292,7 +418,7 @@ def _layer_table(data: RunData) -> str:
         t = cols[key]
         if t.empty or name not in t.columns:
             return "—"
-        return _num(t[name].iloc[-1])
+        return _cell(t[name].iloc[-1])
 
     rows = []
     for i, info in enumerate(data.layer_info):
@@ -303,7 +429,7 @@ def _layer_table(data: RunData) -> str:
             f'<td class="num">{i}</td><td><code>{_e(name)}</code></td><td>{_e(info.get("type", ""))}</td>'
             f"<td>{_e(info.get('role', ''))}</td><td>{_e(info.get('activation') or '')}</td>"
             f'<td class="num">{int(info.get("num_params", 0) or 0):,}</td>'
-            f'<td class="num">{_num(med)}</td><td class="num">{at("grad", name)}</td>'
+            f'<td class="num">{_cell(med)}</td><td class="num">{at("grad", name)}</td>'
             f'<td class="num">{at("err", name)}</td><td class="num">{at("upd", name)}</td>'
             f'<td class="num">{at("deriv", name)}</td><td class="num">{at("sat", name)}</td>'
             f'<td class="num">{at("dead", name)}</td></tr>'
@@ -324,13 +450,45 @@ def _json_block(title: str, value: Any) -> str:
     return f"<h3>{_e(title)}</h3><pre>{_e(text)}</pre>"
 
 
+def _caption(name: str, data: RunData, fig: Any = None) -> str:
+    """The caption of a run plot, saying only what this run's plot draws."""
+    from vanishing.report.plots import _downsampled, activation_band
+
+    if name == "loss":
+        text = "Training loss per step"
+        if _downsampled(data.loss()):
+            text += " (band: min..max within a time bucket)"
+        ev = data.eval
+        if ev is not None and not ev.empty:
+            metric = "metric"
+            if "metric_name" in ev and ev["metric_name"].notna().any():
+                metric = str(ev["metric_name"].dropna().iloc[0])
+            text += f", and the evaluation loss and {metric} of each split (eval.parquet)"
+        return text + "."
+    if name == "activations":
+        return _CAPTIONS[name].format(band=activation_band(data))
+    if name == "saturation" and fig is not None:  # the panels drawn: saturated, dead, or both
+        titles = [ax.get_title() for ax in fig.axes]
+        parts = []
+        if any(t.startswith("Saturated") for t in titles):
+            parts.append(
+                "Share of activation entries in the flat tails (|φ'(z)| < 5% of its maximum)"
+            )
+        if any(t.startswith("Dead") for t in titles):
+            parts.append("share of ReLU-like units that are off for the whole batch (dead)")
+        if parts:
+            text = " and ".join(parts) + "."
+            return text[0].upper() + text[1:]
+    return _CAPTIONS.get(name, "")
+
+
 def _run_plots(data: RunData) -> str:
     from vanishing.report.plots import RUN_PLOTS
 
     out = []
     for name, fn in RUN_PLOTS:
         fig = fn(data)
-        out.append(_figure(fig, name, _CAPTIONS.get(name, "")))
+        out.append(_figure(fig, name, _caption(name, data, fig) if fig is not None else ""))
     return "".join(out)
 
 
@@ -381,7 +539,12 @@ def render_run(path: str | os.PathLike, *, data: RunData | None = None) -> str:
         + "<h2>Configuration</h2>"
         + (config_parts or '<p class="muted">No config.json.</p>')
     )
-    return _page(f"vanishing report: {title}", f"Run <code>{_e(data.path)}</code>", body)
+    return _page(
+        f"vanishing report: {title}",
+        f"Run <code>{_e(data.path)}</code>",
+        body,
+        _verdict_html(diag, note),
+    )
 
 
 # ---- several runs -----------------------------------------------------------------------------
@@ -402,16 +565,18 @@ def _overview_row(data: RunData, label: str) -> tuple[str, dict[str, Any]]:
         kinds = None if diag is None else diag.kinds
         verdict = None if diag is None else _verdict(diag)
     loss = data.steps["loss"] if not data.steps.empty else []
-    metric = summary.get("test_metric")
+    metric, metric_name = summary.get("test_metric"), summary.get("metric_name")
     if metric is None and data.eval is not None:
         ev = data.eval[data.eval["split"] == "test"]
         metric = ev.sort_values("step")["metric"].iloc[-1] if not ev.empty else None
+        if "metric_name" in ev and ev["metric_name"].notna().any():
+            metric_name = str(ev["metric_name"].dropna().iloc[0])
     ratio = data.first_last_ratio()
     row = (
         f"<tr><td><code>{_e(label)}</code></td><td>{_e(summary.get('status', data.manifest.get('status', '')))}</td>"
         f'<td class="num">{len(data.step_list)}</td>'
         f'<td class="num">{_num(loss.iloc[-1]) if len(loss) else "—"}</td>'
-        f'<td class="num">{_num(metric, "{:.4g}")}</td><td class="num">{_num(ratio)}</td>'
+        f'<td class="num">{_metric(metric, metric_name)}</td><td class="num">{_num(ratio)}</td>'
         f"<td>{verdict or _e(_sweep_verdict(kinds, {}))}</td></tr>"
     )
     return row, {"ratio": ratio, "kinds": kinds}
@@ -437,7 +602,9 @@ def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> s
     dirs = _run_dirs(path)
     datas = [RunData(d) for d in dirs]
     labels = [(d.config or {}).get("name") or d.path.name for d in datas]
-    rows = [_overview_row(d, label)[0] for d, label in zip(datas, labels)]
+    overview = [_overview_row(d, label) for d, label in zip(datas, labels)]
+    rows = [row for row, _ in overview]
+    verdict = _worst(datas, labels, [info["kinds"] for _, info in overview])
     body = ['<h2>Runs</h2><div class="scroll"><table>', _OVERVIEW_HEAD, *rows, "</table></div>"]
     body.append("<h2>Comparison</h2>")
     body.append(
@@ -467,6 +634,7 @@ def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> s
         f"vanishing report: {path.name}",
         f"{len(datas)} runs in <code>{_e(path)}</code>",
         "".join(body),
+        verdict,
     )
 
 
@@ -496,10 +664,11 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
     for r in rows:
         s = r["summary"] or {}
         kinds = r["kinds"] if r["kinds"] is not None else s.get("kinds")
-        cells = "".join(f"<td>{_e(json.dumps(r['params'].get(f)))}</td>" for f in fields)
+        cells = "".join(f"<td>{_e(_value(r['params'].get(f)))}</td>" for f in fields)
         table.append(
             f'<tr><td><code>{_e(r["key"])}</code></td>{cells}<td class="num">{_e(r["seed"])}</td>'
-            f'<td>{_e(r["status"])}</td><td class="num">{_num(s.get("test_metric"), "{:.4g}")}</td>'
+            f"<td>{_e(r['status'])}</td>"
+            f'<td class="num">{_metric(s.get("test_metric"), s.get("metric_name"))}</td>'
             f'<td class="num">{_num(s.get("test_loss"), "{:.4g}")}</td>'
             f'<td class="num">{_num(s.get("first_last_ratio"))}</td>'
             f"<td>{_e(_sweep_verdict(kinds, s))}</td></tr>"
@@ -537,10 +706,7 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
     if finished:
         shown = finished[:max_runs_shown]
         datas = [RunData(path / r["run_dir"]) for r in shown]
-        labels = [
-            ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items()) or r["key"]
-            for r in shown
-        ]
+        labels = [_sweep_label(r) for r in shown]
         body.append("<h2>Comparison</h2>")
         if len(finished) > len(shown):
             body.append(f'<p class="muted">first {len(shown)} of {len(finished)} finished runs</p>')
@@ -558,9 +724,34 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
     toml = path / "sweep.toml"
     if toml.is_file():
         body.append(f"<h2>Configuration</h2><h3>sweep.toml</h3><pre>{_e(toml.read_text())}</pre>")
-    return _page(
-        f"vanishing sweep report: {path.name}", f"Sweep <code>{_e(path)}</code>", "".join(body)
+    finished_kinds = [
+        r["kinds"] if r["kinds"] is not None else (r["summary"] or {}).get("kinds")
+        for r in finished
+    ]
+    verdict = (
+        _worst(
+            [RunData(path / r["run_dir"]) for r in finished],
+            [_sweep_label(r) for r in finished],
+            finished_kinds,
+        )
+        if finished
+        else _verdict_html(None, "no run of the sweep has finished")
     )
+    return _page(
+        f"vanishing sweep report: {path.name}",
+        f"Sweep <code>{_e(path)}</code>",
+        "".join(body),
+        verdict,
+    )
+
+
+def _value(v: Any) -> str:
+    """A swept value as written in the table: strings without quotes."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _sweep_label(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items()) or r["key"]
 
 
 def _sweep_verdict(kinds: Any, summary: dict[str, Any]) -> str:
@@ -626,7 +817,13 @@ def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None
         text = render_sweep(p)
     else:
         text = render_collection(p)
-    dest = Path(out) if out is not None else p / "report.html"
+    return write_page(Path(out) if out is not None else p / "report.html", text)
+
+
+def write_page(dest: str | os.PathLike, text: str) -> Path:
+    """Write an HTML page to ``dest`` (its folder made as needed) and return the path; a
+    directory as ``dest`` is a ValueError."""
+    dest = Path(dest)
     if dest.is_dir():
         raise ValueError(f"{dest}: is a directory; pass a file name such as {dest / 'report.html'}")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -635,3 +832,58 @@ def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None
     # an exclusive temporary file under an unpredictable name: nothing planted is followed
     atomic_write_bytes(dest, text.encode("utf-8"))
     return dest
+
+
+def render_compare(paths: list[str | os.PathLike], labels: list[str] | None = None) -> str:
+    """The HTML page comparing runs that live anywhere: one summary table, the speed of
+    learning of every run through depth, then each run's depth profile and diagnosis side by
+    side.
+
+    Example:
+        >>> from vanishing.report.data import example_run
+        >>> from vanishing.report.html import render_compare
+        >>> page = render_compare([example_run(), example_run("rnn")], ["mlp", "rnn"])
+        >>> page.count('<div class="card">')
+        2
+    """
+    from vanishing.report.data import distinct_labels
+    from vanishing.report.plots import depth_profile, speed_by_layer
+
+    datas = [RunData(p) for p in paths]
+    labels = list(labels) if labels is not None else distinct_labels([d.path for d in datas])
+    overview = [_overview_row(d, label) for d, label in zip(datas, labels)]
+    rows = [row for row, _ in overview]
+    verdict = _worst(datas, labels, [info["kinds"] for _, info in overview])
+    body = ['<h2>Summary</h2><div class="scroll"><table>', _OVERVIEW_HEAD, *rows, "</table></div>"]
+    body.append(
+        _figure(
+            speed_by_layer(datas, labels),
+            "speed_by_layer",
+            "Median speed of learning of each hidden layer, one line per run. A line "
+            "that falls steeply toward layer 1 is a vanishing gradient.",
+        )
+    )
+    body.append(
+        "<h2>Depth profiles and diagnoses</h2>"
+        f'<p class="muted">{_e(_CAPTIONS["depth_profile"])}</p><div class="side">'
+    )
+    for d, label in zip(datas, labels):
+        diag, note = _diagnose(d)
+        fig = depth_profile(d)
+        body.append(
+            f'<div class="card"><h3><code>{_e(label)}</code></h3>'
+            + (
+                f"<figure>{_img(fig, 'depth_profile')}</figure>"
+                if fig is not None
+                else '<p class="muted">No depth profile: no layer gradients recorded.</p>'
+            )
+            + _diagnosis_html(diag, note)
+            + "</div>"
+        )
+    body.append("</div>")
+    return _page(
+        f"vanishing compare: {len(datas)} runs",
+        ", ".join(f"<code>{_e(d.path)}</code>" for d in datas),
+        "".join(body),
+        verdict,
+    )

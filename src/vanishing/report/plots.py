@@ -323,6 +323,19 @@ def speed_curves(run: Any) -> Figure | None:
     return fig
 
 
+def has_percentiles(run: Any) -> bool:
+    """Whether the run recorded activation percentiles (the activation band is then the 2nd to
+    98th percentile; ±1 std otherwise)."""
+    data = as_run_data(run)
+    low = data.agg("act_p02", None, data.activation_layers)
+    return bool(not low.empty and low.mean.notna().to_numpy().any())
+
+
+def activation_band(run: Any) -> str:
+    """The band the activation plot draws around each layer's mean, in words."""
+    return "2nd-98th percentile" if has_percentiles(run) else "±1 std"
+
+
 def activations(run: Any) -> Figure | None:
     """Activation values per layer over training (mean, band = 2nd to 98th percentile, as in
     Glorot & Bengio's figures; ±1 std for runs recorded before percentiles were) and the mean
@@ -342,7 +355,7 @@ def activations(run: Any) -> Figure | None:
     std = data.agg("act_std", None, data.activation_layers)
     low = data.agg("act_p02", None, data.activation_layers)
     high = data.agg("act_p98", None, data.activation_layers)
-    percentiles = not low.empty and low.mean.notna().to_numpy().any()
+    percentiles = has_percentiles(data)
     deriv_at = data.at_steps("act_deriv_mean", None, data.profile_steps())
     deriv_at = deriv_at[[n for n in data.activation_layers if n in deriv_at.columns]]
     has_mean = not mean.empty
@@ -367,7 +380,7 @@ def activations(run: Any) -> Figure | None:
             ax.plot(mean.x, m, color=color, lw=1.3, label=f"{i}: {_label(name, 16)}")
             ax.fill_between(mean.x, lo, hi, color=color, alpha=0.15, lw=0)
         ax.set_xlabel("training step")
-        band = "2nd-98th percentile" if percentiles else "±1 std"
+        band = "2nd-98th percentile" if percentiles else "±1 std"  # as activation_band()
         ax.set_ylabel(f"activation value (mean, band {band})")
         title = "Activations over training"
         if len(shown) < len(all_names):
@@ -723,18 +736,27 @@ def sweep_metric(
             ax.fill_between(px, lo, hi, color=color, alpha=0.15, lw=0)
     if not numeric:
         ax.set_xticks(list(pos.values()), [_label(_fmt(v), 16) for v in order])
+    elif all(float(v).is_integer() for v in order):  # integer values get integer ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    names = {r["summary"].get("metric_name") for r in rows if r["summary"]} - {None}
+    accuracy = metric == "test_metric" and names == {"accuracy"}
     if metric == "first_last_ratio":
         ax.set_yscale("log")
+    elif accuracy:  # in percent, as every table shows it
+        from matplotlib.ticker import PercentFormatter
+
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     else:
         _log_if_wide(ax, allv)
     ax.set_xlabel(_label(x, 60))
     ax.set_ylabel(
-        _label(metric, 60)
+        ("test accuracy" if accuracy else _label(metric, 60))
         + (" (first / last hidden layer)" if metric == "first_last_ratio" else "")
     )
-    ax.set_title(
-        f"{_label(metric, 60)} vs {_label(x, 60)} (mean over seeds, band = min..max)", fontsize=11
-    )
+    shown = "test accuracy" if accuracy else _label(metric, 60)
+    ax.set_title(f"{shown} vs {_label(x, 60)} (mean over seeds, band = min..max)", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7)
     return fig

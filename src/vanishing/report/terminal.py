@@ -212,6 +212,52 @@ def sweep_table(sweep: str | os.PathLike):
     return table
 
 
+def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = None):
+    """A rich Table of runs side by side, one row each: recorded steps, final loss, the first /
+    last ratio of the speed of learning and the diagnosis' finding kinds. Fits 80 columns.
+
+    ``diagnoses`` (one per run, or None) saves diagnosing the runs again.
+
+    Example:
+        >>> from vanishing.report.data import example_run
+        >>> from vanishing.report.terminal import compare_table
+        >>> compare_table([example_run(), example_run()], ["a", "b"]).row_count
+        2
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from vanishing.recorder.reader import Run, load_run
+    from vanishing.report.data import distinct_labels
+
+    runs = [r if isinstance(r, Run) else load_run(getattr(r, "path", r)) for r in runs]
+    labels = list(labels) if labels is not None else distinct_labels([r.path for r in runs])
+    diagnoses = list(diagnoses) if diagnoses is not None else [r.diagnose() for r in runs]
+    table = Table(
+        title=f"{len(runs)} run{'s' if len(runs) != 1 else ''} compared", caption_justify="left"
+    )
+    table.add_column("run", overflow="fold", max_width=24)
+    table.add_column("steps", justify="right")
+    table.add_column("final loss", justify="right")
+    table.add_column("first / last", justify="right")
+    table.add_column("findings", overflow="fold")
+    for run, label, diag in zip(runs, labels, diagnoses):
+        loss = run.all_steps.get("loss", [])
+        findings = Text()
+        for i, f in enumerate(diag.findings):
+            style = "bold red" if f.severity == "critical" else "yellow"
+            findings += Text(("\n" if i else "") + f.kind, style=style)
+        table.add_row(
+            label,
+            str(len(run.all_steps)),
+            _fmt(loss.iloc[-1], ".4g") if len(loss) else "—",
+            _fmt(run.first_last_ratio()),
+            findings if diag.findings else Text("healthy", style="green"),
+        )
+    table.caption = "first / last: speed of learning, first over last hidden layer"
+    return table
+
+
 def summary_table(obj: Any):
     """The rich summary Table of a Diagnosis, a sweep directory, or a run (a ``vanishing.Run``,
     a run directory or a RunData).
