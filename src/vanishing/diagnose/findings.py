@@ -96,9 +96,7 @@ class Finding:
 
     def _repr_html_(self) -> str:
         """Rich display in Jupyter (see :func:`vanishing.report.notebook.finding_html`)."""
-        from vanishing.report.notebook import finding_html
-
-        return finding_html(self)
+        return _display().finding_html(self)
 
 
 @dataclass
@@ -153,9 +151,7 @@ class Diagnosis:
     def _repr_html_(self) -> str:
         """Rich display in Jupyter: the verdict, each finding and, when the diagnosis has a run,
         its depth profile (see :func:`vanishing.report.notebook.diagnosis_html`)."""
-        from vanishing.report.notebook import diagnosis_html
-
-        return diagnosis_html(self)
+        return _display().diagnosis_html(self)
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,3 +188,12 @@ class RuleResult(NamedTuple):
 
     findings: list[Finding]
     notes: list[str]
+
+
+def _display():
+    """:mod:`vanishing.report.notebook`, looked up when a notebook asks for a display. The
+    report reads diagnoses (and runs); the diagnosis does not depend on the report: its display
+    hook finds the report module at call time rather than importing it."""
+    import importlib
+
+    return importlib.import_module("vanishing.report.notebook")

@@ -268,12 +268,12 @@ class HostRow(Row):
         b = self.buffer
         idx = slice(None) if rows is None else b.index.params(rows, b.P)
         if not isinstance(idx, slice):
-            idx = idx.numpy()  # the cached CPU index, viewed
+            idx = idx.numpy()  # host sync: none, the cached CPU index viewed
         self._p[idx, b.pcol[name]] = values.numpy()  # host sync: none, CPU tensors only
 
     def set_modules(self, first: str, rows: Sequence[int], values: Tensor) -> None:
         start = self.buffer.mcol[first]
-        vals = values.numpy().reshape(len(rows), -1)
+        vals = values.numpy().reshape(len(rows), -1)  # host sync: none, CPU tensors
         cols = slice(start, start + vals.shape[1])
         if len(set(rows)) == len(rows):  # each module measured once (the usual case)
             self._m[list(rows), cols] = vals
@@ -288,7 +288,7 @@ class HostRow(Row):
     def set_time(self, slot: int, profile: Tensor, length: int) -> None:
         b = self.buffer
         tview = self.data[b.col_time :].reshape(b.R, _N_TIME)
-        tview[slot, :MAX_TIME_POINTS] = profile.numpy()
+        tview[slot, :MAX_TIME_POINTS] = profile.numpy()  # host sync: none, CPU tensors
         tview[slot, MAX_TIME_POINTS] = length
 
 

