@@ -23,14 +23,14 @@ Example:
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from vanishing.report.data import as_run_data, finite_or_none
+from vanishing.report.data import as_run_data
+from vanishing.report.html import _e, _num  # one escaping and number format for every page
 
 __all__ = ["diagnosis_html", "finding_html", "run_html", "sweep_html", "Sweep"]
 
@@ -49,17 +49,6 @@ _NUM = _CELL.replace("text-align:left", "text-align:right")
 _MUTED = "color:#6b7580"
 _COLORS = {"critical": ("#c62828", "#fff4f4"), "warning": ("#e0a100", "#fffaf0")}
 _OK = ("#2e7d32", "#f2fbf3")
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: Any, fmt: str = "{:.3g}") -> str:
-    v = finite_or_none(value)
-    if v is None:
-        return "—" if value is None else _e(value)
-    return fmt.format(v)
 
 
 def _badge(text: str, color: str) -> str:
