@@ -182,9 +182,17 @@ def test_bad_arguments_are_value_errors(tmp_path):
 
 def test_cli_json_prints_only_the_schema(tmp_path):
     r = _cli("reproduce", "nielsen", "--json", "--seeds", 2, "--steps", 3, "--out", tmp_path / "o")
-    assert r.returncode == 0, r.stderr
     payload = json.loads(r.stdout)  # nothing else on stdout
-    assert list(payload) == ["nets"]
+    # the contract's shape: name and checks (what, published, measured, tolerance, ok); the exit
+    # code says whether every check passed
+    assert payload["name"] == "nielsen" and r.returncode == (0 if payload["ok"] else 1), r.stderr
+    assert payload["ok"] == all(c["ok"] for c in payload["checks"])
+    assert all(
+        list(c) == ["what", "published", "measured", "tolerance", "ok"] for c in payload["checks"]
+    )
+    # Nielsen's quoted speeds are the published side of the per-layer checks
+    published = [c["published"] for c in payload["checks"] if "speed of layer" in c["what"]]
+    assert published == [0.07, 0.31, 0.012, 0.06, 0.283, 0.003, 0.017, 0.07, 0.285]
     assert [sorted(net) for net in payload["nets"]] == [["final", "init", "sizes"]] * 3
     for net, depth in zip(payload["nets"], (2, 3, 4)):
         assert net["sizes"] == [64] + [30] * depth + [10]
@@ -199,12 +207,11 @@ def test_cli_json_prints_only_the_schema(tmp_path):
 
 
 def test_cli_table_on_digits(tmp_path):
-    r = _cli("reproduce", "nielsen", "--seeds", 1, "--steps", 2, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "at init (step 0)" in r.stdout and "after training (step 1)" in r.stdout
-    assert "0.07, 0.31" in r.stdout and "0.012, 0.06, 0.283" in r.stdout  # Nielsen, beside ours
-    assert "0.003, 0.017, 0.07, 0.285" in r.stdout
-    assert "[64, 30, 30, 30, 30, 10]" in r.stdout
+    r = _cli("reproduce", "nielsen", "--quick", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Nielsen (MNIST), init" in r.stdout and "measured, init" in r.stdout
+    assert "0.003 < 0.017 < 0.07 < 0.285" in r.stdout  # Nielsen's speeds, beside ours
+    assert "reproduced: 13 of 13 checks pass" in r.stdout and "(quick run)" in r.stdout
     (out,) = (tmp_path / "runs").glob("reproduce-nielsen-*")
     assert (out / "speed.png").is_file() and (out / "4-hidden" / "seed-00").is_dir()
 
@@ -215,8 +222,9 @@ def test_cli_mnist_from_tiny_idx_files(tmp_path):
         "reproduce", "nielsen", "--json", "--seeds", 1, "--steps", 2,
         "--data-dir", tmp_path / "mnist", "--out", tmp_path / "o",
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    nets = json.loads(r.stdout)["nets"]
+    payload = json.loads(r.stdout)
+    assert r.returncode == (0 if payload["ok"] else 1), r.stderr  # random pixels: may not match
+    nets = payload["nets"]
     assert [net["sizes"][0] for net in nets] == [784] * 3
     assert json.loads((tmp_path / "o" / "nielsen.json").read_text())["data"] == "mnist"
 
@@ -233,6 +241,7 @@ def test_cli_mnist_from_tiny_idx_files(tmp_path):
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     cases = [
         (("reproduce", "x"), "error: unknown experiment 'x'; available: nielsen"),
+        (("reproduce", "all", "--seeds", 2), "error: --seeds only apply to nielsen"),
         (("reproduce", "nielsen", "--data-dir", tmp_path / "nope"), "error: --data-dir"),
         (
             ("reproduce", "nielsen", "--data-dir", tmp_path),
@@ -260,3 +269,44 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     write_idx(tmp_path / "m" / MNIST_FILES[0], np.zeros((3, 28, 28), np.uint8), code=0x07)
     r = _cli("reproduce", "nielsen", "--data-dir", tmp_path / "m")
     assert r.returncode == 2 and "bad magic number" in r.stderr and MNIST_FILES[0] in r.stderr
+
+
+def test_checks_decide_by_their_stated_tolerance():
+    from vanishing.experiments.reproductions.base import Check
+
+    assert Check.within("x", published=1.0, measured=1.09, rel=0.1).ok
+    assert not Check.within("x", published=1.0, measured=1.11, rel=0.1).ok
+    assert Check.within("x", published=0.5, measured=0.52, abs=0.03).tolerance == "+-0.03"
+    assert not Check.within("x", published=1.0, measured=float("nan"), rel=1.0).ok
+    assert Check.factor("x", published=0.01, measured=0.019, factor=2).ok
+    assert not Check.factor("x", published=0.01, measured=0.0049, factor=2).ok
+    assert not Check.below("x", published=0.0, measured=0.01, limit=0.01).ok  # strict
+    assert Check.above("x", published=0.0, measured=11, limit=10).ok
+    with pytest.raises(ValueError, match="exactly one of rel= or abs="):
+        Check.within("x", published=1.0, measured=1.0)
+    # JSON-safe: an infinite measurement is a string, never invalid JSON
+    json.dumps(Check.below("x", published=1, measured=float("inf"), limit=1).to_dict())
+
+
+def test_gallery_embeds_every_check_table_and_plot_escaped(tmp_path):
+    from matplotlib.figure import Figure
+
+    from vanishing.experiments.reproductions.base import Check, Reproduction, Table, save_figure
+    from vanishing.report.gallery import write_gallery
+
+    fig = Figure()
+    fig.subplots().plot([1, 2, 3])
+    plots = save_figure(fig, tmp_path, "curve")
+    good = Reproduction(
+        "good", "A <b>title</b>", "Someone 2010", [Check.below("MSE", published=0.1, measured=0.05, limit=0.1)],
+        tables=[Table("numbers", ["layer", "value"], [[1, 0.123456]])], plots=plots,
+    )  # fmt: skip
+    bad = Reproduction(
+        "bad", "Other", "X 2011", [Check.above("gain", published=2, measured=1, limit=2)]
+    )
+    text = write_gallery([good, bad], tmp_path / "index.html", seconds={"good": 3.0}).read_text()
+    assert "A &lt;b&gt;title&lt;/b&gt;" in text and "<b>title</b>" not in text
+    assert "1 of 2 published results reproduced" in text
+    assert text.count("data:image/png;base64,") == 1  # the PNG once, not its SVG twin
+    assert "0.123" in text and "0.123456" not in text and "3 s" in text
+    assert 'id="bad"' in text and "not reproduced" in text

@@ -1,99 +1,133 @@
-"""``vanishing reproduce NAME``: reproduce a published experiment under the monitor."""
+"""``vanishing reproduce NAME``: reproduce a published experiment, published numbers beside ours."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vanishing.experiments.reproductions.base import Reproduction
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``reproduce`` command to ``app``."""
+    from vanishing.experiments.reproductions import AVAILABLE
 
-    @app.command()
+    names = ", ".join(AVAILABLE)
+
+    @app.command(help=_help(AVAILABLE))
     def reproduce(
-        name: str = typer.Argument(..., help="The experiment: nielsen."),
+        name: str = typer.Argument(..., help=f"The experiment: {names}, or all."),
         as_json: bool = typer.Option(
-            False, "--json", help='Print only {"nets": [{"sizes", "init", "final"}]} as JSON.'
+            False,
+            "--json",
+            help='Print one JSON object: {"name", "checks": [{"what", "published", "measured", '
+            '"tolerance", "ok"}], ...} (for all: {"reproductions": [...]}).',
         ),
-        seeds: int = typer.Option(
-            10, "--seeds", help="Initialisations per net (medians over them)."
-        ),
-        steps: int = typer.Option(500, "--steps", help="Full-batch gradient descent steps."),
-        data_dir: Path = typer.Option(
-            None,
-            "--data-dir",
-            help="Directory with the MNIST IDX files (train-images-idx3-ubyte[.gz], ...); "
-            "default: scikit-learn's bundled digits.",
+        quick: bool = typer.Option(
+            False, "--quick", help="A smaller run (about 30 s each) with its own, looser checks."
         ),
         out: Path = typer.Option(
             None, "--out", "-o", help="Output directory (default runs/reproduce-NAME-<date-time>)."
         ),
+        seeds: int = typer.Option(
+            None, "--seeds", help="nielsen: initialisations per net (medians over them; 10)."
+        ),
+        steps: int = typer.Option(None, "--steps", help="nielsen: full-batch steps (500)."),
+        data_dir: Path = typer.Option(
+            None,
+            "--data-dir",
+            help="nielsen: directory with the MNIST IDX files (train-images-idx3-ubyte[.gz], "
+            "...); default: scikit-learn's bundled digits.",
+        ),
     ) -> None:
-        """Reproduce a published experiment under the monitor (available: nielsen).
-
-        nielsen: speed of learning per hidden layer of sigmoid nets with 2, 3 and 4 hidden layers (Neural Networks and Deep Learning, ch. 5): prints the speeds at initialisation and after training, writes the speed-vs-step plot.
-        """
         from vanishing.cli.app import fail
-        from vanishing.experiments.reproductions import AVAILABLE
 
-        if name not in AVAILABLE:
-            raise fail(f"unknown experiment {name!r}; available: {', '.join(AVAILABLE)}")
-        if seeds < 1:
+        if name != "all" and name not in AVAILABLE:
+            raise fail(f"unknown experiment {name!r}; available: {names}, all")
+        nielsen_options = {"--seeds": seeds, "--steps": steps, "--data-dir": data_dir}
+        given = [flag for flag, value in nielsen_options.items() if value is not None]
+        if given and name != "nielsen":
+            raise fail(f"{', '.join(given)} only apply to nielsen; drop them for {name}")
+        if seeds is not None and seeds < 1:
             raise fail(f"--seeds must be at least 1, got {seeds}")
-        if steps < 1:
+        if steps is not None and steps < 1:
             raise fail(f"--steps must be at least 1, got {steps}")
         if data_dir is not None and not data_dir.expanduser().is_dir():
             raise fail(
                 f"--data-dir {data_dir} is not a directory; pass the directory that holds the "
                 "MNIST IDX files"
             )
-        _nielsen(as_json=as_json, seeds=seeds, steps=steps, data_dir=data_dir, out=out)
+        options = {"seeds": seeds, "steps": steps, "data_dir": data_dir} if given else {}
+        if name == "all":
+            ok = _all(AVAILABLE, quick=quick, out=out, as_json=as_json)
+        else:
+            ok = _one(name, quick=quick, out=out, as_json=as_json, options=options)
+        raise typer.Exit(0 if ok else 1)
 
 
-def _nielsen(*, as_json: bool, seeds: int, steps: int, data_dir: Path | None, out: Path | None):
+def _help(available: tuple[str, ...]) -> str:
+    # names only: titles live in each module, and importing eleven modules would slow every
+    # `vanishing --help` (docs/reproductions.md has the table of papers and figures)
+    return (
+        "Reproduce a published experiment under the monitor: prints the published numbers "
+        "beside ours with the tolerance each check uses, writes plots and a JSON record; exit 0 "
+        "when every check passes, 1 when one fails.\n\n"
+        f"NAME: {', '.join(available)}; or all (every one, and a gallery page index.html with "
+        "each table and plot). Papers, figures and tolerances: docs/reproductions.md."
+    )
+
+
+def _consoles() -> tuple[Console, Console]:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)
+    return console, Console(stderr=True, highlight=False)
+
+
+def _run(name: str, *, quick: bool, out: Path | None, options: dict, err: Console, show: bool):
+    """One reproduction with a transient progress bar on stderr; bad input is a ValueError."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from vanishing.experiments.reproductions import load
+    from vanishing.experiments.reproductions.base import check_out
+
+    module = load(name)
+    if out is not None:
+        check_out(out, name, create=False)  # a refusal is one clean line, before any bar
+    with Progress(
+        TextColumn(f"{name}{' (quick)' if quick else ''}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=True,
+        disable=not show,
+    ) as bar:
+        task = bar.add_task(name, total=None)
+        return module.reproduce(
+            quick=quick,
+            out=out,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            **options,
+        )
+
+
+def _one(name: str, *, quick: bool, out: Path | None, as_json: bool, options: dict) -> bool:
     import json
     import time
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from vanishing.cli.app import fail
-    from vanishing.diagnose.view import max_derivative_text
-    from vanishing.experiments.reproductions import nielsen
 
-    err = Console(stderr=True, highlight=False)
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=140)
+    console, err = _consoles()
     started = time.perf_counter()
     try:
-        out = nielsen.check_out(out)  # before any progress bar: a refusal is one clean line
-        data = nielsen.load_data(data_dir)
-        if not as_json:
-            where = f"MNIST from {data_dir}" if data_dir is not None else "scikit-learn's digits"
-            console.print(
-                f"Nielsen, Neural Networks and Deep Learning ch. 5: sigmoid nets with 2, 3 and 4 "
-                f"hidden layers of {nielsen.WIDTH}, {where} (first {nielsen.N_TRAIN} examples), "
-                f"full-batch GD (eta {nielsen.ETA}, lambda {nielsen.LMBDA:g}), {steps} steps, "
-                f"{seeds} seeds, every step watched by vanishing.watch"
-            )
-        with Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=err,
-            transient=True,
-            disable=as_json,
-        ) as bar:
-            task = bar.add_task("nets", total=len(nielsen.HIDDEN_LAYERS) * seeds)
-            result = nielsen.reproduce(
-                seeds=seeds,
-                steps=steps,
-                out=out,
-                data=data,
-                progress=lambda done, total: bar.update(task, completed=done),
-            )
+        result = _run(name, quick=quick, out=out, options=options, err=err, show=not as_json)
     except ValueError as e:
         raise fail(str(e)) from None
     except OSError as e:
@@ -101,28 +135,131 @@ def _nielsen(*, as_json: bool, seeds: int, steps: int, data_dir: Path | None, ou
     seconds = time.perf_counter() - started
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
-        err.print(f"runs and plots written to {result.out} ({seconds:.0f} s)")
-        return
-    console.print(nielsen.speed_table(result))
-    rising = all(net.init == sorted(net.init) for net in result.nets)
-    ratios = [net.init[0] / net.init[-1] for net in result.nets]
-    shrinking = all(a > b for a, b in zip(ratios, ratios[1:]))
-    if rising and shrinking:
-        console.print(
-            "As in Nielsen's chapter, the speed at initialisation rises with the layer index "
-            "(each layer back multiplies the error by sigmoid'(z) <= "
-            f"{max_derivative_text('sigmoid')} and weights of size "
-            "~1/sqrt(n_in)), and the first-to-last ratio falls with depth: "
-            + " > ".join(f"{r:.3g}" for r in ratios)
-            + "."
+        err.print(f"plots and records written to {result.out} ({seconds:.0f} s)")
+    else:
+        show(result, console, seconds)
+    return result.ok
+
+
+def show(result: Reproduction, console: Console, seconds: float | None = None) -> None:
+    """Print a reproduction as the terminal shows it: title, citation, the checks (published
+    beside measured, with each tolerance), its tables, the summary and where the plots went.
+
+    Example:
+        >>> from rich.console import Console
+        >>> from vanishing.experiments.reproductions.base import Check, Reproduction
+        >>> r = Reproduction("x", "A title", "Someone 2010", [Check.below("loss", published=0.1, measured=0.05, limit=0.1)])
+        >>> show(r, Console(width=80, color_system=None))   # doctest: +ELLIPSIS
+        A title...
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]{escape(result.title)}[/bold]")
+    console.print(escape(result.citation), style="dim")
+    for table in result.tables:
+        rich_table = Table(title=escape(table.title), title_justify="left")
+        for i, head in enumerate(table.header):
+            rich_table.add_column(escape(str(head)), justify="left" if i == 0 else "right")
+        for row in table.cells():
+            rich_table.add_row(*(escape(c) for c in row))
+        console.print(rich_table)
+    checks = Table(title="Published beside measured", title_justify="left")
+    checks.add_column("check")
+    checks.add_column("published", justify="right")
+    checks.add_column("measured", justify="right")
+    checks.add_column("tolerance", justify="right")
+    checks.add_column("ok", justify="center")
+    for c in result.checks:
+        checks.add_row(
+            escape(c.what),
+            escape(_value(c.published)),
+            escape(_value(c.measured)),
+            escape(c.tolerance),
+            "[green]yes[/green]" if c.ok else "[bold red]NO[/bold red]",
+        )
+    console.print(checks)
+    if result.summary:
+        console.print(escape(result.summary))
+    passed = sum(c.ok for c in result.checks)
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    verdict = "reproduced" if result.ok else "NOT reproduced"
+    console.print(
+        f"{verdict}: {passed} of {len(result.checks)} checks pass{took}"
+        + (" (quick run)" if result.quick else "")
+        + (
+            f". Plots: {', '.join(p.name for p in result.plots)} in {result.out}"
+            if result.plots
+            else ""
+        )
+        + ("" if result.plots or result.out is None else f". Records: {result.out}")
+        + "."
+    )
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _all(names: tuple[str, ...], *, quick: bool, out: Path | None, as_json: bool) -> bool:
+    """Every reproduction into ``out/NAME`` and the gallery page ``out/index.html``; one that
+    fails to run is recorded as a failed check (the others still run)."""
+    import json
+    import time
+
+    from vanishing.cli.app import fail
+    from vanishing.experiments.reproductions import load
+    from vanishing.experiments.reproductions.base import Check, Reproduction, check_out
+    from vanishing.report.gallery import write_gallery
+
+    console, err = _consoles()
+    try:
+        root = check_out(out, "all")
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    results: list[Reproduction] = []
+    times: dict[str, float] = {}
+    for name in names:
+        started = time.perf_counter()
+        try:
+            result = _run(name, quick=quick, out=root / name, options={}, err=err, show=not as_json)
+        except Exception as e:  # noqa: BLE001 - one broken reproduction must not stop the rest
+            module = load(name)
+            result = Reproduction(
+                name=name,
+                title=getattr(module, "TITLE", name),
+                citation=getattr(module, "CITATION", ""),
+                checks=[
+                    Check.holds(
+                        "the reproduction runs",
+                        published="runs",
+                        measured=f"{type(e).__name__}: {e}",
+                        ok=False,
+                        tolerance="no error",
+                    )
+                ],
+                out=root / name,
+                quick=quick,
+            )
+        times[name] = time.perf_counter() - started
+        results.append(result)
+        if not as_json:
+            show(result, console, times[name])
+            console.print()
+    page = write_gallery(results, root / "index.html", seconds=times)
+    if as_json:
+        typer.echo(
+            json.dumps({"reproductions": [r.to_dict() for r in results], "gallery": str(page)})
         )
     else:
+        failed = [r.name for r in results if not r.ok]
         console.print(
-            "Unlike Nielsen's chapter, the speeds at initialisation do not "
-            + ("rise with the layer index in every net" if not rising else "")
-            + (" and " if not rising and not shrinking else "")
-            + ("fall in first-to-last ratio with depth" if not shrinking else "")
-            + f" (first / last: {', '.join(f'{r:.3g}' for r in ratios)}); try more --seeds."
+            f"{len(results) - len(failed)} of {len(results)} reproductions pass"
+            + (f" (not: {', '.join(failed)})" if failed else "")
+            + f"; gallery: {page}"
         )
-    plots = ", ".join(str(p) for p in result.plots)
-    console.print(f"Plot: {plots}. Runs: {result.out} ({seconds:.0f} s).")
+    return all(r.ok for r in results)
