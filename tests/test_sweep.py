@@ -83,7 +83,11 @@ def test_sweep_runs_the_grid_into_the_store(tmp_path):
         assert json.loads(row["params"]) == params
         assert row["seed"] == params["seed"]
         assert json.loads(row["config"]) == config.to_dict()
-        assert row["run_dir"] == f"runs/{config.key}"
+        # readable: the swept fields' last names and values, in the config's order
+        assert row["run_dir"] == (
+            f"runs/depth={params['model.depth']}-activation={params['model.activation']}"
+            f"-seed={params['seed']}"
+        )
         run_dir = tmp_path / "out" / row["run_dir"]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert json.loads(row["summary"]) == summary
@@ -381,3 +385,34 @@ def test_sweep_progress_shows_the_finished_runs_gradient_strip(tmp_path):
     strip = SweepDisplay(tmp_path / "out").strip(run)
     assert len(strip) == run.config.model.depth + 1  # one cell per Linear, head included
     assert strip == gradient_strip(last.tolist())
+
+
+def test_a_sweep_recorded_under_key_named_directories_resumes_in_place(tmp_path):
+    """A sweep written before readable names (``runs/<key>``) is resumed where its runs are:
+    the store's run_dir is the record, nothing is trained twice or moved."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(
+        '[task]\nname = "teacher"\nn_train = 64\n[model]\ndepth = [1, 2]\nwidth = 4\n'
+        "[train]\nsteps = 5\n"
+    )
+    out = tmp_path / "out"
+    run_sweep(cfg, out, workers=1)
+    plan = plan_sweep(read_toml(cfg))
+    assert [r.run_dir for r in plan] == ["runs/depth=1-seed=0", "runs/depth=2-seed=0"]
+    # rewrite it as the old layout: directories named by key, rows saying so; one unfinished
+    conn = sqlite3.connect(out / "sweep.sqlite")
+    with conn:
+        for r in plan:
+            (out / r.run_dir).rename(out / "runs" / r.key)
+            conn.execute("UPDATE runs SET run_dir=? WHERE key=?", (f"runs/{r.key}", r.key))
+        conn.execute("UPDATE runs SET status='pending', summary=NULL WHERE key=?", (plan[1].key,))
+    conn.close()
+    done = (out / "runs" / plan[0].key / "summary.json").stat().st_mtime_ns
+    events = []
+    run_sweep(cfg, out, workers=1, on_event=lambda kind, run, info: events.append((kind, run)))
+    assert [run.key for kind, run in events if kind == "start"] == [plan[1].key]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(r.key for r in plan)
+    assert (out / "runs" / plan[0].key / "summary.json").stat().st_mtime_ns == done
+    rows = {r["key"]: r for r in _db_rows(out)}
+    assert {r["status"] for r in rows.values()} == {"completed"}
+    assert vanishing.load_run(out / "runs" / plan[1].key).steps["step"].tolist() == list(range(5))

@@ -117,9 +117,10 @@ def test_ray_backend_writes_what_the_local_pool_writes(sweeps):
         assert _comparable(ray_rows[key]) == _comparable(local_rows[key])
         assert ray_rows[key]["started_at"] <= ray_rows[key]["finished_at"]
     # the same run directories, holding the same files and the same recorded numbers
-    assert {p.name for p in (on_ray / "runs").iterdir()} == keys
+    dirs = {r.key: r.run_dir for r in plan}  # readable names, the same on both backends
+    assert {p.name for p in (on_ray / "runs").iterdir()} == {d.split("/")[1] for d in dirs.values()}
     for key in keys:
-        a, b = local / "runs" / key, on_ray / "runs" / key
+        a, b = local / dirs[key], on_ray / dirs[key]
         assert set(_mtimes(a)) == set(_mtimes(b))
         ra, rb = vanishing.load_run(a), vanishing.load_run(b)
         assert ra.metrics.equals(rb.metrics)
@@ -157,9 +158,10 @@ class _Spy:
         monkeypatch.setattr(tune.Tuner, "fit", spy_fit)
 
 
-def _forget(sweep_dir, key):
+def _forget(sweep_dir, run):
     """As if the run never finished: no summary.json, no row."""
-    (sweep_dir / "runs" / key / "summary.json").unlink()
+    key = run.key
+    (sweep_dir / run.run_dir / "summary.json").unlink()
     conn = sqlite3.connect(sweep_dir / "sweep.sqlite")
     with conn:
         conn.execute("DELETE FROM runs WHERE key = ?", (key,))
@@ -177,7 +179,7 @@ def _resume(tmp_path, sweeps, name):
 def test_a_ray_sweep_redoes_only_the_run_that_did_not_finish(tmp_path, sweeps, monkeypatch):
     cfg, sweep_dir, victim, other = _resume(tmp_path, sweeps, "again")
     before = _rows(sweep_dir)
-    _forget(sweep_dir, victim.key)
+    _forget(sweep_dir, victim)
     untouched = _mtimes(sweep_dir / other.run_dir)
     spy = _Spy(monkeypatch)
     started = []
@@ -225,7 +227,7 @@ def test_tuner_restore_resumes_an_errored_trial(tmp_path, sweeps, monkeypatch):
     without a new experiment; the other trial, finished, is left alone."""
     cfg, sweep_dir, victim, other = _resume(tmp_path, sweeps, "errored")
     before = _rows(sweep_dir)
-    _forget(sweep_dir, victim.key)
+    _forget(sweep_dir, victim)
     _mark_trial(sweep_dir, victim.key, "ERROR")
     untouched = _mtimes(sweep_dir / other.run_dir)
     spy = _Spy(monkeypatch)
@@ -250,7 +252,7 @@ def test_a_ray_sweep_killed_before_tune_saved_a_trial_starts_afresh(tmp_path, sw
     cfg, sweep_dir, victim, other = _resume(tmp_path, sweeps, "early")
     for state in (sweep_dir / RAY_DIR).glob("*state-*.json"):
         state.unlink()
-    _forget(sweep_dir, victim.key)
+    _forget(sweep_dir, victim)
     spy = _Spy(monkeypatch)
     _, rows = run_sweep(cfg, sweep_dir, workers=2, backend="ray")
     assert spy.restores == [] and spy.fits == 1

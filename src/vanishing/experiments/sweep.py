@@ -3,7 +3,7 @@
 ``run_sweep(config_path, sweep_dir)`` expands the sweep config (every list-valued field is an
 axis, times ``seeds``; see :func:`vanishing.experiments.config.expand_sweep`), validates every
 run before starting any, and trains the runs that are not finished yet, each into
-``<sweep_dir>/runs/<key>/``. The parent process is the store's only writer: a row goes
+``<sweep_dir>/runs/<name>/`` (named by the swept values). The parent process is the store's only writer: a row goes
 ``pending`` -> ``running`` (when handed to a worker) -> ``completed`` | ``diverged`` |
 ``failed``. A sweep killed at any point and started again resets its ``running`` rows to
 ``pending``, takes the result of a pending run whose directory holds a finished run (its
@@ -20,6 +20,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -67,16 +68,58 @@ CREATE TABLE IF NOT EXISTS runs (
 
 @dataclass
 class SweepRun:
-    """One run of a sweep: its key, the swept values (``params``) and the resolved config."""
+    """One run of a sweep: its key, the swept values (``params``), the resolved config and its
+    run directory relative to the sweep directory (``runs/depth=20-activation=sigmoid-seed=0``;
+    a sweep started before readable names keeps its ``runs/<key>`` directories)."""
 
     key: str
     params: dict[str, Any]
     config: ExperimentConfig
+    run_dir: str = ""
 
-    @property
-    def run_dir(self) -> str:
-        """Its run directory, relative to the sweep directory."""
-        return f"{RUNS}/{self.key}"
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            self.run_dir = f"{RUNS}/{self.key}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_MAX_NAME = 96  # well under every file system's 255-byte name limit, and readable in a listing
+
+
+def _short_names(params: list[dict[str, Any]]) -> dict[str, str]:
+    """Each swept field's shortest unambiguous name: the last dotted part (``model.depth`` ->
+    ``depth``) unless two swept fields share it, then the full name."""
+    fields = list(dict.fromkeys(k for p in params for k in p))
+    last = [f.rsplit(".", 1)[-1] for f in fields]
+    return {f: (t if last.count(t) == 1 else f) for f, t in zip(fields, last)}
+
+
+def _value_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return _UNSAFE.sub("_", text).strip("._") or "_"
+
+
+def run_names(params: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """Readable, unique directory names for runs: ``depth=20-activation=sigmoid-seed=0``.
+
+    Characters a file name should not hold become ``_``; a name that is too long, or that two
+    runs would share after that, gets the first 8 characters of the run's key appended.
+
+    Example:
+        >>> run_names([{"model.depth": 2, "seed": 0}, {"model.depth": 4, "seed": 0}], ["ab", "cd"])
+        ['depth=2-seed=0', 'depth=4-seed=0']
+        >>> run_names([{"data.path": "a/b"}, {"data.path": "a_b"}], ["1234567890", "abcdefghij"])
+        ['path=a_b-12345678', 'path=a_b-abcdefgh']
+    """
+    short = _short_names(params)
+    names = [
+        "-".join(f"{short[k]}={_value_text(v)}" for k, v in p.items()) or "run" for p in params
+    ]
+    counts = {n: names.count(n) for n in names}
+    return [
+        n if counts[n] == 1 and len(n) <= _MAX_NAME else f"{n[:_MAX_NAME]}-{key[:8]}"
+        for n, key in zip(names, keys)
+    ]
 
 
 def plan_sweep(raw: dict[str, Any]) -> list[SweepRun]:
@@ -85,10 +128,15 @@ def plan_sweep(raw: dict[str, Any]) -> list[SweepRun]:
     Example:
         >>> from vanishing.experiments.sweep import plan_sweep
         >>> runs = plan_sweep({"model": {"depth": [2, 4]}, "seeds": [0, 1, 2]})
-        >>> len(runs), runs[0].params, runs[0].run_dir == "runs/" + runs[0].key
-        (6, {'model.depth': 2, 'seed': 0}, True)
+        >>> len(runs), runs[0].params, runs[0].run_dir
+        (6, {'model.depth': 2, 'seed': 0}, 'runs/depth=2-seed=0')
     """
-    return [SweepRun(config.key, params, config) for params, config in expand_sweep(raw)]
+    expanded = expand_sweep(raw)
+    names = run_names([p for p, _ in expanded], [c.key for _, c in expanded])
+    return [
+        SweepRun(config.key, params, config, f"{RUNS}/{name}")
+        for (params, config), name in zip(expanded, names)
+    ]
 
 
 class SweepStore:
@@ -411,6 +459,11 @@ def run_sweep(
     store = SweepStore(sweep_dir / DB)
     try:
         store.add(plan)
+        # the store is the record of where each run lives: a run planned by an older version
+        # (or under other names) keeps its directory
+        stored = dict(store.conn.execute("SELECT key, run_dir FROM runs"))
+        for r in plan:
+            r.run_dir = stored.get(r.key, r.run_dir)
         interrupted = {key for key, st in store.statuses().items() if st == "running"}
         store.reset_interrupted()
         if retry_failed:
