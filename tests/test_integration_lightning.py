@@ -472,7 +472,7 @@ def test_an_exception_in_training_closes_the_monitor(tmp_path):
         _fit(tmp_path, model, [cb], max_steps=6)
     run = vanishing.load_run(tmp_path / "r")
     assert run.steps.step.tolist() == [0, 1, 2]
-    assert run.manifest["status"] == "closed"
+    assert run.manifest["status"] == "completed"
     vanishing.watch(model, run_dir=tmp_path / "again").close()  # no longer watched
 
 

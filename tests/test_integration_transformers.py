@@ -197,7 +197,7 @@ def test_default_run_dir_diagnosis_printed_once_and_monitor_closed(tmp_path, cap
     assert str(cb.diagnosis) in out
     assert cb.monitor is None and not hasattr(trainer.model, "_vanishing_monitor")
     manifest = json.loads((cb.run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "closed" and manifest["optimizer"]["type"] == "AdamW"
+    assert manifest["status"] == "completed" and manifest["optimizer"]["type"] == "AdamW"
     assert vanishing.load_run(cb.run_dir).diagnose().to_dict() == cb.diagnosis.to_dict()
 
 

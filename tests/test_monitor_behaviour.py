@@ -156,7 +156,7 @@ def test_zero_length_run_reads_as_empty(run_dir):
         pass
     run = vanishing.load_run(mon.run_dir)
     assert len(run.steps) == 0 and len(run.metrics) == 0
-    assert run.manifest["status"] == "closed"
+    assert run.manifest["status"] == "completed"
     with pytest.raises(ValueError, match="recorded no steps"):
         run.pivot("grad_norm", param="bias")
 
@@ -405,3 +405,18 @@ def test_error_signals_of_every_backward_of_a_step_are_recorded(run_dir, loop):
     m = vanishing.load_run(run_dir).metrics
     got = m[(m.layer == "2") & (m.param == "")].sort_values("step").error_norm.tolist()
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_status_words_match_a_config_runs(run_dir, tmp_path):
+    """completed after a normal close, failed when the watched block raised, the same word
+    a config run's summary uses; an older run's "closed" reads as completed."""
+    with vanishing.watch(mlp(), run_dir=run_dir):
+        pass
+    assert vanishing.load_run(run_dir).manifest["status"] == "completed"
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="boom"), vanishing.watch(mlp(), run_dir=failed):
+        raise RuntimeError("boom")
+    assert vanishing.load_run(failed).manifest["status"] == "failed"
+    manifest = run_dir / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"completed"', '"closed"'))
+    assert vanishing.load_run(run_dir).manifest["status"] == "completed"

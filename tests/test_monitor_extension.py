@@ -235,7 +235,7 @@ def test_a_new_sink_receives_every_flushed_step(run_dir):
     last = [b for b in sink.blocks if b.n][-1]
     layer, param, _ = last.params[0]
     assert last.values["param"]["grad_norm"][-1, 0] == row(run, 4, layer, param).grad_norm
-    assert sink.blocks[-1].manifest["status"] == "closed"  # the final manifest comes last
+    assert sink.blocks[-1].manifest["status"] == "completed"  # the final manifest comes last
 
 
 def test_a_failing_sink_warns_and_the_run_directory_is_still_written(run_dir):

@@ -121,5 +121,5 @@ def test_fsdp2_records_whole_parameter_norms(tmp_path):
             assert got == pytest.approx(want, rel=1e-4), (rank, rec.step, rec.layer, rec.param)
         assert (
             json.loads((tmp_path / f"rank{rank}" / "manifest.json").read_text())["status"]
-            == "closed"
+            == "completed"
         )

@@ -34,7 +34,7 @@ def test_parts_are_written_every_flush_and_read_without_vanishing(run_dir):
     metrics = pq.read_table(run_dir / "metrics").to_pandas()
     assert set(metrics.layer) == {str(i) for i in range(9)}
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["status"] == "closed"
+    assert manifest["schema_version"] == 1 and manifest["status"] == "completed"
     assert [layer["name"] for layer in manifest["layers"]] == [str(i) for i in range(9)]
     assert manifest["optimizer"]["type"] == "SGD"
     assert mon.step == 6

@@ -121,7 +121,7 @@ def test_unwritable_tensorboard_dir_warns_and_the_run_is_complete(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"TensorBoardSink\.open failed"):
         run = watched(tmp_path / "run", [TensorBoardSink(blocker / "tb")])
     assert list(run.steps.step) == list(range(STEPS))
-    assert run.manifest["status"] == "closed"
+    assert run.manifest["status"] == "completed"
     assert set(run.metrics.layer) >= set(run.hidden)
 
 

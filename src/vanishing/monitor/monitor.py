@@ -198,6 +198,7 @@ class Monitor:
         self._sentinel: tuple[nn.Parameter, weakref.ref, int] | None = None
 
         self._status = "running"
+        self._failed = False
         self._revisions: list[dict[str, Any]] = []  # layout changes during the run
         self._notes: dict[str, dict[str, Any]] = {}
         self._manifest_changed = False  # a note since the manifest was last written
@@ -629,7 +630,8 @@ class Monitor:
         finally:
             self._closed = True
         self._flush_quietly()
-        self._status = "closed"
+        # the word a config run's summary uses too; "failed" when the `with` block raised
+        self._status = "failed" if self._failed else "completed"
         try:
             self._emit(self._buffer.empty(manifest=self._manifest()))
         except Exception as e:  # noqa: BLE001
@@ -719,7 +721,9 @@ class Monitor:
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # KeyboardInterrupt is a user's stop, not a failure of the training
+        self._failed = exc_type is not None and not issubclass(exc_type, KeyboardInterrupt)
         self.close()
 
     def __repr__(self) -> str:

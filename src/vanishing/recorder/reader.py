@@ -367,6 +367,9 @@ class Run:
         problem = check_manifest(self.manifest)
         if problem:
             raise RunError(f"{manifest_path}: unreadable manifest: {problem}")
+        if self.manifest.get("status") == "closed":
+            # runs written before 0.1.0's status words: a closed monitor is a completed run
+            self.manifest["status"] = "completed"
         if max_steps is not None and max_steps < 3:
             raise ValueError("max_steps must be at least 3 (the first, middle and last step)")
         self.max_steps = max_steps
