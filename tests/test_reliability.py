@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -455,3 +456,32 @@ def test_a_module_replaced_mid_run_is_recorded_as_the_new_one(run_dir):
             got = m[(m.step == step) & (m.layer == layer) & (m.param == param)].grad_norm.item()
             assert got == pytest.approx(norm, rel=1e-6), (step, name)
     assert run.steps.step.tolist() == list(range(6))
+
+
+def test_a_module_swapped_without_telling_the_optimizer_is_a_revision_and_a_note(run_dir):
+    """Found by torch's registration hooks before the step's forward: the whole step is
+    recorded under the new layout, and the note says the new parameters will not train."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    truth = {}
+    with vanishing.watch(model, opt, run_dir=run_dir):
+        for step in range(4):
+            if step == 2:
+                model[0] = nn.Linear(3, 4)  # the optimizer still holds the old one
+            opt.zero_grad()
+            model(torch.randn(5, 3)).sum().backward()
+            truth[step] = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+            opt.step()
+    run = vanishing.load_run(run_dir)
+    assert run.manifest["revisions"] == [{"step": 2, "added": [], "removed": [], "replaced": ["0"]}]
+    (note,) = [n["text"] for n in run.manifest["notes"] if "layout changed" in n["text"]]
+    assert "not recorded" not in note and "does not hold the parameters of '0'" in note
+    m = run.metrics
+    for step in (2, 3):  # the new module's gradients, every step since the swap
+        got = m[(m.step == step) & (m.layer == "0") & (m.param == "weight")].grad_norm.item()
+        assert got == pytest.approx(truth[step]["0.weight"], rel=1e-6)
+    # no update is measured for a parameter the optimizer does not hold (not a zero update)
+    assert np.isnan(m[(m.step == 3) & (m.layer == "0") & (m.param == "weight")].update_norm.item())
+    assert (m[(m.layer == "2") & (m.param != "")].update_norm > 0).all()  # held: measured
+    assert run.steps.step.tolist() == list(range(4))

@@ -86,7 +86,29 @@ class Events:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._guard(self._step_pre)))
             self._handles.append(optimizer.register_step_post_hook(self._guard(self._step_post)))
+        # A module or parameter assigned into the watched tree (``model[2] = nn.Linear(...)``,
+        # ``m.weight = nn.Parameter(...)``): torch's global registration hooks tell us at no
+        # per-step cost, whether or not the optimizer is told.
+        self._tree: set[int] = set()
+        self.structure_changed = False
+        if root is not None:
+            from torch.nn.modules import module as _module
+
+            self.watch_structure(root)
+            self._handles.append(_module.register_module_module_registration_hook(self._registered))
+            self._handles.append(
+                _module.register_module_parameter_registration_hook(self._registered)
+            )
         _add_listener(self)
+
+    def watch_structure(self, root: nn.Module) -> None:
+        """Track assignments into ``root``'s modules from now on (after a layout revision)."""
+        self._tree = {id(m) for m in root.modules()}
+        self.structure_changed = False
+
+    def _registered(self, parent: nn.Module, name: str, value: Any) -> None:
+        if id(parent) in self._tree:
+            self.structure_changed = True
 
     # ------------------------------------------------------------------ for probes
     def on_output(self, module: nn.Module, fn: Callable) -> None:

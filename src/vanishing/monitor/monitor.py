@@ -315,6 +315,8 @@ class Monitor:
             self._skipped += 1
             self._reset()
             self._recording = self._schedule(self.step)
+        if self._depth == 0 and self.events.structure_changed and not self._forward_seen:
+            self._check_layout(whole_step=True)  # before this step's first forward: all of it
         if self._depth == 0:  # the outermost entry: a new forward pass (not a nested call)
             self._generation += 1
             if self._capturing():
@@ -363,11 +365,14 @@ class Monitor:
         opt = self._optimizer
         return 0 if opt is None else sum(len(g["params"]) for g in opt.param_groups)
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, whole_step: bool = False) -> None:
         """A module replaced or added since the layout was made (``model[2] = nn.Linear(...)``,
-        its parameters given to the optimizer) starts a new layout revision: the steps so far
-        are flushed under the old layout, the new one is watched from this step on, and the
-        manifest says what changed (``revisions``, and a note)."""
+        seen by torch's registration hooks or by parameters given to the optimizer) starts a
+        new layout revision: the steps so far are flushed under the old layout, the new one is
+        watched from this step on, and the manifest says what changed (``revisions``, and a
+        note). ``whole_step``: found before the step's first forward, so nothing of it is
+        missed."""
+        self.events.watch_structure(self._root)
         new = Layout(self._root)
         before = {r.name: r.module for r in self.layout.modules}
         after = {r.name: r.module for r in new.modules}
@@ -406,9 +411,21 @@ class Monitor:
             for k, v in (("added", added), ("removed", removed), ("replaced", replaced))
             if v
         )
+        untrained = []
+        if self._optimizer is not None:
+            held = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
+            untrained = sorted(
+                {r.owners[0][0] for r in new.params if r.owners and id(r.param) not in held}
+            )
         self._note(
-            f"layout changed at step {self.step} ({changed}); that step's activations "
-            "and error signals are not recorded"
+            f"layout changed at step {self.step} ({changed})"
+            + ("" if whole_step else "; that step's activations and error signals are not recorded")
+            + (
+                f"; the optimizer does not hold the parameters of {', '.join(map(repr, untrained))}"
+                ": they will not train unless they are added to it"
+                if untrained
+                else ""
+            )
         )
         self._manifest_changed = True
 
