@@ -3,6 +3,7 @@ run directory that refuses writes for a while."""
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -485,3 +486,35 @@ def test_a_module_swapped_without_telling_the_optimizer_is_a_revision_and_a_note
     assert np.isnan(m[(m.step == 3) & (m.layer == "0") & (m.param == "weight")].update_norm.item())
     assert (m[(m.layer == "2") & (m.param != "")].update_norm > 0).all()  # held: measured
     assert run.steps.step.tolist() == list(range(4))
+
+
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.ReLU])
+def test_a_large_run_is_diagnosed_from_a_sample_with_the_full_reads_verdict(
+    tmp_path, monkeypatch, activation
+):
+    """Above EXACT_DIAGNOSIS_ROWS, Run.diagnose() reads DIAGNOSIS_STEPS of the steps (bounded
+    time and memory); the full read is the oracle for the findings (kinds and layers)."""
+    from vanishing.diagnose.engine import diagnose_run
+    from vanishing.recorder import reader
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(8):
+        layers += [nn.Linear(16, 16), activation()]
+    model = nn.Sequential(*layers, nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with vanishing.watch(model, opt, run_dir=tmp_path / "run", flush_every=25):
+        for _ in range(300):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    full = diagnose_run(vanishing.load_run(tmp_path / "run"))
+    monkeypatch.setattr(reader, "EXACT_DIAGNOSIS_ROWS", 1_000)
+    monkeypatch.setattr(reader, "DIAGNOSIS_STEPS", 25)
+    sampled = vanishing.load_run(tmp_path / "run").diagnose()
+    assert [(f.kind, f.layers) for f in sampled.findings] == [
+        (f.kind, f.layers) for f in full.findings
+    ]
+    assert any(re.search(r"diagnosed from 2[0-5] of 300 recorded steps", n) for n in sampled.notes)
+    assert not any("diagnosed from" in n for n in full.notes)

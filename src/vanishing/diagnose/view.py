@@ -51,7 +51,25 @@ class RunView:
         return {layer["name"]: layer for layer in self.layers}
 
     def recent(self, df: pd.DataFrame) -> pd.DataFrame:
+        if df is self.metrics:
+            return self.recent_metrics
         return df[df["step"].isin(self.window_steps)]
+
+    @cached_property
+    def recent_metrics(self) -> pd.DataFrame:
+        """The metrics rows of the window, filtered once (rules ask for them per layer)."""
+        m = self.metrics
+        return m[m["step"].isin(self.window_steps)]
+
+    @cached_property
+    def _recent_rows(self) -> dict[tuple[str, str], pd.DataFrame]:
+        m = self.recent_metrics
+        return {key: rows for key, rows in m.groupby(["layer", "param"], sort=False)}
+
+    def recent_rows(self, layer: str, param: str) -> pd.DataFrame:
+        """The window's metrics rows of one (layer, param); ``param == ""`` for module rows."""
+        rows = self._recent_rows.get((layer, param))
+        return rows if rows is not None else self.recent_metrics.iloc[:0]
 
     @cached_property
     def hidden(self) -> list[str]:
@@ -257,8 +275,7 @@ class RunView:
         act = self.activation_after.get(layer)
         if act is None:
             return float("nan")
-        rows = self.recent(self.metrics)
-        vals = rows[(rows["layer"] == act) & (rows["param"] == "")][stat].dropna()
+        vals = self.recent_rows(act, "")[stat].dropna()
         return float(vals.median()) if not vals.empty else float("nan")
 
     @cached_property
@@ -305,8 +322,7 @@ class RunView:
         hh = next((p for p in info.get("params", []) if p["name"] == "weight_hh_l0"), None)
         if hh is None:
             return out
-        rows = self.recent(self.metrics)
-        rows = rows[(rows["layer"] == layer) & (rows["param"] == "weight_hh_l0")]
+        rows = self.recent_rows(layer, "weight_hh_l0")
         if not rows.empty:
             gates = max(1, hh["shape"][0] // hh["shape"][1])  # 1 RNN, 3 GRU, 4 LSTM blocks
             norm = float(rows["param_norm"].iloc[0])
@@ -344,8 +360,7 @@ class RunView:
         if weight is None or len(weight["shape"]) < 2:
             return float("nan")
         fan_in = int(np.prod(weight["shape"][1:]))
-        rows = self.recent(self.metrics)
-        rows = rows[(rows["layer"] == layer) & (rows["param"] == "weight")]
+        rows = self.recent_rows(layer, "weight")
         if rows.empty:
             return float("nan")
         norm = float(rows["param_norm"].iloc[0])  # the earliest weight in the window

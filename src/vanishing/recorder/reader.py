@@ -43,6 +43,13 @@ _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _COLUMNS = {"metrics": METRIC_COLUMNS, "steps": STEP_COLUMNS, "temporal": TEMPORAL_COLUMNS}
 
 
+#: above this many metric rows, :meth:`Run.diagnose` reads a sample of the steps (the rows of
+#: about 1,200 steps of a 200-layer run: a few seconds and well under 1 GB)
+EXACT_DIAGNOSIS_ROWS = 250_000
+#: the steps such a diagnosis reads, and the report's default sample
+DIAGNOSIS_STEPS = 200
+
+
 def _parts(directory: Path) -> dict[int, Path]:
     if not directory.is_dir():
         return {}
@@ -646,13 +653,41 @@ class Run:
         ``model``, the watched model as it is now, lets the diagnosis measure what the run does
         not record (the recurrent weights' largest singular value).
 
+        A run of more than :data:`EXACT_DIAGNOSIS_ROWS` metric rows is diagnosed from the exact
+        rows of :data:`DIAGNOSIS_STEPS` of its steps (evenly spaced, with the first, middle,
+        last and first non-finite steps), so that time and memory stay bounded however long
+        the run; a note says so. Every rule judges medians and trends over steps, which such a
+        sample keeps (``tests/test_reliability.py`` checks the verdict against the full read).
+
         Example:
             >>> vanishing.load_run("runs/my-run").diagnose().kinds   # doctest: +SKIP
             ['vanishing_gradient']
         """
         from vanishing.diagnose.engine import diagnose_run
 
-        return diagnose_run(self, model)
+        if self.max_steps is None and self._metric_rows() > EXACT_DIAGNOSIS_ROWS:
+            return Run(self.path, max_steps=DIAGNOSIS_STEPS).diagnose(model)
+        diag = diagnose_run(self, model)
+        sampled, recorded = len(self.sample_steps), len(self.all_steps)
+        if sampled < recorded:
+            diag.notes.append(
+                f"diagnosed from {sampled} of {recorded} recorded steps (evenly spaced, with the "
+                "first, middle, last and first non-finite steps), to keep time and memory "
+                "bounded on this large run"
+            )
+        return diag
+
+    def _metric_rows(self) -> int:
+        """How many rows the ``metrics`` table holds, from the part footers (no data read)."""
+        import pyarrow.parquet as pq
+
+        rows = 0
+        for path in committed_parts(self.path, "metrics"):
+            try:
+                rows += pq.ParquetFile(path).metadata.num_rows
+            except Exception:  # noqa: BLE001 - a damaged part is reported by the reads
+                continue
+        return rows
 
     def report(self, path: str | os.PathLike | None = None) -> Path:
         """Write this run's self-contained HTML report and return its path.

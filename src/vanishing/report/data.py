@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from vanishing.recorder.columns import BUILTIN, DERIVED_RATIOS
 from vanishing.recorder.errors import RunError
-from vanishing.recorder.reader import Run, committed_parts, read_part, with_all_columns
+from vanishing.recorder.reader import (
+    DIAGNOSIS_STEPS,
+    Run,
+    committed_parts,
+    read_part,
+    with_all_columns,
+)
 from vanishing.recorder.schema import MANIFEST, METRIC_COLUMNS
 from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, speed_source
 
@@ -129,7 +135,7 @@ class RunData:
         path: str | os.PathLike,
         *,
         max_points: int = 400,
-        max_samples: int = 200,
+        max_samples: int = DIAGNOSIS_STEPS,
         max_rows: int = 1_000_000,
     ) -> None:
         if max_points < 3 or max_samples < 3:

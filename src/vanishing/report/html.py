@@ -38,7 +38,6 @@ RATIO_LABEL = "speed of learning, first / last hidden layer (median of per-step 
 #: Runs with more metric rows than this are diagnosed from the sampled steps, i.e. from the
 #: bounded run that :class:`RunData` holds (the rules read whole tables into pandas: a 100-layer
 #: run of 4,000 steps would take about 20 s and 800 MiB).
-EXACT_DIAGNOSIS_ROWS = 250_000
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
@@ -168,22 +167,17 @@ def _version() -> str:
 
 
 def _diagnose(data: RunData) -> tuple[Any, str]:
-    """The run's diagnosis and a note on how it was made. Very large runs are diagnosed from the
-    exact rows of a sample of their steps (:attr:`RunData.run`, bounded memory)."""
+    """The run's diagnosis (:meth:`vanishing.Run.diagnose`: a very large run is diagnosed from
+    a sample of its steps, and its notes say so), reusing the page's bounded read."""
     import vanishing
+    from vanishing.recorder import reader
     from vanishing.recorder.errors import RunError
 
     total_rows = sum(p["rows"] for p in data.parts)
     try:
-        if total_rows <= EXACT_DIAGNOSIS_ROWS or len(data.step_list) <= len(data.sample_steps):
-            return vanishing.load_run(data.path).diagnose(), ""
-        diag = data.run.diagnose()
-        note = (
-            f"diagnosed from {len(data.sample_steps)} of {len(data.step_list)} recorded steps "
-            "(evenly spaced, with the first, middle, last and first non-finite steps), to keep "
-            "time and memory bounded on this large run"
-        )
-        return diag, note
+        if total_rows > reader.EXACT_DIAGNOSIS_ROWS:
+            return data.run.diagnose(), ""  # the page's sample of steps, already read
+        return vanishing.load_run(data.path).diagnose(), ""
     except RunError as e:  # nothing recorded yet
         return None, str(e)
 
