@@ -147,6 +147,7 @@ def show(result: Reproduction, console: Console, seconds: float | None = None) -
 
     Example:
         >>> from rich.console import Console
+        >>> from vanishing.cli.reproduce import show
         >>> from vanishing.experiments.reproductions.base import Check, Reproduction
         >>> r = Reproduction("x", "A title", "Someone 2010", [Check.below("loss", published=0.1, measured=0.05, limit=0.1)])
         >>> show(r, Console(width=80, color_system=None))   # doctest: +ELLIPSIS

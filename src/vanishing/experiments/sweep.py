@@ -106,6 +106,7 @@ def run_names(params: list[dict[str, Any]], keys: list[str]) -> list[str]:
     runs would share after that, gets the first 8 characters of the run's key appended.
 
     Example:
+        >>> from vanishing.experiments.sweep import run_names
         >>> run_names([{"model.depth": 2, "seed": 0}, {"model.depth": 4, "seed": 0}], ["ab", "cd"])
         ['depth=2-seed=0', 'depth=4-seed=0']
         >>> run_names([{"data.path": "a/b"}, {"data.path": "a_b"}], ["1234567890", "abcdefghij"])

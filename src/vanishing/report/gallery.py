@@ -7,6 +7,7 @@ Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> from vanishing.experiments.reproductions.base import Check, Reproduction
+    >>> from vanishing.report.gallery import write_gallery
     >>> r = Reproduction("x", "A title", "Someone 2010", [Check.below("MSE", published=0.1, measured=0.05, limit=0.1)])
     >>> page = write_gallery([r], Path(tempfile.mkdtemp()) / "index.html")
     >>> "A title" in page.read_text()
@@ -83,6 +84,7 @@ def render_gallery(results: list[Reproduction], *, seconds: dict[str, float] | N
 
     Example:
         >>> from vanishing.experiments.reproductions.base import Reproduction
+        >>> from vanishing.report.gallery import render_gallery
         >>> "<h2" in render_gallery([Reproduction("x", "T", "C", [])])
         True
     """

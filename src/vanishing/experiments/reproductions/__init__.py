@@ -46,6 +46,7 @@ def load(name: str) -> ModuleType:
     """The module of reproduction ``name``; a ValueError naming the available ones otherwise.
 
     Example:
+        >>> from vanishing.experiments.reproductions import load
         >>> load("nielsen").__name__
         'vanishing.experiments.reproductions.nielsen'
     """

@@ -58,6 +58,7 @@ class Check:
     :meth:`below` and :meth:`above` so that the words and the test agree.
 
     Example:
+        >>> from vanishing.experiments.reproductions.base import Check
         >>> Check.below("tanh RNN test MSE", published=0.167, measured=0.01, limit=0.02).ok
         True
         >>> Check.above("LSTM beats baseline by", published="> 10x", measured=3.0, limit=10).ok
@@ -100,6 +101,7 @@ class Check:
         (for numbers that span orders of magnitude, such as gradient norms).
 
         Example:
+            >>> from vanishing.experiments.reproductions.base import Check
             >>> Check.factor("speed", published=0.003, measured=0.0032, factor=2).tolerance
             'within x2'
         """
@@ -144,6 +146,7 @@ class Table:
     Cells are numbers or strings; numbers are shown with 3 significant digits.
 
     Example:
+        >>> from vanishing.experiments.reproductions.base import Table
         >>> t = Table("variance per layer", ["layer", "standard", "normalized"], [[1, 0.5, 1.0]])
         >>> t.cells()[0]
         ['1', '0.5', '1']
@@ -181,6 +184,7 @@ class Reproduction:
     widths...) so the JSON is a complete record.
 
     Example:
+        >>> from vanishing.experiments.reproductions.base import Reproduction
         >>> r = Reproduction(name="x", title="t", citation="c", checks=[])
         >>> r.ok          # no check failed
         True
@@ -235,6 +239,7 @@ def check_out(out: str | os.PathLike | None, name: str, *, create: bool = True) 
 
     Example:
         >>> import tempfile
+        >>> from vanishing.experiments.reproductions.base import check_out
         >>> check_out(tempfile.mkdtemp(), "glorot").is_dir()
         True
     """
@@ -253,6 +258,7 @@ def save_figure(figure: Any, out: Path, stem: str) -> list[Path]:
         >>> import tempfile
         >>> from pathlib import Path
         >>> from matplotlib.figure import Figure
+        >>> from vanishing.experiments.reproductions.base import save_figure
         >>> fig = Figure(); _ = fig.subplots().plot([1, 2])
         >>> [p.name for p in save_figure(fig, Path(tempfile.mkdtemp()), "curve")]
         ['curve.png', 'curve.svg']

@@ -363,6 +363,7 @@ def checks(nets: list[NetResult]) -> list[Check]:
 
     Example:
         >>> import numpy as np
+        >>> from vanishing.experiments.reproductions.nielsen import NetResult, checks
         >>> net = NetResult([64, 30, 30, 10], np.array([[0.07, 0.31]]), np.zeros((2, 1, 2)))
         >>> [c.ok for c in checks([net])]
         [True, True, True, True]
