@@ -270,7 +270,9 @@ def test_cli_sweep_killed_and_restarted_redoes_only_unfinished_runs(tmp_path):
         run_dir = out / row["run_dir"]
         steps = vanishing.load_run(run_dir).steps["step"].tolist()
         assert steps == list(range(60))  # a clean run, not a resumed half
-    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(expected)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        row["run_dir"].removeprefix("runs/") for row in rows
+    )
     # plain output (not a terminal): one line per finished run, with its ETA
     assert r.stdout.count("ETA") >= len(expected) - len(completed_at_kill)
 
@@ -416,3 +418,19 @@ def test_a_sweep_recorded_under_key_named_directories_resumes_in_place(tmp_path)
     rows = {r["key"]: r for r in _db_rows(out)}
     assert {r["status"] for r in rows.values()} == {"completed"}
     assert vanishing.load_run(out / "runs" / plan[1].key).steps["step"].tolist() == list(range(5))
+
+
+def test_the_eta_counts_parallel_runs_as_parallel():
+    """The first ETA: mean run time x rounds of `workers` runs left (not elapsed / done, which
+    counts the first round's parallel runs as one after another)."""
+    from vanishing.cli.sweep import SweepDisplay
+
+    d = SweepDisplay()
+    d.live = False  # plain lines
+    d.event("plan", None, {"total": 10, "todo": 10, "workers": 2})
+    assert d.eta() is None
+    run = type("R", (), {"params": {"seed": 0}})()
+    d.event("finish", run, {"status": "completed", "seconds": 30.0})
+    assert d.eta() == 30.0 * 5  # 9 left on 2 workers: 5 rounds of 30 s
+    d.event("finish", run, {"status": "completed", "seconds": 50.0})
+    assert d.eta() == 40.0 * 4  # 8 left: 4 rounds of the mean, 40 s

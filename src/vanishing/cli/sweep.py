@@ -3,6 +3,7 @@ experiments, resumable."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -127,11 +128,25 @@ class SweepDisplay:
         self.bar = None
         self.task = None
         self.total = self.todo = self.done = 0
+        self.workers = 1
+        self.seconds: list[float] = []  # how long each finished run took (its summary's)
         self.started = time.monotonic()
+
+    def eta(self) -> float | None:
+        """Seconds left: the mean duration of the finished runs times the rounds of
+        ``workers`` parallel runs still to go (the elapsed time over the runs done would count
+        the first round's parallel runs as one after another: a first ETA twice too long on 2
+        workers). None before any run finished."""
+        if not self.seconds:
+            return None
+        mean = sum(self.seconds) / len(self.seconds)
+        left = self.todo - self.done
+        return mean * math.ceil(left / max(1, self.workers))
 
     def event(self, kind: str, run, info) -> None:
         if kind == "plan":
             self.total, self.todo = info["total"], info["todo"]
+            self.workers = int(info.get("workers") or 1)
             self.started = time.monotonic()
             finished = self.total - self.todo
             self.console.print(
@@ -144,7 +159,16 @@ class SweepDisplay:
                     Progress,
                     TextColumn,
                     TimeElapsedColumn,
-                    TimeRemainingColumn,
+                )
+
+                from vanishing.report.terminal import SHADES
+
+                self.console.print(
+                    "each line's strip: the run that finished last, one cell per layer from "
+                    f"input to output, shaded by its weight-gradient norm: '{SHADES[-1]}' the "
+                    f"largest, '{SHADES[-2]}' '{SHADES[-3]}' '{SHADES[-4]}' one, two, three "
+                    "decades less, blank below; '·' zero, '!' NaN/inf",
+                    style="dim",
                 )
 
                 self.bar = Progress(
@@ -152,15 +176,18 @@ class SweepDisplay:
                     BarColumn(bar_width=20),
                     MofNCompleteColumn(),
                     TimeElapsedColumn(),
-                    TextColumn("ETA"),
-                    TimeRemainingColumn(),
+                    TextColumn("ETA {task.fields[eta]}"),
                     TextColumn("{task.description}"),
                     console=self.console,
                 )
                 self.bar.start()
-                self.task = self.bar.add_task("", total=self.todo)
+                self.task = self.bar.add_task("", total=self.todo, eta="-")
         elif kind == "finish":
             self.done += 1
+            seconds = (info or {}).get("seconds")
+            if isinstance(seconds, (int, float)) and math.isfinite(seconds):
+                self.seconds.append(float(seconds))
+            eta = self.eta()
             line = f"{_params(run.params)}: {_outcome(info)}"
             if self.bar is not None:
                 last = f"{_params(run.params)}: {info['status']}"
@@ -168,14 +195,15 @@ class SweepDisplay:
                 self.bar.update(
                     self.task,
                     advance=1,
+                    eta="-" if eta is None else _clock(eta),
                     description=_clip(last, 48) + (f"  {strip}" if strip else ""),
                 )
             else:
                 elapsed = time.monotonic() - self.started
-                eta = elapsed / self.done * (self.todo - self.done)
                 self.console.print(
-                    f"[{self.done}/{self.todo}] {line}  (elapsed {_clock(elapsed)}, "
-                    f"ETA {_clock(eta)})",
+                    f"[{self.done}/{self.todo}] {line}  (elapsed {_clock(elapsed)}"
+                    + ("" if eta is None else f", ETA {_clock(eta)}")
+                    + ")",
                     soft_wrap=True,
                 )
 

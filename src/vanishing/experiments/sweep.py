@@ -484,7 +484,10 @@ def run_sweep(
             shutil.rmtree(sweep_dir / r.run_dir, ignore_errors=True)
             todo.append(r)
         if on_event:
-            on_event("plan", None, {"total": len(plan), "todo": len(todo)})
+            parallel = (requested_workers or 1) if backend == "ray" else min(workers, len(todo))
+            on_event(
+                "plan", None, {"total": len(plan), "todo": len(todo), "workers": max(1, parallel)}
+            )
         if todo and backend == "ray":
             _execute_ray(store, sweep_dir, todo, requested_workers, on_event)
         elif todo:
