@@ -44,7 +44,15 @@ _LAZY = {
 #: subpackages reachable as attributes after a plain ``import vanishing`` (loaded on first use):
 #: the extension points (``vanishing.sinks.TensorBoardSink``, ``vanishing.probes.Probe``,
 #: ``vanishing.activations.register``) and the integrations
-_SUBPACKAGES = ("sinks", "probes", "activations", "integrations", "recorder", "plots")
+_SUBPACKAGES = (
+    "sinks",
+    "probes",
+    "activations",
+    "integrations",
+    "recorder",
+    "plots",
+    "theory",
+)
 
 if TYPE_CHECKING:
     from vanishing.diagnose import Diagnosis, Finding, Remedy, inspect

@@ -112,6 +112,10 @@ class Diagnosis:
 
     findings: list[Finding]
     notes: list[str] = field(default_factory=list)
+    #: ``vanishing.inspect`` on a feed-forward stack: mean-field theory's predicted first/last
+    #: gradient ratio and per-layer factors beside the measured ones (see docs/theory.md);
+    #: None elsewhere
+    theory: dict[str, Any] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -129,6 +133,8 @@ class Diagnosis:
             "findings": [asdict(f) for f in self.findings],
             "notes": list(self.notes),
         }
+        if self.theory is not None:
+            out["theory"] = self.theory
         return _jsonable(out)
 
     def __str__(self) -> str:
