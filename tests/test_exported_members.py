@@ -25,10 +25,15 @@ EXPECTED_ALL = [
     "Diagnosis",
     "Finding",
     "Remedy",
+    "repair",
+    "Repair",
+    "Candidate",
     "__version__",
 ]
 #: the names the contract's "Python API" section uses as ``vanishing.<name>``
 CONTRACT_API = ["Diagnosis", "inspect", "load_run", "watch"]
+#: used as ``vanishing.<name>`` by the contract's "Additions"
+ADDED_API = ["repair", "theory"]
 EXPECTED_KINDS = [
     "vanishing_gradient",
     "exploding_gradient",
@@ -64,10 +69,10 @@ CONTRACT_REMEDIES = [
 ADDED_REMEDIES = ["pre_layer_norm", "learning_rate_warmup", "zero_init_residual"]
 EXPECTED_REMEDIES = CONTRACT_REMEDIES + ADDED_REMEDIES
 # Pending: of the contract's "Additions (2026-12-01), binding once built", these are not built
-# yet, so they are expected in the contract but not in the package: the remedy names below,
-# vanishing.repair, vanishing.theory, run.report / mon.report and the fix / compare commands.
-# Whoever builds one moves it into the lists above. Built: vanishing.sinks (tested below),
-# watch(sinks=, overwrite=), the trainer integrations (tests/test_integration_*.py).
+# yet, so they are expected in the contract but not in the package: the remedy names below and
+# the fix command. Whoever builds one moves it into the lists above. Built: vanishing.sinks
+# (tested below), watch(sinks=, overwrite=), the trainer integrations, vanishing.repair,
+# vanishing.theory, run.report / mon.report, compare.
 PENDING_REMEDIES: list[str] = []
 
 
@@ -76,6 +81,18 @@ def test_all_is_exactly_the_documented_names():
     for name in vanishing.__all__:
         assert getattr(vanishing, name) is not None
     assert set(CONTRACT_API) <= set(EXPECTED_ALL)
+
+
+def test_the_additions_api_is_reachable_as_the_contract_spells_it():
+    import vanishing.repair.transforms  # noqa: F401 - as any import of the package would
+
+    assert callable(vanishing.repair) and vanishing.repair.Repair is vanishing.Repair
+    assert vanishing.Candidate is vanishing.repair.Candidate
+    r = vanishing.theory.mean_field("tanh", sigma_w2=1.5, sigma_b2=0.05)
+    assert {"q_star", "chi1", "depth_scale", "phase"} <= set(dir(r))
+    assert callable(vanishing.theory.critical_sigma_w2)
+    for name in ADDED_API:
+        assert name in dir(vanishing)
 
 
 def test_finding_kinds_and_remedy_names_are_the_vocabulary():

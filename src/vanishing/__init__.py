@@ -25,6 +25,9 @@ __all__ = [
     "Diagnosis",
     "Finding",
     "Remedy",
+    "repair",
+    "Repair",
+    "Candidate",
     "__version__",
 ]
 
@@ -39,6 +42,8 @@ _LAZY = {
     "Diagnosis": "vanishing.diagnose",
     "Finding": "vanishing.diagnose",
     "Remedy": "vanishing.diagnose",
+    "Repair": "vanishing.repair.engine",
+    "Candidate": "vanishing.repair.engine",
 }
 
 #: subpackages reachable as attributes after a plain ``import vanishing`` (loaded on first use):
@@ -52,6 +57,7 @@ _SUBPACKAGES = (
     "recorder",
     "plots",
     "theory",
+    "repair",  # a callable package: vanishing.repair(model, batches, loss_fn)
 )
 
 if TYPE_CHECKING:

@@ -1,0 +1,516 @@
+"""Verified repair (issue #16): the engine, checked against independent re-runs of training.
+
+Oracles: the user's model compared bit for bit before and after; a candidate's loss re-derived
+by training the applied model (or the changed loop) again with a plain loop; the clipping
+threshold re-derived from the gradient norms of a plain training loop; the verdict rules on
+numbers chosen by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vanishing
+from vanishing.diagnose.findings import Diagnosis, Finding, Remedy
+from vanishing.repair import Candidate, Repair, repair, verdict
+from vanishing.repair.engine import MARGIN
+
+F = nn.functional
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: extra threads only contend (and the CI runners have 2 cores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n=256, d=16, classes=4, batch=64, seed=0):
+    """Gaussian inputs labelled by a random linear teacher (learnable in a few dozen steps)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x @ torch.randn(d, classes, generator=g)).argmax(1)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def deep_sigmoid(depth=10, width=32, d_in=16, classes=4):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(depth):
+        layers += [nn.Linear(d_in if i == 0 else width, width), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+def plain_train(model, batches, loss_fn, opt, steps, *, clip=None, lr_factor=1.0):
+    """The loop repair() runs, written out without the package: per-step losses and the
+    total gradient norm of each step before clipping."""
+    for g in opt.param_groups:
+        g["lr"] *= lr_factor
+    losses, norms = [], []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        norms.append(float(torch.stack(grads).norm()))
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, norms
+
+
+def tail_mean(losses):
+    k = max(1, round(0.1 * len(losses)))
+    return sum(losses[-k:]) / k
+
+
+def recipe_diagnosis():
+    """A vanishing finding whose remedies are training-recipe changes only, so that these
+    tests exercise the probe loop whatever model transformations exist."""
+    return Diagnosis(
+        [
+            Finding(
+                "vanishing_gradient",
+                ["0"],
+                "critical",
+                "the gradient shrinks",
+                remedies=[
+                    Remedy("gradient_clipping", "bound each update"),
+                    Remedy("lower_learning_rate", "smaller steps"),
+                ],
+            )
+        ]
+    )
+
+
+def sgd(lr):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+# ------------------------------------------------------------------ the user's model is kept
+def test_user_model_and_grads_and_rng_untouched_until_apply():
+    model = deep_sigmoid(depth=4)
+    batches = blobs()
+    x, y = batches[0]
+    F.cross_entropy(model(x), y).backward()  # the user has gradients lying around
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.manual_seed(123)
+    rng = torch.random.get_rng_state()
+    rep = repair(
+        model,
+        batches,
+        F.cross_entropy,
+        optimizer=sgd(0.5),
+        steps=20,
+        diagnosis=recipe_diagnosis(),
+        progress=False,
+    )
+    assert len(rep.candidates) == 3  # clipping, lr x0.1, lr x0.01: each trained
+    assert all(c.steps_run == 20 for c in rep.candidates)
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    assert torch.equal(rng, torch.random.get_rng_state())  # the global RNG is restored
+    assert model.training
+
+
+def test_recipe_candidates_equal_an_independent_plain_loop():
+    model = deep_sigmoid(depth=4)
+    batches = blobs()
+    steps = 20
+    rep = repair(
+        model,
+        batches,
+        F.cross_entropy,
+        optimizer=sgd(0.5),
+        steps=steps,
+        diagnosis=recipe_diagnosis(),
+        progress=False,
+    )
+    # the baseline, again, with a plain loop: its loss and its early gradient norms
+    base = copy.deepcopy(model)
+    losses, norms = plain_train(base, batches, F.cross_entropy, sgd(0.5)(base.parameters()), steps)
+    assert rep.loss_before == pytest.approx(tail_mean(losses), rel=1e-6)
+    early = sorted(norms[: max(1, round(0.1 * steps))])
+    threshold = float(f"{early[len(early) // 2]:.3g}")
+    clip = next(c for c in rep.candidates if c.remedy == "gradient_clipping")
+    assert clip.options["clip"] == threshold
+    assert f"clip_grad_norm_(model.parameters(), {threshold:g})" in clip.code
+    again = copy.deepcopy(model)
+    losses, _ = plain_train(
+        again, batches, F.cross_entropy, sgd(0.5)(again.parameters()), steps, clip=threshold
+    )
+    assert clip.loss_after == pytest.approx(tail_mean(losses), rel=1e-6)
+    for factor in (0.1, 0.01):
+        lr = next(c for c in rep.candidates if c.options.get("lr_factor") == factor)
+        again = copy.deepcopy(model)
+        losses, _ = plain_train(
+            again,
+            batches,
+            F.cross_entropy,
+            sgd(0.5)(again.parameters()),
+            steps,
+            lr_factor=factor,
+        )
+        assert lr.loss_after == pytest.approx(tail_mean(losses), rel=1e-6)
+        assert not lr.changes_model and lr.loss_before == rep.loss_before
+
+
+# ------------------------------------------------------------------ the deep sigmoid net
+def test_deep_sigmoid_net_is_repaired_by_a_remedy_that_trains():
+    model = deep_sigmoid()
+    batches = blobs()
+    steps = 60
+    rep = repair(
+        model,
+        batches,
+        F.cross_entropy,
+        optimizer=sgd(0.1),
+        steps=steps,
+        max_candidates=4,
+        every=4,  # 15 recorded steps a run: enough for the diagnosis, a quarter of the cost
+        progress=False,
+    )
+    assert "vanishing_gradient" in [f.kind for f in rep.baseline_findings]
+    best = rep.best
+    assert best is not None, str(rep)
+    assert best.changes_model
+    assert best.loss_after < (1 - MARGIN) * rep.loss_before
+    assert "vanishing_gradient" not in best.kinds_after
+    # independently: apply it to a copy of the user's model and train that again, watched
+    fixed = rep.apply(copy.deepcopy(model))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(fixed.state_dict().values(), model.state_dict().values())
+    ) or (fixed.state_dict().keys() != model.state_dict().keys() or str(fixed) != str(model))
+    torch.manual_seed(rep.seed)
+    opt = torch.optim.SGD(fixed.parameters(), lr=0.1)
+    import tempfile
+
+    run_dir = tempfile.mkdtemp() + "/r"
+    with vanishing.watch(fixed, optimizer=opt, run_dir=run_dir, every=4) as mon:
+        losses, _ = plain_train(fixed, batches, F.cross_entropy, opt, steps)
+        diag = mon.diagnose()
+    assert tail_mean(losses) == pytest.approx(best.loss_after, rel=1e-5)
+    assert tail_mean(losses) < (1 - MARGIN) * rep.loss_before
+    assert "vanishing_gradient" not in diag.kinds
+    # the candidates are sorted best first
+    order = {v: i for i, v in enumerate(("fixed", "improved", "no_help", "worse"))}
+    ranks = [order[c.verdict] for c in rep.candidates]
+    assert ranks == sorted(ranks)
+    assert best.remedy in str(rep) and "fixed" in str(rep)
+
+
+# ------------------------------------------------------------------ healthy: nothing to do
+def test_healthy_model_has_nothing_to_repair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    calls = []
+    rep = repair(
+        model,
+        blobs(),
+        F.cross_entropy,
+        optimizer=sgd(0.05),
+        steps=20,
+        progress=lambda label, done, total: calls.append(done),
+    )
+    assert rep.healthy and rep.candidates == [] and rep.best is None
+    assert "Nothing to repair" in str(rep)
+    assert len(calls) == 20  # the baseline's steps only
+    # a healthy diagnosis given: nothing is trained at all
+    calls.clear()
+    rep = repair(
+        model,
+        blobs(),
+        F.cross_entropy,
+        steps=20,
+        diagnosis=Diagnosis([]),
+        progress=lambda label, done, total: calls.append(done),
+    )
+    assert rep.healthy and calls == []
+
+
+# ------------------------------------------------------------------ apply, to_dict
+def test_recipe_candidate_apply_raises_with_the_loop_change():
+    model = deep_sigmoid(depth=4)
+    rep = repair(
+        model,
+        blobs(),
+        F.cross_entropy,
+        optimizer=sgd(0.5),
+        steps=10,
+        diagnosis=recipe_diagnosis(),
+        progress=False,
+    )
+    clip = next(c for c in rep.candidates if c.remedy == "gradient_clipping")
+    with pytest.raises(ValueError, match=r"training loop.*clip_grad_norm_"):
+        rep.apply(copy.deepcopy(model), clip)
+    with pytest.raises(ValueError, match="lr"):
+        rep.apply(copy.deepcopy(model), next(c for c in rep.candidates if "lr_factor" in c.options))
+    if rep.best is None:
+        with pytest.raises(ValueError, match="no candidate fixed"):
+            rep.apply(model)
+
+
+def test_to_dict_round_trips_through_json():
+    model = deep_sigmoid(depth=4)
+    rep = repair(
+        model,
+        blobs(),
+        F.cross_entropy,
+        optimizer=sgd(0.5),
+        steps=10,
+        diagnosis=recipe_diagnosis(),
+        progress=False,
+    )
+    d = rep.to_dict()
+    back = json.loads(json.dumps(d, allow_nan=False))
+    assert back == d
+    assert [c["remedy"] for c in back["candidates"]] == [c.remedy for c in rep.candidates]
+    assert back["candidates"][0]["loss_before"] == pytest.approx(rep.loss_before)
+    assert back["diagnosis"]["findings"][0]["kind"] == "vanishing_gradient"
+
+
+# ------------------------------------------------------------------ divergence, progress
+def test_diverging_candidate_is_stopped_early_and_worse():
+    # least squares on inputs of std 3: SGD diverges once lr > 2 / (2 * 9) ~ 0.11; the
+    # baseline's 0.02 converges, x10 (0.2) diverges and must be stopped early
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(128, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    diag = Diagnosis(
+        [
+            Finding(
+                "stalled_layers",
+                [""],
+                "warning",
+                "slow",
+                remedies=[Remedy("higher_learning_rate", "faster")],
+            )
+        ]
+    )
+    calls = []
+    rep = repair(
+        model,
+        [(x, y)],
+        F.mse_loss,
+        optimizer=sgd(0.02),
+        steps=60,
+        diagnosis=diag,
+        progress=lambda label, done, total: calls.append(label),
+    )
+    x10 = next(c for c in rep.candidates if c.options["lr_factor"] == 10.0)
+    assert x10.diverged and x10.steps_run < 60 and x10.verdict == "worse"
+    assert math.isinf(x10.loss_after)
+    assert rep.candidates[-1] is x10  # worse, and sorted last
+    assert len(calls) == 60 + sum(c.steps_run for c in rep.candidates)
+
+
+def test_workers_give_the_same_candidates_as_one_process():
+    model = deep_sigmoid(depth=3)
+    kw = dict(optimizer=sgd(0.5), steps=10, diagnosis=recipe_diagnosis(), progress=False)
+    one = repair(model, blobs(), F.cross_entropy, **kw)
+    two = repair(model, blobs(), F.cross_entropy, workers=2, **kw)
+    assert [(c.remedy, c.options, c.loss_after) for c in one.candidates] == [
+        (c.remedy, c.options, c.loss_after) for c in two.candidates
+    ]
+
+
+# ------------------------------------------------------------------ the verdict rules
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        # the prompting finding gone and the loss 20% lower: fixed
+        (dict(loss_after=0.8, ratio_after=0.5, kinds_after=[]), "fixed"),
+        # gone, but the loss only 4% lower (inside the 5% margin) and the ratio barely moved
+        (dict(loss_after=0.96, ratio_after=2e-4, kinds_after=[]), "no_help"),
+        # gone, loss level, ratio 1e-4 -> 1e-2: two decades closer to 1: improved
+        (dict(loss_after=1.0, ratio_after=1e-2, kinds_after=[]), "improved"),
+        # loss 20% lower but the finding remains: improved
+        (dict(loss_after=0.8, ratio_after=1e-4, kinds_after=["vanishing_gradient"]), "improved"),
+        # another finding kind (not the prompting one) after: still fixed
+        (dict(loss_after=0.8, ratio_after=0.5, kinds_after=["stalled_layers"]), "fixed"),
+        # loss 10% higher: worse
+        (dict(loss_after=1.1, ratio_after=1e-4, kinds_after=["vanishing_gradient"]), "worse"),
+        # the ratio two decades closer to 1 but the loss 10% higher: worse, not improved
+        (dict(loss_after=1.1, ratio_after=1e-2, kinds_after=["vanishing_gradient"]), "worse"),
+        # diverged: worse whatever else
+        (dict(loss_after=math.inf, ratio_after=0.5, kinds_after=[], diverged=True), "worse"),
+        # a new critical kind: worse even with a lower loss
+        (
+            dict(
+                loss_after=0.5,
+                ratio_after=0.5,
+                kinds_after=["exploding_gradient"],
+                critical_after=["exploding_gradient"],
+            ),
+            "worse",
+        ),
+        # the ratio overshooting past 1 by as much as it was below is no closer: not improved
+        (dict(loss_after=1.0, ratio_after=1e4, kinds_after=["vanishing_gradient"]), "no_help"),
+    ],
+)
+def test_verdict_rules(kw, expected):
+    base = dict(loss_before=1.0, ratio_before=1e-4, prompted_by=["vanishing_gradient"])
+    assert verdict(**base, **kw)[0] == expected
+
+
+def test_verdict_against_a_diverged_baseline():
+    # any finite loss is lower than a baseline that diverged
+    v, why = verdict(
+        loss_before=math.inf,
+        loss_after=3.0,
+        ratio_before=None,
+        ratio_after=1.0,
+        prompted_by=["non_finite"],
+        kinds_after=[],
+    )
+    assert v == "fixed" and "non_finite gone" in why
+
+
+def test_candidate_and_repair_defaults():
+    c = Candidate("relu", True, loss_before=1.0, loss_after=0.5)
+    assert c.kinds_after == [] and c.to_dict()["remedy"] == "relu"
+    assert Repair(healthy=False, steps=5).best is None
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(batches=[]), "batches is empty"),
+        (dict(optimizer=3), "optimizer must be a function"),
+        (dict(batches=[torch.zeros(2, 16)]), r"\(inputs, targets\) pair"),
+        (dict(model="net"), "model must be a torch.nn.Module"),
+        (dict(margin=2.0), "margin must be a fraction"),
+    ],
+)
+def test_bad_input_is_one_clear_value_error(kw, match):
+    args = dict(model=deep_sigmoid(depth=2), batches=blobs(), loss_fn=F.cross_entropy)
+    args.update({k: v for k, v in kw.items() if k in args})
+    rest = {k: v for k, v in kw.items() if k not in args}
+    with pytest.raises(ValueError, match=match):
+        repair(args["model"], args["batches"], args["loss_fn"], progress=False, **rest)
+
+
+# ------------------------------------------------------------------ measured learning rates
+def test_lower_learning_rate_is_measured_from_the_first_update():
+    # SGD at lr 1e4 on least squares: the first step moves the weights by far more than their
+    # size; the measured factor is the power of ten bringing that to about 1e-3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    diag = Diagnosis(
+        [
+            Finding(
+                "exploding_gradient",
+                [""],
+                "critical",
+                "huge updates",
+                remedies=[Remedy("lower_learning_rate", "smaller steps")],
+            )
+        ]
+    )
+    rep = repair(
+        model, [(x, y)], F.mse_loss, optimizer=sgd(1e4), steps=10, diagnosis=diag, progress=False
+    )
+    again = copy.deepcopy(model)
+    w0 = torch.cat([p.detach().flatten().clone() for p in again.parameters()])
+    plain_train(again, [(x, y)], F.mse_loss, sgd(1e4)(again.parameters()), 1)
+    w1 = torch.cat([p.detach().flatten() for p in again.parameters()])
+    u0 = float((w1 - w0).norm() / w0.norm())
+    expected = 10.0 ** math.floor(math.log10(1e-3 / u0))
+    factors = [c.options["lr_factor"] for c in rep.candidates]
+    assert sorted(factors, reverse=True) == [0.1, expected] and expected < 1e-2
+    best = rep.best
+    assert best is not None and best.options["lr_factor"] == expected
+    assert "group['lr'] *=" in best.code
+
+
+def test_parameter_groups_far_apart_get_one_learning_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 1e-8}, {"params": model[2].parameters()}],
+        lr=0.05,
+    )
+    diag = Diagnosis(
+        [
+            Finding(
+                "stalled_layers",
+                ["0"],
+                "warning",
+                "slow",
+                remedies=[Remedy("higher_learning_rate", "faster")],
+            )
+        ]
+    )
+    rep = repair(
+        model, blobs(), F.cross_entropy, optimizer=opt, steps=20, diagnosis=diag, progress=False
+    )
+    same = next(c for c in rep.candidates if "group_lr" in c.options)
+    assert same.options["group_lr"] == 0.05 and "group['lr'] = 0.05" in same.code
+    # the user's optimizer is not touched either
+    assert [g["lr"] for g in opt.param_groups] == [1e-8, 0.05]
+    # the equalised loop, by hand: both groups at 0.05 is plain SGD at 0.05
+    again = copy.deepcopy(model)
+    losses, _ = plain_train(again, blobs(), F.cross_entropy, sgd(0.05)(again.parameters()), 20)
+    assert same.loss_after == pytest.approx(tail_mean(losses), rel=1e-6)
+
+
+def test_a_candidate_that_cannot_train_is_worse_with_the_reason(monkeypatch):
+    from vanishing.repair import transforms
+
+    class Pair(nn.Module):  # a model whose output no longer fits the loss
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x), None
+
+    def broken(model, remedy, **kw):
+        if remedy != "relu":
+            raise transforms.NotApplicable(f"{remedy}: not in this test")
+        model.add_module("wrapped", Pair(model[0]))
+        model.forward = lambda x: model.wrapped(x)
+        return transforms.Applied(remedy, ["wrapped"], "wraps the first layer", "")
+
+    monkeypatch.setattr(transforms, "apply_remedy", broken)
+    diag = Diagnosis(
+        [
+            Finding(
+                "vanishing_gradient",
+                ["0"],
+                "critical",
+                "shrinks",
+                remedies=[Remedy("relu", "."), Remedy("gradient_clipping", ".")],
+            )
+        ]
+    )
+    model = deep_sigmoid(depth=3)
+    rep = repair(model, blobs(), F.cross_entropy, steps=10, diagnosis=diag, progress=False)
+    bad = next(c for c in rep.candidates if c.remedy == "relu")
+    assert bad.verdict == "worse" and bad.steps_run == 0
+    assert "training failed" in bad.why and bad.error
+    assert any(c.remedy == "gradient_clipping" and c.steps_run == 10 for c in rep.candidates)
+    # the other activation swaps follow the named one, and are skipped with the reason given
+    assert [r for r, _ in rep.skipped] == ["leaky_relu", "elu", "selu", "gelu"]
+    assert rep.skipped[0][1] == "leaky_relu: not in this test"
