@@ -69,10 +69,10 @@ CONTRACT_REMEDIES = [
 ADDED_REMEDIES = ["pre_layer_norm", "learning_rate_warmup", "zero_init_residual"]
 EXPECTED_REMEDIES = CONTRACT_REMEDIES + ADDED_REMEDIES
 # Pending: of the contract's "Additions (2026-12-01), binding once built", these are not built
-# yet, so they are expected in the contract but not in the package: the remedy names below and
-# the fix command. Whoever builds one moves it into the lists above. Built: vanishing.sinks
-# (tested below), watch(sinks=, overwrite=), the trainer integrations, vanishing.repair,
-# vanishing.theory, run.report / mon.report, compare.
+# yet, so they are expected in the contract but not in the package: the remedy names below.
+# Whoever builds one moves it into the lists above. Built: vanishing.sinks (tested below),
+# watch(sinks=, overwrite=), the trainer integrations, vanishing.repair, vanishing.theory,
+# run.report / mon.report, the compare, fix and reproduce commands.
 PENDING_REMEDIES: list[str] = []
 
 

@@ -16,7 +16,7 @@ import typer
 from vanishing import __version__
 
 # in the order ``vanishing --help`` lists them
-COMMAND_MODULES = ("demo", "run", "sweep", "diagnose", "report", "compare", "reproduce")
+COMMAND_MODULES = ("demo", "run", "sweep", "diagnose", "report", "compare", "reproduce", "fix")
 
 app = typer.Typer(
     help="Find, explain and fix vanishing and exploding gradients in PyTorch.",
