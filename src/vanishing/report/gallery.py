@@ -102,7 +102,8 @@ def render_gallery(results: list[Reproduction], *, seconds: dict[str, float] | N
         f"<th>time</th></tr></thead><tbody>{summary_rows}</tbody></table>"
     )
     sections = "".join(
-        f'<section id="{_e(r.name)}"><h2>{_e(r.name)}: {_e(r.title)}</h2>'
+        f'<section id="{_e(r.name)}"><h2>{_e(r.title)} '
+        f'<span class="muted">(vanishing reproduce {_e(r.name)})</span></h2>'
         f'<p class="muted">{_e(r.citation)}</p>'
         + (f"<p>{_e(r.summary)}</p>" if r.summary else "")
         + _checks(r)
