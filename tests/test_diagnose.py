@@ -548,3 +548,77 @@ def test_vanishing_cause_names_the_missing_skip_connection():
     assert "no skip connection" in finding.cause
     residual = [r for r in finding.remedies if r.name == "residual"]
     assert residual and residual[0].why.startswith("the model has no skip connection")
+
+
+def test_activations_the_records_cannot_show_are_named_in_notes(tmp_path):
+    """An activation module with no registered derivative is named; a stack with no activation
+    module (F.relu in forward) is said to be unjudged for saturation and dead units."""
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.act = act
+
+        def forward(self, x):
+            return self.c(self.act(F.relu(self.b(F.relu(self.a(x))))))
+
+    notes = {}
+    for label, act in (
+        ("hardswish", nn.Hardswish()),
+        ("functional", nn.Identity()),
+        ("relu", nn.ReLU()),
+    ):
+        model = Net(act)
+        with vanishing.watch(model, run_dir=tmp_path / label) as mon:
+            model(torch.randn(3, 4)).sum().backward()
+        notes[label] = " ".join(vanishing.load_run(mon.run_dir).diagnose().notes)
+        assert vanishing.load_run(mon.run_dir).manifest.get("unmeasured_activations", []) == (
+            [{"name": "act", "type": "Hardswish"}] if label == "hardswish" else []
+        )
+    assert (
+        "without a registered derivative" in notes["hardswish"]
+        and "Hardswish (1: 'act')" in notes["hardswish"]
+    )
+    assert "no activation module in the model" in notes["functional"]
+    assert "no activation module" not in notes["relu"]
+    assert "registered derivative" not in notes["relu"]
+
+
+def test_the_loss_stagnating_and_weights_drifting_are_evidence_and_notes(tmp_path):
+    """The seeds' three signs: besides the layers that barely change (stalled_layers), the
+    loss against its initial value and the weight norms' trend, computed here by hand."""
+
+    def train(name, lr, weight_decay):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(10):
+            layers += [nn.Linear(16, 16), nn.Sigmoid()]
+        model = nn.Sequential(*layers, nn.Linear(16, 4))
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+        x, y = torch.randn(128, 16), torch.randint(0, 4, (128,))
+        with vanishing.watch(model, opt, run_dir=tmp_path / name) as mon:
+            for _ in range(40):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        run = vanishing.load_run(mon.run_dir)
+        diag = run.diagnose()
+        (f,) = [f for f in diag.findings if f.kind == "vanishing_gradient"]
+        return run, f, " ".join(diag.notes)
+
+    # a small step: the vanishing gradient leaves the loss where it started
+    run, f, text = train("flat", lr=0.001, weight_decay=0.0)
+    loss = run.steps["loss"].to_numpy()
+    assert f.evidence["loss_last_over_first"] == pytest.approx(loss[-4:].mean() / loss[:4].mean())
+    assert f.evidence["loss_last_over_first"] > 0.9 and "the loss stagnates" in text
+    assert "weights drift toward zero" not in text
+    # heavy weight decay where the gradient cannot push back: the weights shrink
+    run, f, text = train("decay", lr=0.1, weight_decay=0.5)
+    w = run.metrics[(run.metrics.param == "weight") & (run.metrics.layer == "0")]
+    assert w.param_norm.iloc[-1] / w.param_norm.iloc[0] - 1 < -0.5
+    assert f.evidence["weight_norm_change"] < -0.5 and "weights drift toward zero" in text

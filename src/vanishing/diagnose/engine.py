@@ -6,7 +6,10 @@ that diagnosing sits below both in the import graph.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import numpy as np
 
 from vanishing.diagnose.findings import Diagnosis, Finding
 from vanishing.recorder.errors import RunError
@@ -92,6 +95,8 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
             "compare a role across them"
         )
     notes.extend(rule_notes)
+    notes.extend(_activation_coverage(run, view))
+    notes.extend(_signs(view, findings))
     if not run.layer_info:
         notes.insert(0, NO_LAYERS)
     # parts the reader had to skip (Run.damaged): the steps they held are not judged
@@ -152,3 +157,99 @@ def model_facts(model: Any) -> dict[str, dict[str, float]]:
     if skip is not None:
         out[MODEL_FACTS] = {"skip_connections": float(skip)}
     return out
+
+
+def _activation_coverage(run: Any, view: Any) -> list[str]:
+    """Notes on the activations the records cannot show: modules with no registered
+    derivative (named in the manifest), and a stack with no activation module at all, whose
+    activations (if any) are functions called in ``forward`` (``F.relu(x)``)."""
+    notes = []
+    manifest = getattr(run, "manifest", {}) or {}
+    missing = manifest.get("unmeasured_activations") or []
+    try:
+        if missing:
+            by_type: dict[str, list[str]] = {}
+            for m in missing:
+                by_type.setdefault(str(m.get("type")), []).append(str(m.get("name")))
+            kinds = "; ".join(
+                f"{t} ({len(names)}: {', '.join(repr(n) for n in names[:3])}"
+                f"{' ...' if len(names) > 3 else ''})"
+                for t, names in by_type.items()
+            )
+            notes.append(
+                f"activations without a registered derivative, so without statistics: {kinds}; "
+                "saturation and dead units are not judged for them "
+                "(vanishing.activations.register adds one)"
+            )
+        has_activation_modules = any(x.get("role") == "activation" for x in view.layers)
+        if not has_activation_modules and not missing and len(view.hidden) >= 2:
+            notes.append(
+                "no activation module in the model: activations applied as functions in forward "
+                "(F.relu(x), torch.tanh(x)) are invisible to the monitor, so saturation and dead "
+                "units are not judged; nn.ReLU()/nn.Tanh() modules would be recorded"
+            )
+    except Exception:  # noqa: BLE001 - a note must never cost the diagnosis
+        return notes
+    return notes
+
+
+#: the loss "stagnates" when the last tenth of the judged steps averages more than this share
+#: of the first tenth's; the weights "drift toward zero" when the hidden layers' median weight
+#: norm falls by more than this share from the first to the last judged step
+STAGNANT_LOSS = 0.9
+WEIGHT_DRIFT = 0.2
+
+
+GRADIENT_KINDS = ("vanishing_gradient", "exploding_gradient", "stalled_layers")
+
+
+def _signs(view: Any, findings: list[Finding]) -> list[str]:
+    """The seeds' other two signs beside the gradient findings: the loss stagnating against
+    its initial value, and the hidden layers' weights drifting toward zero. Each is evidence on
+    the gradient findings (``loss_last_over_first``, ``weight_norm_change``) and a note when it
+    shows; never raises."""
+    notes: list[str] = []
+    try:
+        steps = view.steps
+        if view.first_nonfinite is not None:
+            steps = steps[steps["step"] < view.first_nonfinite]
+        loss = steps["loss"].dropna().to_numpy(dtype=float) if "loss" in steps else []
+        ratio = None
+        if len(loss) >= 20:
+            k = max(1, len(loss) // 10)
+            first, last = float(np.mean(loss[:k])), float(np.mean(loss[-k:]))
+            if math.isfinite(first) and math.isfinite(last) and first > 0:
+                ratio = last / first
+        change = None
+        m = view.metrics
+        if "param_norm" in m and view.hidden:
+            w = m[(m["param"] == "weight") & m["layer"].isin(view.hidden)]
+            if view.first_nonfinite is not None:
+                w = w[w["step"] < view.first_nonfinite]
+            if not w.empty and w["step"].nunique() >= 2:
+                a, b = w["step"].min(), w["step"].max()
+                start = w[w["step"] == a].set_index("layer")["param_norm"]
+                end = w[w["step"] == b].set_index("layer")["param_norm"]
+                rel = ((end - start) / start).replace([np.inf, -np.inf], np.nan).dropna()
+                if not rel.empty:
+                    change = float(rel.median())
+        gradient = [f for f in findings if f.kind in GRADIENT_KINDS]
+        for f in gradient:
+            if ratio is not None:
+                f.evidence["loss_last_over_first"] = ratio
+            if change is not None:
+                f.evidence["weight_norm_change"] = change
+        if ratio is not None and ratio > STAGNANT_LOSS and gradient:
+            notes.append(
+                f"the loss stagnates: its last tenth of steps averages {ratio:.0%} of its first "
+                "tenth's (one of the three signs of a vanishing gradient, with layers that "
+                "barely change and weights that drift toward zero)"
+            )
+        if change is not None and change < -WEIGHT_DRIFT:
+            notes.append(
+                f"the hidden layers' weights drift toward zero: their median weight norm fell "
+                f"{-change:.0%} from the first to the last recorded step"
+            )
+    except Exception:  # noqa: BLE001 - a sign must never cost the diagnosis
+        return notes
+    return notes

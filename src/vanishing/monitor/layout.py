@@ -59,7 +59,13 @@ class Layout:
         self.params: list[ParamRow] = []
         by_id: dict[int, ParamRow] = {}
         owner_of = _parametrized_owners(root)
+        #: activation modules recognised but not measured (no registered derivative): named
+        #: in the manifest so that a diagnosis can say what it could not judge
+        self.unmeasured: list[dict[str, str]] = []
         for name, module in root.named_modules(remove_duplicate=True):
+            cls = activations.unmeasured(module)
+            if cls is not None:
+                self.unmeasured.append({"name": name, "type": cls})
             if name in owner_of or any(name.startswith(p + ".") for p in owner_of):
                 continue  # a parametrization's container: its tensors are its module's
             own = list(module.named_parameters(recurse=False))
