@@ -63,6 +63,8 @@ def test_fix_deep_sigmoid_writes_a_config_that_trains(tmp_path):
         config_changes(chosen["remedy"], chosen["options"], original.to_dict())
     )
     assert f"Fix: {chosen['remedy']}" in r.stdout and (out / "report.html").is_file()
+    page = (out / "repair.html").read_text()
+    assert f"{chosen['remedy']} fixes it" in page and page.count("<tr>") >= len(rep["candidates"])
     # the independent check: the fixed config built and trained on its own beats the baseline
     before = vanishing.load_run(out / "probes" / "baseline").steps["loss"].tolist()
     after = vanishing.load_run(out / "check").steps["loss"].tolist()

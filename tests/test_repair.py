@@ -211,6 +211,16 @@ def test_deep_sigmoid_net_is_repaired_by_a_remedy_that_trains():
     ranks = [order[c.verdict] for c in rep.candidates]
     assert ranks == sorted(ranks)
     assert best.remedy in str(rep) and "fixed" in str(rep)
+    # the HTML page: one row per candidate, the baseline and the candidates that helped drawn
+    # through depth from the profiles the probes measured
+    from vanishing.report.repair import profile_figure
+
+    page = rep.report(tempfile.mkdtemp() + "/repair.html").read_text()
+    assert f"{best.remedy}</code>" in page and page.count("<tr><td><code>") == len(rep.candidates)
+    helped = [c for c in rep.candidates if c.verdict in ("fixed", "improved") and c.profile_after]
+    (ax,) = profile_figure(rep).axes
+    assert len(ax.get_lines()) == 1 + min(4, len(helped))
+    assert list(ax.get_lines()[0].get_ydata()) == [v for v in rep.profile_before.values() if v > 0]
 
 
 # ------------------------------------------------------------------ healthy: nothing to do

@@ -193,6 +193,7 @@ def _repair_baseline(console, data, base: Path, steps: int, width: int, seed: in
     )
     seconds = time.perf_counter() - started
     ParquetSink(base).write_json("repair.json", rep.to_dict())
+    rep.report(base / "repair.html")
     best = rep.best
     if best is not None:
         (base / "repair.py").write_text(
@@ -220,7 +221,7 @@ def _repair_baseline(console, data, base: Path, steps: int, width: int, seed: in
         f"{_fmt(rep.loss_before)} -> {_fmt(best.loss_after)}, first / last "
         f"{_fmt(best.ratio_before)} -> {_fmt(best.ratio_after)}), found in {seconds:.0f} s for "
         f"{len(rep.candidates) + 1} x {k} steps. Its code: {base / 'repair.py'}; every "
-        f"candidate: {base / 'repair.json'}."
+        f"candidate: {base / 'repair.html'}."
     )
 
 

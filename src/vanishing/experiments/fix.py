@@ -201,7 +201,8 @@ def fix_experiment(
 ) -> FixResult:
     """Repair the experiment of ``config_path``: K = ``steps`` steps per candidate (at most the
     config's own steps). Writes into ``out`` (which must not hold files): ``probes/`` (the
-    runs of the baseline and every candidate), ``repair.json``, and when a candidate a config
+    runs of the baseline and every candidate), ``repair.json`` and ``repair.html`` (every
+    candidate, before/after profiles), and when a candidate a config
     field can express fixed the baseline, ``fixed.toml``, ``check/`` (the fixed config's own
     K-step probe) and ``report.html`` (before beside after). Raises ``ValueError`` on bad
     input (``vanishing.experiments.config.ConfigError`` for the config).
@@ -237,6 +238,7 @@ def fix_experiment(
     )
     result = FixResult(repair=rep, out=out)
     ParquetSink(out).write_json("repair.json", rep.to_dict())
+    rep.report(out / "repair.html")
     raw = read_toml(config_path)
     resolved = config.to_dict()
     for c in rep.candidates:

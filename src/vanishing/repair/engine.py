@@ -240,6 +240,19 @@ class Repair:
             )
         return model
 
+    def report(self, path: str | os.PathLike = "repair.html") -> Path:
+        """Write the repair's HTML page (verdicts, before/after profiles through depth, the best
+        change as code; :mod:`vanishing.report.repair`) and return its path.
+
+        Example:
+            >>> rep.report("repair.html")   # doctest: +SKIP
+            PosixPath('repair.html')
+        """
+        import importlib
+
+        # the report reads repairs; this module does not depend on it: found at call time
+        return importlib.import_module("vanishing.report.repair").write_repair(self, path)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of everything but the example inputs.
 
