@@ -310,6 +310,8 @@ def test_activation_band_spans_the_recorded_percentiles(run_dir):
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(low.min()) and band.max() == pytest.approx(high.max())
     assert (low <= high).all()
+    # legible with many layers: a line per layer, a band for the first and the last only
+    assert len(ax.get_lines()) > 2 and len(ax.collections) == 2
 
 
 def test_absent_data_gives_no_plot(tmp_path):
@@ -522,7 +524,7 @@ def test_every_user_string_is_escaped(tmp_path):
     # in plots, a $ in a module name is literal text, not the start of a formula
     fig = plots.activations(d)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["1: blocks.a&b", r"2: blocks.d\$x\$"]
+    assert labels == ["blocks.a&b", r"blocks.d\$x\$"]
     assert plots.png_bytes(fig)[:4] == b"\x89PNG"
 
 

@@ -241,13 +241,13 @@ def _signs(view: Any, findings: list[Finding]) -> list[str]:
                 f.evidence["weight_norm_change"] = change
         if ratio is not None and ratio > STAGNANT_LOSS and gradient:
             notes.append(
-                f"the loss stagnates: its last tenth of steps averages {ratio:.0%} of its first "
-                "tenth's (one of the three signs of a vanishing gradient, with layers that "
+                f"the loss stagnates: its last tenth of steps averages {ratio:.0%} of the first "
+                "tenth (one of the three signs of a vanishing gradient, with layers that "
                 "barely change and weights that drift toward zero)"
             )
         if change is not None and change < -WEIGHT_DRIFT:
             notes.append(
-                f"the hidden layers' weights drift toward zero: their median weight norm fell "
+                f"the weights of the hidden layers drift toward zero: their median norm fell "
                 f"{-change:.0%} from the first to the last recorded step"
             )
     except Exception:  # noqa: BLE001 - a sign must never cost the diagnosis

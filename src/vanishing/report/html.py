@@ -81,8 +81,8 @@ _CAPTIONS = {
     "barely learn.",
     "speed_curves": "Nielsen's speed-of-learning curves: one line per hidden layer, log scale. "
     "A wide vertical spread between the layers is the vanishing (or exploding) gradient.",
-    "activations": "Left: activation values over training (mean, band {band}; Glorot & "
-    "Bengio's saturation picture). Right: the mean derivative φ'(z) of each activation against its "
+    "activations": "Left: activation values over training (each layer's mean; band "
+    "{band} of the first and the last layer shown; Glorot & Bengio's saturation picture). Right: the mean derivative φ'(z) of each activation against its "
     "largest possible value; backpropagation multiplies the gradient by it at every layer.",
     "saturation": "Share of activation entries in the flat tails (|φ'(z)| < 5% of its maximum) and "
     "share of ReLU-like units that are off for the whole batch (dead).",

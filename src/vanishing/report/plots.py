@@ -101,9 +101,15 @@ def _depth_colorbar(fig, ax, names: Sequence[str], label: str = "layer (forward 
     bar.set_label(f"{label}, 1 = first")
 
 
+def _legend(ax, **kwargs) -> Any:
+    """A legend beside the axes, never over the data (constrained layout makes the room)."""
+    kwargs.setdefault("fontsize", 7)
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
+
+
 def _legend_or_bar(fig, ax, names: Sequence[str], label: str = "layer (forward order)") -> None:
     if len(names) <= _MAX_LEGEND:
-        ax.legend(fontsize=7, loc="best", title=label, title_fontsize=7)
+        _legend(ax, title=label, title_fontsize=7)
     else:
         _depth_colorbar(fig, ax, names, label)
 
@@ -242,7 +248,7 @@ def depth_profile(run: Any, steps: Sequence[int] | None = None) -> Figure | None
                 x, [_label(n, 12) for n in table.columns], rotation=45, ha="right", fontsize=7
             )
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
     fig.suptitle(
         "Gradient through depth (vanishing: the curve falls toward the input)", fontsize=11
     )
@@ -376,9 +382,11 @@ def activations(run: Any) -> Figure | None:
             else:
                 s = std.mean[name].to_numpy(float) if name in std.mean.columns else 0 * m
                 lo, hi = m - s, m + s
-            i = all_names.index(name) + 1
-            ax.plot(mean.x, m, color=color, lw=1.3, label=f"{i}: {_label(name, 16)}")
-            ax.fill_between(mean.x, lo, hi, color=color, alpha=0.15, lw=0)
+            ax.plot(mean.x, m, color=color, lw=1.3, label=_label(name, 16))
+            if name in (shown[0], shown[-1]):
+                # bands of every layer overlap into one smear: the first and last layer's
+                # bands show the spread at both ends of the stack, the lines show each mean
+                ax.fill_between(mean.x, lo, hi, color=color, alpha=0.18, lw=0)
         ax.set_xlabel("training step")
         band = "2nd-98th percentile" if percentiles else "±1 std"  # as activation_band()
         ax.set_ylabel(f"activation value (mean, band {band})")
@@ -387,7 +395,7 @@ def activations(run: Any) -> Figure | None:
             title += f" ({len(shown)} of {len(all_names)} layers)"
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, title="activation layer", title_fontsize=7)
+        _legend(ax, fontsize=7, title="activation layer", title_fontsize=7)
         _note_downsampling(ax, data, mean)
     if has_deriv:
         ax = axes.pop(0)
@@ -412,7 +420,7 @@ def activations(run: Any) -> Figure | None:
         if len(names) <= 24:
             ax.set_xticks(x, [_label(n, 12) for n in names], rotation=45, ha="right", fontsize=7)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     return fig
 
 
@@ -495,7 +503,7 @@ def temporal_profile(run: Any) -> Figure | None:
         ax.set_ylabel("‖∂L/∂x_t‖ (L2 norm)")
         ax.set_title(f"Gradient through time: {_label(layer)}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
     return fig
 
 
@@ -581,7 +589,7 @@ def loss_curves(run: Any) -> Figure | None:
     ax.set_ylabel("loss")
     ax.set_title("Loss", fontsize=11)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     if has_metric:
         ax2 = fig.axes[1]
         name = str(ev["metric_name"].dropna().iloc[0]) if "metric_name" in ev else "metric"
@@ -596,7 +604,7 @@ def loss_curves(run: Any) -> Figure | None:
         ax2.set_ylabel(_label(name, 40))
         ax2.set_title(f"Evaluation {_label(name, 40)}", fontsize=11)
         ax2.grid(True, alpha=0.3)
-        ax2.legend(fontsize=8)
+        _legend(ax2, fontsize=8)
     return fig
 
 
@@ -659,7 +667,7 @@ def speed_by_layer(runs: Sequence[Any], labels: Sequence[str] | None = None) -> 
     ax.set_ylabel("median ‖∂C/∂b‖ over training")
     ax.set_title("Speed of learning through depth, per run", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return fig
 
 
@@ -758,7 +766,7 @@ def sweep_metric(
     shown = "test accuracy" if accuracy else _label(metric, 60)
     ax.set_title(f"{shown} vs {_label(x, 60)} (mean over seeds, band = min..max)", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return fig
 
 
