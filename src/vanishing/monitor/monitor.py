@@ -568,9 +568,7 @@ class Monitor:
             "amp_scaler": self._scaler is not None,
             "layers": self.layout.manifest_layers(trainable),
             **(
-                {"unmeasured_activations": self.layout.unmeasured}
-                if self.layout.unmeasured
-                else {}
+                {"unmeasured_activations": self.layout.unmeasured} if self.layout.unmeasured else {}
             ),
             **({"resumed_at": self._resumed} if self._resumed else {}),
             **({"revisions": self._revisions} if self._revisions else {}),
