@@ -44,6 +44,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -203,20 +204,6 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread: these nets are tiny, and on a loaded machine OpenMP's
-    spin-waiting threads make each step slower instead of faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class ModelResult:
     """One trained net: its test MSE, the gradient profile through time and where it was recorded.
@@ -370,7 +357,7 @@ def train_model(
         "flush_every": 200,
     }
     start = time.perf_counter()
-    with _one_thread():
+    with one_thread():
         log = train(
             model,
             batches,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Check", "Table", "Reproduction", "Progress", "check_out", "save_figure"]
+__all__ = ["Check", "Table", "Reproduction", "Progress", "check_out", "one_thread", "save_figure"]
 
 #: ``progress(done, total)``: called as a reproduction advances (for the CLI's progress bar)
 Progress = Callable[[int, int], None]
@@ -249,6 +249,32 @@ def check_out(out: str | os.PathLike | None, name: str, *, create: bool = True) 
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread inside the block, restoring the count after: the reproductions'
+    nets are small, and on a loaded machine OpenMP's spin-waiting threads make each step
+    slower instead of faster.
+
+    Example:
+        >>> import torch
+        >>> from vanishing.experiments.reproductions.base import one_thread
+        >>> before = torch.get_num_threads()
+        >>> with one_thread():
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def save_figure(figure: Any, out: Path, stem: str) -> list[Path]:

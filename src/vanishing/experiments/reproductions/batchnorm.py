@@ -20,7 +20,6 @@ of ``sigma_w``; for ReLU ``(1/2) / (1/2 - 1/(2 pi)) = pi / (pi - 1)``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -156,19 +156,6 @@ def build_net(
     return nn.Sequential(*layers)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Torch on one thread: on a shared CPU, OpenMP's spinning threads cost more than they give."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def gradient_sq_norms(
     net: nn.Sequential, batch: int, *, run_dir: str | Path, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -267,7 +254,7 @@ def reproduce(
     kinds = ("weight", "error")
     profiles: dict[str, dict[tuple, np.ndarray]] = {k: {} for k in kinds}
     rates: dict[str, dict[tuple, float]] = {k: {} for k in kinds}
-    with _one_thread():
+    with one_thread():
         for activation, bn, width, batch in cases:
             per_seed = []
             for s in range(seeds):

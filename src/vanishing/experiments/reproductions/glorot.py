@@ -23,7 +23,6 @@ Two experiments, both on scikit-learn's 8x8 digits (64 inputs, 10 classes):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -235,22 +235,6 @@ def init_statistics(net: nn.Sequential, x: Tensor, y: Tensor) -> dict[str, np.nd
     return {"act": act, "grad": grad}
 
 
-def _one_thread():
-    """Torch on one thread: small nets on a shared CPU run faster without OpenMP spinning."""
-    import torch
-
-    @contextlib.contextmanager
-    def ctx():
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return ctx()
-
-
 def train_sigmoid(
     x: Tensor,
     y: Tensor,
@@ -293,7 +277,7 @@ def train_sigmoid(
         replacement=True,
     )
     watch = {"run_dir": run_dir, "every": int(record_every), "flush_every": 200}
-    with _one_thread():
+    with one_thread():
         train(
             net,
             batches,
@@ -356,7 +340,7 @@ def reproduce(
     x_init, y_init = (x_pix[:600], y_pix[:600]) if quick else (x_pix, y_pix)
 
     measured: dict[str, list[dict[str, np.ndarray]]] = {init: [] for init in INITS}
-    with _one_thread():
+    with one_thread():
         for init in INITS:
             for s in range(seeds):
                 net = build_net(sizes, init=init, seed=seed * 1000 + s)

@@ -13,7 +13,6 @@ the runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -143,19 +143,6 @@ def second_moments(net: nn.Sequential, x: Tensor) -> np.ndarray:
     return np.array(moments)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Torch on one thread: on a shared CPU, OpenMP's spinning threads slow small nets down."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_net(
     x: Tensor,
     y: Tensor,
@@ -196,7 +183,7 @@ def train_net(
         x, y, batch_size=BATCH, generator=torch.Generator().manual_seed(int(seed)), replacement=True
     )
     watch = {"run_dir": run_dir, "every": int(record_every), "flush_every": 100}
-    with _one_thread():
+    with one_thread():
         train(
             net,
             batches,
@@ -252,7 +239,7 @@ def reproduce(
     total, done = 2 * seeds + 2, 0
 
     moments: dict[str, np.ndarray] = {}
-    with _one_thread():
+    with one_thread():
         for init in GAINS:
             per_seed = []
             for s in range(seeds):

@@ -32,6 +32,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -142,12 +143,6 @@ def measure_factor(
     return measured, predicted
 
 
-def _one_thread():
-    from vanishing.experiments.reproductions.nielsen import _one_thread as one
-
-    return one()
-
-
 def reproduce(
     *, quick: bool = False, out: Any = None, progress: Progress | None = None, seed: int = 0
 ) -> Reproduction:
@@ -167,7 +162,7 @@ def reproduce(
     out = check_out(out, "meanfield")
     # torch on one thread throughout: the quadratures and nets are small, and on a loaded
     # machine OpenMP's spinning threads make them many times slower
-    with _one_thread():
+    with one_thread():
         return _reproduce(quick, out, progress, seed)
 
 

@@ -24,7 +24,6 @@ local IDX files (pixels / 255, 784 inputs). See docs/reproductions.md for the nu
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import math
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vanishing.experiments.reproductions.base import Check, Reproduction
+from vanishing.experiments.reproductions.base import Check, Reproduction, one_thread
 from vanishing.experiments.reproductions.base import Table as ResultTable
 
 if TYPE_CHECKING:
@@ -285,7 +284,7 @@ def train_net(
     opt = make_optimizer(model, eta=eta, lmbda=lmbda, n=len(x))
     full_batch = minibatches(x, y_onehot, batch_size=0, generator=torch.Generator())
     watch = {"run_dir": run_dir, "stats": "parameters", "flush_every": max(1, min(steps, 1000))}
-    with _one_thread():
+    with one_thread():
         # his loop has no divergence check: the costs are read once, at the end
         log = train(model, full_batch, cost, opt, steps=steps, watch=watch, stop_on_nonfinite=False)
     return Path(log.monitor.run_dir)
@@ -511,20 +510,6 @@ def reproduce(
     }
     (out / "nielsen.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread: these nets are tiny, and on a loaded machine OpenMP's
-    spin-waiting threads make each step 10x slower instead of faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_all(x, y, seeds, steps, out, hidden_layers, progress) -> list[NetResult]:

@@ -24,7 +24,6 @@ See docs/reproductions/pascanu.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -40,6 +39,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -167,20 +167,6 @@ def _decay_rate(norms: np.ndarray) -> float:
     return float(math.exp(slope))
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread: the nets are tiny, and on a loaded machine OpenMP's
-    spin-waiting threads make each step slower instead of faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _build_net(T: int, hidden: int, seed: int) -> nn.Module:
     import torch
     from torch import nn
@@ -292,7 +278,7 @@ def train_clipping(
         replacement=True,
     )
     watch = {"run_dir": run_dir, "stats": "parameters", "probes": [ClippingProbe()]}
-    with _one_thread():
+    with one_thread():
         log = train(
             net,
             batches,

@@ -26,7 +26,6 @@ docs/reproductions/pretraining.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -70,19 +70,6 @@ CONFIGS = (
 DEFAULT = {"short": 300, "long": 1500, "pretrain_steps": 600, "seeds": 3}
 QUICK = {"short": 300, "long": 1200, "pretrain_steps": 200, "seeds": 1}
 FIRST_STEPS = 50  # the first-layer gradient is compared over the first 50 fine-tuning steps
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Torch on one thread: the nets are small, and other processes share the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def build_net(depth: int, activation: str, *, width: int = WIDTH, seed: int = 0) -> nn.Sequential:
@@ -230,7 +217,7 @@ def reproduce(
     data = digits()
     results: dict[tuple[int, str, bool], list[dict[str, Any]]] = {}
     total, done = len(CONFIGS) * budget["seeds"], 0
-    with _one_thread():
+    with one_thread():
         for s in range(budget["seeds"]):
             for depth, act, pre in CONFIGS:
                 r = run_config(

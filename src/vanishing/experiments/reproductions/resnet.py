@@ -19,7 +19,6 @@ set. See docs/reproductions/resnet.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -33,6 +32,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -62,19 +62,6 @@ WIDTH = 32
 STEPS, QUICK_STEPS = 600, 300
 SEEDS, QUICK_SEEDS = 2, 1
 LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.1, 0.9, 1e-4, 128
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Torch on one thread: the nets are small, and other processes share the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def blocks_for_depth(depth: int) -> int:
@@ -260,7 +247,7 @@ def reproduce(
     data = digits()
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     total, done = 2 * len(depths) * seeds, 0
-    with _one_thread():
+    with one_thread():
         for depth in depths:
             for kind in ("plain", "resnet"):
                 for s in range(seeds):

@@ -33,6 +33,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -216,10 +217,9 @@ def reproduce(
         >>> reproduce(quick=True, out=tempfile.mkdtemp()).ok   # doctest: +SKIP
         True
     """
-    from vanishing.experiments.reproductions.nielsen import _one_thread
 
     out = check_out(out, "selu")
-    with _one_thread():
+    with one_thread():
         return _reproduce(quick, out, progress, seed)
 
 

@@ -28,7 +28,6 @@ published forms (exponential vs sublinear), see docs/reproductions/shattered.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from vanishing.experiments.reproductions.base import (
     Reproduction,
     Table,
     check_out,
+    one_thread,
     save_figure,
 )
 
@@ -72,22 +72,6 @@ N_POINTS = 256
 DEPTHS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32, 50)
 QUICK_DEPTHS = (1, 4, 8, 24, 50)
 WHITE_DEPTH = 24  # the depth of the paper's Fig. 1b feed-forward net
-
-
-def _one_thread():
-    """Torch on one thread: the nets are small, and other processes share the cores."""
-    import torch
-
-    @contextlib.contextmanager
-    def ctx():
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return ctx()
 
 
 def _net_class():
@@ -292,7 +276,7 @@ def reproduce(
     corr = {k: np.zeros((len(depths), seeds)) for k in KINDS}
     examples: dict[tuple[str, int], np.ndarray] = {}
     total, done = 2 * len(depths), 0
-    with _one_thread():
+    with one_thread():
         for kind in KINDS:
             for i, depth in enumerate(depths):
                 for s in range(seeds):
