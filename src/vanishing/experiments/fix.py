@@ -155,29 +155,12 @@ def _build(config: Any, steps: int):
 
     import torch
 
-    from vanishing.experiments.models import build_model
-    from vanishing.experiments.runner import _optimizer, resolve_device
-    from vanishing.experiments.tasks import make_task
+    from vanishing.experiments.runner import _optimizer, build_task_and_model
     from vanishing.experiments.train import minibatches
 
-    tc, train = config.task, config.train
-    device = resolve_device(train.device)
-    torch.manual_seed(config.seed)
-    task = make_task(
-        tc.name,
-        seed=config.seed,
-        n_train=tc.n_train,
-        n_test=tc.n_test,
-        seq_len=tc.seq_len,
-        standardize=tc.standardize,
-        data_dir=tc.data_dir,
-        teacher_depth=tc.teacher_depth,
-        n_classes=tc.n_classes,
-        n_features=tc.n_features,
-    )
+    task, model, device = build_task_and_model(config)
     x, y = task.x_train.to(device), task.y_train.to(device)
-    torch.manual_seed(config.seed)
-    model = build_model(task, **config.model.model_dump()).to(device)
+    train = config.train
     batches = list(
         itertools.islice(
             minibatches(

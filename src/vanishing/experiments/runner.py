@@ -118,16 +118,26 @@ class _State:
         self.monitor: Monitor | None = None  # once training has started
 
 
-def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Progress | None):
+def build_task_and_model(config: ExperimentConfig) -> tuple[Any, torch.nn.Module, str]:
+    """An experiment's task, its model (on the config's device) and that device, seeded as
+    ``vanishing run`` seeds them: the data and the model's initial weights depend on the seed
+    only. ``vanishing fix`` builds from here too, so its probes start where a run starts.
+
+    Example:
+        >>> from vanishing.experiments.config import ExperimentConfig
+        >>> from vanishing.experiments.runner import build_task_and_model
+        >>> cfg = ExperimentConfig.model_validate({"model": {"depth": 2, "width": 4}})
+        >>> task, model, device = build_task_and_model(cfg)
+        >>> device, type(model).__name__
+        ('cpu', 'Sequential')
+    """
     import torch
 
     from vanishing.experiments.models import build_model
     from vanishing.experiments.tasks import make_task
-    from vanishing.experiments.train import minibatches
-    from vanishing.experiments.train import train as train_loop
 
-    tc, train = config.task, config.train
-    device = resolve_device(train.device)
+    tc = config.task
+    device = resolve_device(config.train.device)
     torch.manual_seed(config.seed)
     task = make_task(
         tc.name,
@@ -141,11 +151,22 @@ def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Pro
         n_classes=tc.n_classes,
         n_features=tc.n_features,
     )
+    torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
+    model = build_model(task, **config.model.model_dump()).to(device)
+    return task, model, device
+
+
+def _train(config: ExperimentConfig, run_dir: Path, state: _State, progress: Progress | None):
+    import torch
+
+    from vanishing.experiments.train import minibatches
+    from vanishing.experiments.train import train as train_loop
+
+    train = config.train
+    task, model, device = build_task_and_model(config)
     state.metric_name = task.metric_name
     x, y = task.x_train.to(device), task.y_train.to(device)
     xt, yt = task.x_test.to(device), task.y_test.to(device)
-    torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
-    model = build_model(task, **config.model.model_dump()).to(device)
 
     if train.pretrain_steps:
         from vanishing.experiments.pretrain import layerwise_pretrain
