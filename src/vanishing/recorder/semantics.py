@@ -12,6 +12,9 @@ same number:
 - :data:`NORMALIZATION_TYPES`, :func:`is_normalization`, :func:`is_embedding`: the module
   types that are not part of the gradient's path through depth;
 - :func:`speed_source`: where a hidden layer's speed of learning is read;
+- :func:`is_weight_param`, :func:`recurrent_layer_of`: which parameters are weight matrices
+  (``weight``, ``weight_ih_l0``, ``in_proj_weight``...) and which layer of a stacked
+  ``nn.LSTM``/``GRU``/``RNN`` a parameter belongs to (``l0``, ``l1``, ``l0_reverse``);
 - :func:`first_last_ratio`: the speed of learning of the first over the last hidden layer;
 - :func:`nonfinite_steps`, :func:`first_nonfinite_step`: where NaN/inf appeared.
 
@@ -20,6 +23,7 @@ No torch; numpy and pandas are imported where they are used.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +37,8 @@ __all__ = [
     "repeated_blocks",
     "layer_placement",
     "speed_source",
+    "is_weight_param",
+    "recurrent_layer_of",
     "first_last_ratio",
     "nonfinite_steps",
     "first_nonfinite_step",
@@ -251,6 +257,40 @@ def _speed_param(params: Sequence[str]) -> str | None:
         if found:
             return found[0]
     return params[0] if params else None
+
+
+def is_weight_param(name: str) -> bool:
+    """Whether a parameter is a weight matrix (or filter bank), as the weight views show them:
+    ``weight``, a recurrent layer's ``weight_ih_l0``/``weight_hh_l1_reverse``, attention's
+    ``in_proj_weight``, LSTM projections' ``weight_hr_l0``; not biases, not norms' scales (those
+    are named ``weight`` too: callers that exclude norms check the layer's type).
+
+    Example:
+        >>> from vanishing.recorder.semantics import is_weight_param
+        >>> [n for n in ["weight", "bias", "weight_ih_l0", "bias_hh_l0", "in_proj_weight"]
+        ...  if is_weight_param(n)]
+        ['weight', 'weight_ih_l0', 'in_proj_weight']
+    """
+    return name == "weight" or name.startswith("weight_") or name.endswith("_weight")
+
+
+def recurrent_layer_of(name: str) -> str | None:
+    """The layer of a stacked ``nn.LSTM``/``nn.GRU``/``nn.RNN`` that a parameter belongs to, from
+    torch's naming (``weight_ih_l1`` -> ``"l1"``, ``bias_hh_l0_reverse`` -> ``"l0_reverse"``), or
+    None for a parameter without a layer suffix.
+
+    Example:
+        >>> from vanishing.recorder.semantics import recurrent_layer_of
+        >>> recurrent_layer_of("weight_hh_l1"), recurrent_layer_of("bias_ih_l0_reverse")
+        ('l1', 'l0_reverse')
+        >>> recurrent_layer_of("weight") is None
+        True
+    """
+    found = _RECURRENT_SUFFIX.search(name)
+    return found.group(1) if found else None
+
+
+_RECURRENT_SUFFIX = re.compile(r"_(l\d+(?:_reverse)?)$")
 
 
 def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[str, str] | None:
