@@ -166,3 +166,39 @@ def test_inspect_leaves_the_model_unchanged():
     _inspect(model, 16, classes=2)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
+
+
+@pytest.mark.parametrize("phase", ["ordered", "critical", "chaotic"])
+def test_meanfield_cases_sit_in_the_phase_they_are_named_for(phase):
+    """The labelled mean-field cases (tests/cases/catalog.py): vanishing.theory's chi1 agrees
+    with an independent numpy quadrature (tests/cases/oracle.py), names the case's phase, and
+    inspect's prediction of the gradient through depth points the same way as the finding."""
+    from cases import oracle
+    from cases.catalog import CASES, MF_SIGMA_B2
+
+    cases = [c for c in CASES if c.name.startswith(f"meanfield_tanh_{phase}_")]
+    assert cases
+    for case in cases:
+        job = case.build()
+        first = job.model[0]
+        sw2 = float(first.weight.detach().var()) * first.in_features  # sigma_w^2, measured
+        sigma_w2 = {"ordered": (0.5, 0.7), "chaotic": (6.0, 8.0)}.get(phase)
+        if sigma_w2 is not None:
+            sw2 = min(sigma_w2, key=lambda s: abs(s - sw2))
+        else:
+            sw2 = vanishing.theory.critical_sigma_w2("tanh", MF_SIGMA_B2)
+        r = vanishing.theory.mean_field("tanh", sigma_w2=sw2, sigma_b2=MF_SIGMA_B2)
+        q, chi1 = oracle.tanh_mean_field(sw2, MF_SIGMA_B2)
+        # two independent quadratures (tanh is smooth: they agree to ~1e-5 at q* ~ 5)
+        assert r.q_star == pytest.approx(q, rel=1e-4)
+        assert r.chi1 == pytest.approx(chi1, rel=1e-4)
+        assert r.phase == phase
+        x, y = job.batches[0]
+        diag = vanishing.inspect(job.model, x, y, job.loss_fn)
+        predicted = diag.theory["predicted_ratio"]  # first / last hidden layer's gradient
+        if phase == "ordered":
+            assert predicted < 0.1 and "vanishing_gradient" in diag.kinds
+        elif phase == "chaotic":
+            assert predicted > 10 and "exploding_gradient" in diag.kinds
+        else:
+            assert 0.1 < predicted < 10 and diag.healthy

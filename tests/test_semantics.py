@@ -161,3 +161,22 @@ def test_one_error_for_a_path_that_is_not_a_run(tmp_path):
             read(tmp_path)
         with pytest.raises(vanishing.RunError, match="no such run directory"):
             read(tmp_path / "missing")
+
+
+def test_param_unit_keeps_the_layers_of_a_recurrent_stack_apart():
+    from vanishing.recorder.semantics import param_unit
+
+    lstm = torch.nn.LSTM(2, 4, num_layers=3, bidirectional=True)
+    units = {param_unit("rnn", n) for n, _ in lstm.named_parameters()}
+    assert units == {f"rnn.l{i}{s}" for i in range(3) for s in ("", "_reverse")}
+    assert param_unit("fc", "weight") == "fc" and param_unit("fc", "bias") == "fc"
+
+
+def test_error_source_is_the_normalization_right_after_a_layer():
+    from vanishing.recorder.semantics import error_source
+
+    info = [{"name": n, "type": t} for n, t in
+            [("0", "Linear"), ("1", "LayerNorm"), ("2", "GELU"), ("3", "Linear"),
+             ("4", "ReLU"), ("5", "BatchNorm1d"), ("6", "Linear")]]  # fmt: skip
+    # a norm after an activation is not the layer's own normalization
+    assert [error_source(info, n) for n in ("0", "3", "6", "missing")] == ["1", "3", "6", "missing"]

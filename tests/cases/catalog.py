@@ -998,4 +998,126 @@ def _():
     return Job(model, _sgd(model, 10.0), sequences(T=30, target="recent"), F.mse_loss, [])
 
 
+# -- mean-field tanh nets: ordered / critical / chaotic ---------------------------------------
+# Weights N(0, sigma_w2 / fan_in), biases N(0, sigma_b2 = 0.05): mean-field theory
+# (src/vanishing/theory.py; Schoenholz et al. 2017) gives the squared gradient a factor chi1 per
+# layer back through depth, < 1 in the ordered phase (vanishing), 1 at sigma_w2 ~ 1.76 (critical:
+# the gradient keeps its scale), > 1 in the chaotic phase (exploding; the norm grows sqrt(chi1)
+# per layer, so it takes ~16 layers at sigma_w2 = 6 to pass 10x). Each label is confirmed twice
+# in plain torch/numpy: chi1 by quadrature (oracle.tanh_mean_field), and the measured gradient.
+MF_SIGMA_B2 = 0.05
+
+
+def meanfield(phase, sigma_w2):
+    """chi1 (numpy quadrature) is in the phase; the measured gradient through depth agrees:
+    bias gradients first/last <= 0.1 (ordered), the error signal first/last >= 10 (chaotic),
+    within 10x and the healthy checks (critical)."""
+
+    def confirm(job, losses):
+        _q, chi1 = oracle.tanh_mean_field(sigma_w2, MF_SIGMA_B2)
+        x, y = _batch(job)
+        if phase == "ordered":
+            assert chi1 < 0.9, chi1
+            vanishing_depth()(job, losses)
+        elif phase == "chaotic":
+            assert chi1 > 1.1, chi1
+            e = oracle.output_grad_norms(job.model, job.hidden, x, y, job.loss_fn)
+            assert e[0] >= 10 * e[-1], f"not exploding: error signal {e}"
+        else:
+            assert abs(chi1 - 1) < 1e-3, chi1
+            healthy(True)(job, losses)
+
+    return confirm
+
+
+def _meanfield_case(phase, sigma_w2, depth, label, allowed=(), lr=0.05):
+    @case(
+        f"meanfield_tanh_{phase}_{depth}",
+        "meanfield",
+        label,
+        allowed,
+        check=meanfield(phase, sigma_w2),
+    )
+    def _():
+        def weights(w):
+            nn.init.normal_(w, 0.0, math.sqrt(sigma_w2 / w.shape[1]))
+
+        def biases(b):
+            nn.init.normal_(b, 0.0, math.sqrt(MF_SIGMA_B2))
+
+        model, hidden = mlp([16] + [64] * depth + [4], nn.Tanh, init=weights, bias=biases)
+        return Job(model, _sgd(model, lr), blobs(), F.cross_entropy, hidden)
+
+
+#: sigma_w2 where chi1 = 1 for tanh at sigma_b2 = 0.05 (theory.critical_sigma_w2; the confirm
+#: recomputes chi1 there by quadrature)
+MF_CRITICAL = 1.7609546396067348
+_meanfield_case("ordered", 0.5, 10, [V], [ST])
+_meanfield_case("ordered", 0.7, 16, [V], [ST])
+_meanfield_case("critical", MF_CRITICAL, 10, [])
+_meanfield_case("critical", MF_CRITICAL, 16, [])
+# small steps: at 0.05 thirty steps of SGD take the chaotic nets out of their phase
+_meanfield_case("chaotic", 6.0, 16, [E], [S, ST], lr=1e-3)
+_meanfield_case("chaotic", 8.0, 20, [E], [S, ST], lr=1e-3)
+
+
+# -- a 2-layer LSTM on the adding problem, unsolved and solved -------------------------------
+def adding_outcome(solved: bool, vanishing_bound: float = 1e-3):
+    """The trained model against the adding problem's trivial baseline, the MSE of predicting
+    the targets' mean (their variance): unsolved, the last five losses stay within 20% of it and
+    the gradient at t=0 is below 1e-3 of that at t=T-1 (plain torch); solved, the last five
+    losses are below half of it. Before training (losses None) the solved case is healthy."""
+
+    def confirm(job, losses):
+        ys = torch.cat([y for _, y in job.batches])
+        baseline = float(ys.var(unbiased=False))
+        if losses is None:
+            if not solved:
+                raise AssertionError("the unsolved label is about the trained outcome")
+            healthy(rnn=True)(job, losses)
+            return
+        last = sum(losses[-5:]) / 5
+        if solved:
+            assert last < 0.5 * baseline, f"not solved: loss {last:.3f}, baseline {baseline:.3f}"
+            healthy(rnn=True)(job, losses)
+        else:
+            assert abs(last - baseline) <= 0.2 * baseline, f"loss {last:.3f} vs {baseline:.3f}"
+            through_time(True, 1 / vanishing_bound)(job, losses)
+
+    return confirm
+
+
+def _lstm2(forget_bias=None, hidden=16):
+    model = SeqNet(nn.LSTM, hidden=hidden, num_layers=2)
+    if forget_bias is not None:
+        with torch.no_grad():
+            for layer in range(2):
+                getattr(model.rnn, f"bias_hh_l{layer}")[hidden : 2 * hidden].fill_(forget_bias)
+    return model
+
+
+@case(
+    "lstm2_adding_unsolved",
+    "rnn",
+    [V],
+    [ST],
+    steps=80,
+    at_init=False,
+    check=adding_outcome(False),
+)
+def _():
+    # default init (forget gates ~0.5): the gradient from the first marker is ~1e-5 of the
+    # last step's after 30 steps back, and the loss falls to the mean-prediction baseline and
+    # stays there (docs/diagnosis.md: outcome and gradient together)
+    model = _lstm2()
+    return Job(model, _adam(model, 1e-2), sequences(n=128, T=30), F.mse_loss, [])
+
+
+@case("healthy_lstm2_adding_solved", "rnn", steps=150, check=adding_outcome(True))
+def _():
+    # forget-gate bias 3 in both layers, a shorter delay: the loss falls far below the baseline
+    model = _lstm2(forget_bias=3.0)
+    return Job(model, _adam(model, 1e-2), sequences(n=128, T=10), F.mse_loss, [])
+
+
 BY_NAME = {c.name: c for c in CASES}

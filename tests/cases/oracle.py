@@ -147,3 +147,23 @@ def decreased(losses, k=5) -> bool:
 def block_output_grad_norms(model, blocks, x, y, loss_fn):
     """||dLoss/d(output of block)|| of each named block (the residual stream after it)."""
     return output_grad_norms(model, blocks, x, y, loss_fn)
+
+
+def tanh_mean_field(sigma_w2, sigma_b2, nodes=201):
+    """(q*, chi1) of a wide tanh net with weights N(0, sigma_w2 / fan_in) and biases
+    N(0, sigma_b2) (Poole et al. 2016; Schoenholz et al. 2017), by Gauss-Hermite quadrature in
+    numpy: q* is the fixed point of q = sigma_w2 E[tanh(sqrt(q) z)^2] + sigma_b2, and
+    chi1 = sigma_w2 E[tanh'(sqrt(q*) z)^2] the factor on the squared gradient per layer
+    (below 1 ordered: vanishing; above 1 chaotic: exploding)."""
+    import numpy as np
+
+    z, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / w.sum()
+    q = 1.0
+    for _ in range(2000):
+        q_new = sigma_w2 * float(np.sum(w * np.tanh(np.sqrt(q) * z) ** 2)) + sigma_b2
+        if abs(q_new - q) < 1e-14:
+            break
+        q = q_new
+    chi1 = sigma_w2 * float(np.sum(w * (1 - np.tanh(np.sqrt(q) * z) ** 2) ** 2))
+    return q, chi1

@@ -13,6 +13,7 @@ import numpy as np
 
 from vanishing.diagnose.findings import Diagnosis, Finding
 from vanishing.recorder.errors import RunError
+from vanishing.recorder.semantics import hidden_layers
 
 __all__ = ["diagnose_run", "model_facts", "MODEL_FACTS", "NO_LAYERS"]
 
@@ -106,8 +107,11 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
 
 def model_facts(model: Any) -> dict[str, dict[str, float]]:
     """Per recurrent layer of ``model``: the largest singular value of its recurrent weight
-    (``sigma_max_recurrent``; for LSTM/GRU of the stacked gate matrix); under ``"<model>"``,
-    whether the model has skip connections (when its forward can be traced).
+    (``sigma_max_recurrent``, of the first layer; for LSTM/GRU of the stacked gate matrix), the
+    bias of the gate that keeps the state (``forget_gate_bias``: an LSTM's forget gate, a GRU's
+    update gate; the smallest over stacked layers, each also as ``forget_gate_bias_l1``...);
+    under ``"<model>"``, whether the model has skip connections (when its forward can be
+    traced).
 
     Example:
         >>> import torch
@@ -141,18 +145,26 @@ def model_facts(model: Any) -> dict[str, dict[str, float]]:
                 except RuntimeError:  # e.g. overflow inside the SVD of a huge weight
                     continue
             out[name] = {"sigma_max_recurrent": round(sigma, 12)}
-            if isinstance(module, torch.nn.LSTM):
-                # the forget gate's bias (PyTorch's gate order: input, forget, cell, output), so
-                # that a model that sets it is not advised to
+            if isinstance(module, (torch.nn.LSTM, torch.nn.GRU)):
+                # the bias of the gate that keeps the state (LSTM: the forget gate, gate order
+                # input, forget, cell, output; GRU: the update gate z of r, z, n, which keeps
+                # h_{t-1} as z -> 1), per stacked layer, so that a model that sets it is not
+                # advised to; "forget_gate_bias" is the smallest over the layers
                 h = module.hidden_size
-                with torch.no_grad():
-                    b = sum(
-                        getattr(module, f"{k}_l0")[h : 2 * h].detach().double()
-                        for k in ("bias_ih", "bias_hh")
-                        if getattr(module, f"{k}_l0", None) is not None
-                    )
-                if isinstance(b, torch.Tensor) and bool(torch.isfinite(b).all()):
-                    out[name]["forget_gate_bias"] = round(float(b.mean()), 12)
+                biases = []
+                for layer in range(module.num_layers):
+                    with torch.no_grad():
+                        b = sum(
+                            getattr(module, f"{k}_l{layer}")[h : 2 * h].detach().double()
+                            for k in ("bias_ih", "bias_hh")
+                            if getattr(module, f"{k}_l{layer}", None) is not None
+                        )
+                    if isinstance(b, torch.Tensor) and bool(torch.isfinite(b).all()):
+                        biases.append(round(float(b.mean()), 12))
+                        if module.num_layers > 1:
+                            out[name][f"forget_gate_bias_l{layer}"] = biases[-1]
+                if biases and len(biases) == module.num_layers:
+                    out[name]["forget_gate_bias"] = min(biases)
     skip = skip_connections(root)
     if skip is not None:
         out[MODEL_FACTS] = {"skip_connections": float(skip)}
@@ -210,26 +222,24 @@ def _signs(view: Any, findings: list[Finding]) -> list[str]:
     shows; never raises."""
     notes: list[str] = []
     try:
-        steps = view.steps
-        if view.first_nonfinite is not None:
-            steps = steps[steps["step"] < view.first_nonfinite]
-        loss = steps["loss"].dropna().to_numpy(dtype=float) if "loss" in steps else []
-        ratio = None
-        if len(loss) >= 20:
-            k = max(1, len(loss) // 10)
-            first, last = float(np.mean(loss[:k])), float(np.mean(loss[-k:]))
-            if math.isfinite(first) and math.isfinite(last) and first > 0:
-                ratio = last / first
+        curve = view.loss_curve  # one definition of the loss curve (RunView.loss_curve)
+        ratio = curve.get("last_over_first")
+        if ratio is not None and not math.isfinite(ratio):
+            ratio = None
         change = None
-        m = view.metrics
-        if "param_norm" in m and view.hidden:
-            w = m[(m["param"] == "weight") & m["layer"].isin(view.hidden)]
+        # every weight matrix of the hidden layers (recurrent ones too, per stacked layer)
+        hidden = set(hidden_layers(view.layers)) - {
+            n for n, p in view.placement.items() if p == "root"
+        }
+        w = view.all_weight_units
+        if hidden and not w.empty:
+            w = w[w["layer"].isin(hidden)]
             if view.first_nonfinite is not None:
                 w = w[w["step"] < view.first_nonfinite]
             if not w.empty and w["step"].nunique() >= 2:
                 a, b = w["step"].min(), w["step"].max()
-                start = w[w["step"] == a].set_index("layer")["param_norm"]
-                end = w[w["step"] == b].set_index("layer")["param_norm"]
+                start = w[w["step"] == a].set_index("unit")["param_norm"]
+                end = w[w["step"] == b].set_index("unit")["param_norm"]
                 rel = ((end - start) / start).replace([np.inf, -np.inf], np.nan).dropna()
                 if not rel.empty:
                     change = float(rel.median())

@@ -11,16 +11,29 @@ import pandas as pd
 
 from vanishing import activations
 from vanishing.recorder.semantics import (
+    error_source,
     first_nonfinite_step,
     hidden_layers,
     is_embedding,
     is_normalization,
+    is_weight_param,
     layer_placement,
+    param_unit,
+    recurrent_layer_of,
     repeated_blocks,
 )
 
 #: a stack of repeated blocks is judged through depth per role across blocks from this many on
 MIN_BLOCKS = 3
+#: the loss curve is read from this many judged steps on (each tenth is then >= 2 steps)
+MIN_LOSS_STEPS = 20
+#: the loss sits on a plateau when over the window (the last half of the judged steps) it fell
+#: by less than this share: the last tenth averages >= 90% of the tenth before the window
+PLATEAU_MAX_FALL = 0.1
+#: ... and the plateau is the initial one (the level a model reaches without using its inputs,
+#: e.g. predicting the targets' mean) when it holds at least this share of the initial loss: a
+#: model that fitted its task and then flattened out sits far lower (docs/diagnosis.md)
+PLATEAU_MIN_OF_INITIAL = 0.05
 
 
 class RunView:
@@ -70,6 +83,123 @@ class RunView:
         """The window's metrics rows of one (layer, param); ``param == ""`` for module rows."""
         rows = self._recent_rows.get((layer, param))
         return rows if rows is not None else self.recent_metrics.iloc[:0]
+
+    @cached_property
+    def loss_curve(self) -> dict[str, float]:
+        """The loss over the judged steps (those before the first non-finite one), by tenths:
+        ``initial`` (mean of the first tenth), ``window_start`` (the tenth before the window,
+        the last half), ``final`` (the last tenth), ``last_over_first``,
+        ``last_over_window_start``, ``steps``, and ``plateau`` (1.0/0.0): the loss fell by less
+        than PLATEAU_MAX_FALL over the window and still holds at least
+        PLATEAU_MIN_OF_INITIAL of its initial value. Empty with fewer than MIN_LOSS_STEPS
+        finite losses (``inspect``'s one step has no curve)."""
+        s = self.steps
+        if "loss" not in s:
+            return {}
+        if self.first_nonfinite is not None:
+            s = s[s["step"] < self.first_nonfinite]
+        loss = s.sort_values("step")["loss"].to_numpy(dtype=float)
+        loss = loss[np.isfinite(loss)]
+        n = len(loss)
+        if n < MIN_LOSS_STEPS:
+            return {}
+        k = max(1, n // 10)
+        half = n - int(math.ceil(n * 0.5))  # where the window starts
+        first = float(np.mean(loss[:k]))
+        last = float(np.mean(loss[-k:]))
+        start = float(np.mean(loss[max(0, half - k) : max(k, half)]))
+        if not (first > 0 and start > 0):
+            return {}
+        out = {
+            "initial": first,
+            "window_start": start,
+            "final": last,
+            "last_over_first": last / first,
+            "last_over_window_start": last / start,
+            "steps": float(n),
+        }
+        out["plateau"] = float(
+            out["last_over_window_start"] >= 1 - PLATEAU_MAX_FALL
+            and out["last_over_first"] >= PLATEAU_MIN_OF_INITIAL
+        )
+        return out
+
+    @cached_property
+    def weight_units(self) -> pd.DataFrame:
+        """The window's weight statistics per (step, unit): every weight matrix
+        (:func:`~vanishing.recorder.semantics.is_weight_param`: ``weight``, ``weight_ih_l0``,
+        ``in_proj_weight``...) of a parameter-owning layer, grouped by
+        :func:`~vanishing.recorder.semantics.param_unit` (a module, or one layer ``rnn.l1`` of
+        a stacked recurrent module). Columns: ``step``, ``unit``, ``layer`` (the module),
+        ``grad_norm``, ``param_norm``, ``update_norm`` (root of the sum of squares over the
+        unit's weights), ``update_ratio`` and ``grad_ratio`` (those norms over ``param_norm``;
+        a unit of one weight keeps its recorded ratios)."""
+        return self._weight_units(self.recent_metrics)
+
+    @cached_property
+    def all_weight_units(self) -> pd.DataFrame:
+        """:attr:`weight_units` over every recorded step (not only the window)."""
+        return self._weight_units(self.metrics)
+
+    def _weight_units(self, m: pd.DataFrame) -> pd.DataFrame:
+        cols = ["step", "unit", "layer", "grad_norm", "param_norm", "update_norm"]
+        cols += ["update_ratio", "grad_ratio"]
+        if m.empty or "param" not in m:
+            return pd.DataFrame(columns=cols)
+        layers = {x["name"] for x in self.layers if x.get("role") == "layer"}
+        w = m[m["param"].map(lambda p: bool(p) and is_weight_param(str(p)))]
+        w = w[w["layer"].isin(layers)].copy()
+        if w.empty:
+            return pd.DataFrame(columns=cols)
+        for c in ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_ratio"):
+            if c not in w:
+                w[c] = np.nan
+        w["unit"] = [param_unit(a, b) for a, b in zip(w["layer"], w["param"])]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            sq = w[["grad_norm", "param_norm", "update_norm"]].astype(float) ** 2
+        sq[["step", "unit", "layer"]] = w[["step", "unit", "layer"]]
+        g = sq.groupby(["step", "unit", "layer"], sort=False)
+        out = (g[["grad_norm", "param_norm", "update_norm"]].sum(min_count=1) ** 0.5).reset_index()
+        n = g.size().to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out["update_ratio"] = out["update_norm"] / out["param_norm"]
+            out["grad_ratio"] = out["grad_norm"] / out["param_norm"]
+        # a unit of one weight keeps the ratios as recorded (NaN norms, optimizer-less runs)
+        single = n == 1
+        if single.any():
+            rec = w.groupby(["step", "unit", "layer"], sort=False)[
+                ["update_ratio", "grad_ratio"]
+            ].first()
+            out.loc[single, "update_ratio"] = rec["update_ratio"].to_numpy(dtype=float)[single]
+            out.loc[single, "grad_ratio"] = rec["grad_ratio"].to_numpy(dtype=float)[single]
+        return out[cols]
+
+    def recurrent_stack(self, layer: str) -> dict[str, dict[str, float]]:
+        """Per layer of a recurrent module (``l0``, ``l1``, ... as torch names them), medians
+        over the window of its weights' gradient norm, update/weight and gradient/weight, and
+        its gradient relative to the top layer's: the stack's depth, which the time profile
+        (measured at the stack's input, through every layer) cannot show.
+
+        Keys: ``"<module>.l0"`` ...; empty when the module has one layer or none recorded."""
+        u = self.weight_units
+        rows = u[u["layer"] == layer]
+        subs = [s for s in rows["unit"].unique() if s != layer]
+        if len(subs) < 2:
+            return {}
+        med = rows.groupby("unit")[["grad_norm", "update_ratio", "grad_ratio"]].median()
+        order = sorted(subs, key=lambda s: _layer_index(s))
+        top = float(med.loc[order[-1], "grad_norm"]) if order else float("nan")
+        out = {}
+        for s in order:
+            row = med.loc[s]
+            g = float(row["grad_norm"])
+            out[s] = {
+                "weight_grad_norm": g,
+                "update_ratio": float(row["update_ratio"]),
+                "grad_ratio": float(row["grad_ratio"]),
+                "grad_vs_top_layer": g / top if top > 0 and math.isfinite(top) else float("nan"),
+            }
+        return out
 
     @cached_property
     def hidden(self) -> list[str]:
@@ -206,6 +336,15 @@ class RunView:
             return pd.DataFrame()
         else:
             names = self.hidden
+            if stat == "error_norm":
+                # a layer whose output goes straight into a normalization is read after it:
+                # before it, the gradient carries 1/spread of the layer's own output
+                # (semantics.error_source), e.g. 10x through 4 healthy conv+BN layers
+                table = table.copy()
+                for n in names:
+                    src = error_source(self.layers, n)
+                    if src != n and src in table.columns and table[src].notna().any():
+                        table[n] = table[src]
         cols = [c for c in names if c in table.columns]
         return table[cols] if cols else pd.DataFrame()
 
@@ -365,6 +504,12 @@ class RunView:
             return float("nan")
         norm = float(rows["param_norm"].iloc[0])  # the earliest weight in the window
         return norm / math.sqrt(weight["numel"]) * math.sqrt(fan_in)
+
+
+def _layer_index(unit: str) -> tuple[int, str]:
+    sub = recurrent_layer_of("x_" + unit.rpartition(".")[2]) or ""
+    digits = "".join(ch for ch in sub.split("_")[0] if ch.isdigit())
+    return (int(digits) if digits else 0, sub)
 
 
 def depth_trend(table: pd.DataFrame) -> dict[str, float]:

@@ -23,6 +23,16 @@ class TemporalProbe(Probe):
 
     Data fed straight into the layer has no gradient; a leaf alias that asks for one makes
     dL/dx_t visible without touching the parameters' gradients.
+
+    Stacked layers (``nn.LSTM(num_layers=2)``): torch runs every layer of the module in one
+    fused op, so the hidden sequence between layer ``l0`` and ``l1`` is never a tensor that a
+    hook can see. What is measured is the stack's own input, dL/dx_t through *every* layer and
+    time step (the profile the through-time rules judge). A profile per layer through time is
+    not measured; per layer, the records keep each layer's parameters apart (``weight_ih_l1``,
+    ``weight_hh_l1``: gradient, update, weight norms), which the diagnosis shows as ``rnn.l0``,
+    ``rnn.l1`` (:func:`vanishing.recorder.semantics.param_unit`). A user who needs the time
+    profile of each layer stacks single-layer modules (``nn.ModuleList`` of ``nn.LSTM``), each
+    then measured here.
     """
 
     columns = (TIME_GRAD,)

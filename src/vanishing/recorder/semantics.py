@@ -12,9 +12,12 @@ same number:
 - :data:`NORMALIZATION_TYPES`, :func:`is_normalization`, :func:`is_embedding`: the module
   types that are not part of the gradient's path through depth;
 - :func:`speed_source`: where a hidden layer's speed of learning is read;
-- :func:`is_weight_param`, :func:`recurrent_layer_of`: which parameters are weight matrices
-  (``weight``, ``weight_ih_l0``, ``in_proj_weight``...) and which layer of a stacked
-  ``nn.LSTM``/``GRU``/``RNN`` a parameter belongs to (``l0``, ``l1``, ``l0_reverse``);
+- :func:`is_weight_param`, :func:`recurrent_layer_of`, :func:`param_unit`: which parameters
+  are weight matrices (``weight``, ``weight_ih_l0``, ``in_proj_weight``...), which layer of a
+  stacked ``nn.LSTM``/``GRU``/``RNN`` a parameter belongs to (``l0``, ``l1``, ``l0_reverse``),
+  and the unit the per-parameter views group a parameter by (``rnn.l1``);
+- :func:`error_source`: where a hidden layer's error signal is read (after the normalization
+  that divides its own scale out);
 - :func:`first_last_ratio`: the speed of learning of the first over the last hidden layer;
 - :func:`nonfinite_steps`, :func:`first_nonfinite_step`: where NaN/inf appeared.
 
@@ -39,6 +42,8 @@ __all__ = [
     "speed_source",
     "is_weight_param",
     "recurrent_layer_of",
+    "param_unit",
+    "error_source",
     "first_last_ratio",
     "nonfinite_steps",
     "first_nonfinite_step",
@@ -291,6 +296,53 @@ def recurrent_layer_of(name: str) -> str | None:
 
 
 _RECURRENT_SUFFIX = re.compile(r"_(l\d+(?:_reverse)?)$")
+
+
+def param_unit(layer: str, param: str) -> str:
+    """The unit a parameter's statistics are grouped by in the per-parameter views (stalled
+    layers, update size, weight trend): its module, or for a parameter of one layer of a
+    stacked ``nn.LSTM``/``GRU``/``RNN`` the module and that layer (``rnn.l1``), so that the
+    layers of a stack are judged and shown apart although torch runs them as one module.
+
+    Example:
+        >>> from vanishing.recorder.semantics import param_unit
+        >>> param_unit("rnn", "weight_hh_l1"), param_unit("enc.0.attn", "in_proj_weight")
+        ('rnn.l1', 'enc.0.attn')
+        >>> param_unit("", "weight_ih_l0")   # an nn.LSTM watched on its own: the root module
+        'l0'
+    """
+    sub = recurrent_layer_of(str(param))
+    if sub is None:
+        return str(layer)
+    return f"{layer}.{sub}" if layer else sub
+
+
+def error_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> str:
+    """The module at whose output a hidden layer's error signal is read: the layer itself, or
+    the normalization layer its output goes straight into (``Conv2d -> BatchNorm2d``,
+    ``Linear -> LayerNorm``). A normalization divides its input by that input's own spread, so
+    the gradient w.r.t. the layer's raw output carries ``1 / spread``: it follows the layer's
+    weight scale (which the normalization makes irrelevant to the function), not the gradient's
+    flow through depth; the gradient after the normalization is what flows on. (Only for a
+    chain of layers: inside a residual block a normalization may follow a sum ``x + f(x)``
+    rather than the layer, so the diagnosis compares those per role across blocks instead.)
+
+    Example:
+        >>> from vanishing.recorder.semantics import error_source
+        >>> info = [{"name": n, "type": t} for n, t in
+        ...         [("c0", "Conv2d"), ("bn0", "BatchNorm2d"), ("a0", "ReLU"), ("c1", "Conv2d"),
+        ...          ("a1", "ReLU")]]
+        >>> error_source(info, "c0"), error_source(info, "c1")
+        ('bn0', 'c1')
+    """
+    names = [str(x["name"]) for x in layer_info]
+    if layer not in names:
+        return layer
+    i = names.index(layer)
+    nxt = layer_info[i + 1] if i + 1 < len(layer_info) else None
+    if nxt is not None and is_normalization(str(nxt.get("type", ""))):
+        return str(nxt["name"])
+    return layer
 
 
 def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[str, str] | None:

@@ -233,15 +233,17 @@ def _through_time(view: RunView) -> list[Finding]:
 
 
 def _huge_updates(view: RunView) -> list[Finding]:
-    m = view.recent(view.metrics)
-    w = m[(m["param"] == "weight") & m["update_ratio"].notna()]
+    # every weight matrix, per unit (a module, or one layer of a stacked recurrent module)
+    u = view.weight_units
+    w = u[u["update_ratio"].notna()]
     if w.empty:
         return []
-    med = w.groupby("layer")["update_ratio"].median()
+    med = w.groupby("unit", sort=False)["update_ratio"].median()
     big = med[med >= MAX_UPDATE_RATIO]
     if big.empty:
         return []
-    layers = [n for n in (x["name"] for x in view.layers) if n in big.index]
+    modules = set(w[w["unit"].isin(big.index)]["layer"])
+    layers = [n for n in (x["name"] for x in view.layers) if n in modules]
     worst = float(big.max())
     return [
         Finding(
@@ -249,7 +251,7 @@ def _huge_updates(view: RunView) -> list[Finding]:
             layers=layers,
             severity="critical",
             message=f"updates are as large as the weights: median |update|/|W| up to {worst:.2g}",
-            evidence={"max_update_ratio": worst, "layers_affected": len(layers)},
+            evidence={"max_update_ratio": worst, "layers_affected": len(big)},
             remedies=[
                 Remedy(
                     "lower_learning_rate",

@@ -22,20 +22,18 @@ def check(view: RunView) -> RuleResult:
 
 
 def _findings(view: RunView, notes: list[str]) -> list[Finding]:
-    m = view.recent(view.metrics)
-    w = m[(m["param"] == "weight") & m["update_ratio"].notna()]
+    # every weight matrix (weight, weight_ih_l0, in_proj_weight...), per unit: a module, or one
+    # layer (rnn.l0) of a stacked recurrent module, so that a stack's lower layer can stall
+    u = view.weight_units
+    w = u[u["update_ratio"].notna()]
     if w.empty:
         return []
-    med = w.groupby("layer")["update_ratio"].median()
+    module_of = dict(zip(u["unit"], u["layer"]))
+    med = w.groupby("unit", sort=False)["update_ratio"].median()
     med = med[med.map(math.isfinite)]
-    layers = {x["name"] for x in view.layers if x["role"] == "layer"}
-    med = med[[n in layers and not is_embedding(view.by_name[n]["type"]) for n in med.index]]
+    med = med[[not is_embedding(view.by_name[module_of[n]]["type"]) for n in med.index]]
     # a layer with no gradient at all in the window is not slow but unused (or detached)
-    no_grad = (
-        m[m["param"] == "weight"]
-        .groupby("layer")["grad_norm"]
-        .apply(lambda g: bool(g.isna().all()))
-    )
+    no_grad = u.groupby("unit")["grad_norm"].apply(lambda g: bool(g.isna().all()))
     silent = [n for n in med.index if no_grad.get(n, False)]
     if silent:
         notes.append(
@@ -53,10 +51,12 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     stalled = med[med <= typical * MAX_RELATIVE]
     if stalled.empty:
         return []
-    layers = [n for n in (x["name"] for x in view.layers) if n in stalled.index]
+    order = {x["name"]: i for i, x in enumerate(view.layers)}
+    units = sorted(stalled.index, key=lambda n: (order.get(module_of[n], 0), n))
+    layers = list(dict.fromkeys(module_of[n] for n in units))
     slowest = float(stalled.min())
     rel = slowest / typical
-    grads = w.groupby("layer")["grad_ratio"].median()
+    grads = w.groupby("unit")["grad_ratio"].median()
     grads = grads[grads.index.isin(med.index)]
     typical_grad = float(grads.quantile(0.9)) if not grads.empty else float("nan")
     per_layer = {
@@ -67,9 +67,9 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
             if typical_grad > 0
             else float("nan"),
         }
-        for n in layers
+        for n in units
     }
-    first = layers[0]
+    first = units[0]
     rel_grad = per_layer[first]["relative_gradient"]
     rel_first = per_layer[first]["relative_update"]
     zero = (
@@ -124,7 +124,9 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
             layers=layers,
             severity="critical" if rel <= 1e-4 else "warning",
             message=(
-                f"{len(layers)} layer(s) barely move: median update/weight {slowest:.1e}{zero}, "
+                f"{len(units)} layer(s) barely move"
+                + (f" ({', '.join(units)})" if units != layers else "")
+                + f": median update/weight {slowest:.1e}{zero}, "
                 f"{rel:.1e} of the {typical:.1e} of the layers that learn"
             ),
             evidence={

@@ -7,6 +7,7 @@ import math
 from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import (
+    MIN_LOSS_STEPS,
     RunView,
     depth_trend,
     gain_target,
@@ -21,14 +22,45 @@ MAX_FIRST_TO_LAST = 0.1
 MAX_FITTED_FIRST_TO_LAST = 0.2
 #: through time (plain RNN cells): gradient at t=0 over gradient at t=T-1
 MAX_FIRST_TO_LAST_TIME = 1e-3
-#: gated cells (LSTM, GRU) whose profile decays are reported as a note, not a finding
+#: gated cells (LSTM, GRU) whose profile decays are a finding only when the loss also sits at
+#: its initial plateau (RunView.loss_curve); else a note: the gates may rightly forget
 GATED = ("LSTM", "GRU")
+#: a forget-gate (GRU: update-gate) bias from this on counts as set (Gers et al. use 1; PyTorch's
+#: default init averages 0), so it is not advised again
+KEEP_GATE_BIAS = 0.5
 
 
 def check(view: RunView) -> RuleResult:
     """The rule: its findings and its notes (see the module doc)."""
     notes: list[str] = []
-    return RuleResult(_through_depth(view) + _through_time(view, notes), notes)
+    found = _through_depth(view) + _through_time(view, notes)
+    notes.extend(_stack_notes(view))
+    return RuleResult(found, notes)
+
+
+def _stack_notes(view: RunView) -> list[str]:
+    """Per stacked recurrent module (``nn.LSTM(num_layers=2)``): each layer's weight gradient
+    and update size, shown apart (torch runs the layers as one module, the records keep their
+    parameters apart), and what the time profile of the stack does and does not show."""
+    out = []
+    for x in view.layers:
+        if not x.get("recurrent"):
+            continue
+        stack = view.recurrent_stack(x["name"])
+        if not stack:
+            continue
+        subs = [k.rpartition(".")[2] if x["name"] else k for k in stack]
+        grads = ", ".join(f"{s} {v['weight_grad_norm']:.2g}" for s, v in zip(subs, stack.values()))
+        ups = ", ".join(f"{s} {v['update_ratio']:.2g}" for s, v in zip(subs, stack.values()))
+        low = next(iter(stack.values()))["grad_vs_top_layer"]
+        out.append(
+            f"{x['name'] or 'the model'} ({x.get('type', '')}, {len(stack)} stacked layers), per "
+            f"layer: weight gradient {grads} ({subs[0]} gets {low:.2g}x of {subs[-1]}'s), "
+            f"update/weight {ups}; its time profile is measured at the stack's input, through "
+            "every layer: torch runs the layers in one fused op, so no profile per layer "
+            "through time is recorded"
+        )
+    return out
 
 
 def _through_depth(view: RunView) -> list[Finding]:
@@ -229,16 +261,27 @@ def _through_time(view: RunView, notes: list[str]) -> list[Finding]:
             continue
         per_step = ratio ** (1 / max(T - 1, 1)) if ratio > 0 else 0.0
         if cell in GATED:
+            curve = view.loss_curve
+            if curve.get("plateau"):
+                out.append(_gated_plateau(view, layer, cell, ratio, T, per_step, curve))
+                continue
             forget = view.facts.get(layer, {}).get("forget_gate_bias", float("nan"))
+            gate = "update-gate" if cell == "GRU" else "forget-gate"
             advice = (
-                f"its forget-gate bias is already {forget:.2g}"
-                if math.isfinite(forget) and forget >= 0.5
+                f"its {gate} bias is already {forget:.2g}"
+                if math.isfinite(forget) and forget >= KEEP_GATE_BIAS
                 else "if the target needs the start of the sequence: forget_gate_bias"
+            )
+            why = (
+                "the loss is still falling"
+                if curve
+                else f"fewer than {MIN_LOSS_STEPS} steps: no loss curve to read"
             )
             notes.append(
                 f"{layer} ({cell}): the gradient reaching t=0 is {ratio:.1e} of that at "
                 f"t={T - 1} ({per_step:.2f}x per step); gated cells learn to keep or forget "
-                f"through their gates, so this is not judged a problem ({advice})"
+                f"through their gates, so this is not judged a problem while the loss does "
+                f"not sit at its initial plateau ({why}; {advice})"
             )
             continue
         cause, scale = time_cause(view, layer, cell, per_step)
@@ -277,3 +320,82 @@ def _through_time(view: RunView, notes: list[str]) -> list[Finding]:
             )
         )
     return out
+
+
+def _gated_plateau(view, layer, cell, ratio, T, per_step, curve) -> Finding:
+    """An LSTM/GRU whose gradient through time decays below the bound while the loss sits at
+    its initial plateau: the outcome shows that what the gates forget was needed."""
+    facts = view.facts.get(layer, {})
+    forget = facts.get("forget_gate_bias", float("nan"))
+    per_layer_bias = {k: v for k, v in facts.items() if k.startswith("forget_gate_bias_")}
+    gate = "update gate" if cell == "GRU" else "forget gate"
+    head = (
+        f"the loss has stayed at {curve['last_over_first']:.0%} of its initial value (it fell "
+        f"{1 - curve['last_over_window_start']:.0%} over the last half of the run) while the "
+        f"gradient reaching t=0 is {ratio:.1e} of that at t={T - 1}"
+    )
+    remedies = []
+    if math.isfinite(forget) and forget >= KEEP_GATE_BIAS:
+        known = f"its {gate} bias is already {forget:.2g}"
+    elif math.isfinite(forget):
+        known = f"its {gate} bias is {forget:.2g}"
+        remedies.append(
+            Remedy(
+                "forget_gate_bias",
+                f"{head}; the {gate} bias is {forget:.2g} (about {_sigmoid(forget):.2f} of the "
+                "state kept per step): a bias of 1 or more keeps the state, and the gradient, "
+                "across many more steps",
+            )
+        )
+    else:
+        known = f"its {gate} bias is not in the records (diagnose with the model to measure it)"
+        remedies.append(
+            Remedy(
+                "forget_gate_bias",
+                f"{head}; unless it is already set: a {gate} bias of 1 or more keeps the state, "
+                "and the gradient, across many more steps (the records do not show the gate's "
+                "bias; load_run(RUN).diagnose(model) measures it)",
+            )
+        )
+    remedies += [
+        Remedy(
+            "higher_learning_rate",
+            f"{head}; the signal from the distant inputs is that small a share of each "
+            "gradient, so larger steps (with clipping) are what move the model off the plateau",
+        ),
+        Remedy(
+            "gradient_clipping",
+            "clipping the gradient norm keeps the larger steps safe when the loss leaves the "
+            "plateau and the gradient spikes",
+        ),
+    ]
+    evidence = {
+        "first_to_last_ratio_time": ratio,
+        "sequence_length": T,
+        "kept_per_step": per_step,
+        "loss_last_over_first": curve["last_over_first"],
+        "loss_last_over_window_start": curve["last_over_window_start"],
+        **({"forget_gate_bias": forget} if math.isfinite(forget) else {}),
+        **per_layer_bias,
+    }
+    return Finding(
+        kind="vanishing_gradient",
+        layers=[layer],
+        severity="critical" if ratio < 1e-8 else "warning",
+        message=(
+            f"through time in {layer} ({cell}): the gradient reaching t=0 is {ratio:.1e} of that "
+            f"at t={T - 1} ({per_step:.2f}x per step) and the loss sits at its initial plateau"
+        ),
+        evidence=evidence,
+        remedies=unique(remedies),
+        cause=(
+            f"the gates forget: {known}, and the gradient keeps {per_step:.2f} of itself per "
+            f"step back through time; the loss at {curve['last_over_first']:.0%} of its initial "
+            "value shows that the start of the sequence was needed"
+        ),
+        per_layer=view.recurrent_stack(layer),
+    )
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
