@@ -2,9 +2,11 @@
 8b0ceff (before the seams refactor): a restructured monitor must record the same numbers.
 
 On the machine that recorded them the tables are identical; on another CPU the matmul kernels
-may differ in the last bits, so floats are compared to 1e-9 relative (every recorded statistic
-here is far from float32 resolution of its own computation, and a moved column or a changed
-formula is off by orders more). The runs also serve as fixtures of runs written by an older
+differ in the last bits (seen: two AMD EPYC VMs of the same CI kind), so floats are compared to
+float32 resolution: 1e-5 relative, plus 1e-6 of the column's largest value for the entries that
+are rounding noise on every CPU (the norm of a conv bias's gradient ahead of a batch norm, zero
+in exact arithmetic, came out 1.5e-8 on one CPU and 2.3e-8 on another). A moved column or a
+changed formula is off by orders more. The runs also serve as fixtures of runs written by an older
 version: they must still load and diagnose.
 """
 
@@ -26,17 +28,30 @@ def _tables(run):
     return {"steps": steps, "metrics": run.metrics, "temporal": run.temporal}
 
 
-def _assert_same(new: pd.DataFrame, old: pd.DataFrame, what: str) -> None:
+#: Parameters whose gradient is zero in exact arithmetic, so that what is recorded of them is
+#: rounding noise of the CPU's kernels (and AdamW turns that noise into updates of size lr):
+#: a conv bias ahead of a batch norm. Their rows are compared for presence and NaN pattern only.
+NOISE = {"conv": [("0", "bias")]}
+
+
+def _assert_same(new: pd.DataFrame, old: pd.DataFrame, what: str, noise=()) -> None:
     assert list(new.columns)[: len(old.columns)] == list(old.columns), what
     new = new[list(old.columns)].reset_index(drop=True)
     old = old.reset_index(drop=True)
     assert new.shape == old.shape, what
+    exact = np.ones(len(old), dtype=bool)
+    for layer, param in noise:
+        if {"layer", "param"} <= set(old.columns):
+            exact &= ~((old["layer"] == layer) & (old["param"] == param)).to_numpy()
     for col in old.columns:
         a, b = new[col].to_numpy(), old[col].to_numpy()
         if a.dtype.kind == "f":
             assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}.{col}: NaN pattern"
-            ok = ~np.isnan(b)
-            np.testing.assert_allclose(a[ok], b[ok], rtol=1e-9, atol=0, err_msg=f"{what}.{col}")
+            ok = ~np.isnan(b) & exact
+            scale = float(np.max(np.abs(b[ok]), initial=0.0))
+            np.testing.assert_allclose(
+                a[ok], b[ok], rtol=1e-5, atol=1e-6 * scale, err_msg=f"{what}.{col}"
+            )
         else:
             assert a.tolist() == b.tolist(), f"{what}.{col}"
 
@@ -47,7 +62,7 @@ def test_records_equal_those_of_the_monitor_before_the_refactor(name, tmp_path):
     new, old = vanishing.load_run(tmp_path / name), vanishing.load_run(GOLDEN / name)
     assert new.layer_info == old.layer_info
     for table, frame in _tables(old).items():
-        _assert_same(_tables(new)[table], frame, f"{name}.{table}")
+        _assert_same(_tables(new)[table], frame, f"{name}.{table}", NOISE.get(name, ()))
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
