@@ -524,7 +524,9 @@ def test_every_user_string_is_escaped(tmp_path):
     # in plots, a $ in a module name is literal text, not the start of a formula
     fig = plots.activations(d)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["blocks.a&b", r"blocks.d\$x\$"]
+    # the prefix every name shares is said once, in the legend's title
+    assert labels == ["a&b", r"d\$x\$"]
+    assert "after 'blocks.'" in fig.axes[0].get_legend().get_title().get_text()
     assert plots.png_bytes(fig)[:4] == b"\x89PNG"
 
 

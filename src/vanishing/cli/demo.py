@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -20,6 +20,11 @@ CONFIGS = [
     ("sigmoid + residual, Xavier init", "sigmoid", "xavier_normal", 10, "none", True),
     ("control: sigmoid, N(0,1), 2 hidden", "sigmoid", "normal", 2, "none", False),
 ]
+
+
+#: The demo's conclusion, beside its runs: the paragraphs the terminal printed, which the
+#: demo's HTML page (vanishing.report.html.render_collection) shows under its verdict.
+CONCLUSION = "conclusion.txt"
 
 
 def register(app: typer.Typer) -> None:
@@ -60,6 +65,8 @@ class DemoRow:
     accuracy: float
     run_dir: Path
     kinds: list[str]
+    #: the hidden layers' qualified module names, forward order (as the diagnosis quotes them)
+    names: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -264,6 +271,7 @@ def _train_one(i, config, data, base: Path, steps: int, width: int, seed: int) -
         result.test_accuracy,
         run_dir,
         run.diagnose().kinds,
+        [str(c) for c in run.speeds().columns],
     )
     _write_summary(row, result, steps, time.perf_counter() - t0)
     return row
@@ -304,6 +312,8 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     from rich.table import Table
 
     from vanishing.diagnose.view import max_derivative_text
+    from vanishing.report.formatting import metric_text
+    from vanishing.report.names import short_names
 
     table = Table(
         title="First vs last hidden layer's speed of learning ||dC/db||",
@@ -318,22 +328,27 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
         table.add_row(
             r.label,
             "-" if r.ratio is None else f"{r.ratio:.1e}",
-            f"{r.accuracy:.1%}",
+            metric_text(r.accuracy, "accuracy"),
             ",\n".join(r.kinds) or "healthy",
         )
     console.print(table)
 
     baseline = rows[0]
     layers = Table(title=f"Per-layer speed of learning of the baseline ({baseline.label})")
-    layers.add_column("hidden layer", justify="right")
+    layers.add_column("hidden layer (module)", justify="right")
     layers.add_column("||dC/db||", justify="right")
     layers.add_column("vs last hidden (median of per-step ratios)", justify="right")
+    names = short_names(baseline.names) if len(baseline.names) == len(baseline.speeds) else None
     for i, (s, rel) in enumerate(zip(baseline.speeds, baseline.relative)):
-        layers.add_row(str(i + 1), f"{s:.2e}", "-" if rel is None else f"{rel:.1e}")
+        name = f"'{names[i]}'" if names else str(i)
+        layers.add_row(name, f"{s:.2e}", "-" if rel is None else f"{rel:.1e}")
     console.print(layers)
+    conclusion: list[str] = []  # the paragraphs below, also on the demo's HTML page
     shrink = 1 / baseline.ratio if baseline.ratio else float("inf")
-    console.print(
-        f"In the baseline the first hidden layer learns {shrink:.1e} times slower than the last "
+    ends = f" ('{baseline.names[0]}' vs '{baseline.names[-1]}')" if len(baseline.names) > 1 else ""
+    conclusion.append(
+        f"In the baseline the first hidden layer learns {shrink:.1e} times slower than the "
+        f"last{ends} "
         "(first / last: the median over the steps of each step's ratio): "
         f"each layer multiplies the gradient by sigmoid'(z) <= {max_derivative_text('sigmoid')} "
         "and a weight. The remedies keep "
@@ -342,11 +357,11 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     )
     control = rows[-1] if rows[-1].label.startswith("control") else None
     if control is not None and control.ratio and baseline.ratio:
-        console.print(
+        conclusion.append(
             f"The control has the baseline's sigmoid and N(0,1) init but 2 hidden layers instead "
             f"of {len(baseline.speeds)}: its first / last is {control.ratio:.1e} against "
             f"{baseline.ratio:.1e}, so the vanishing comes with depth. Its lower accuracy "
-            f"({control.accuracy:.0%}) is how slowly a sigmoid net learns with plain SGD in "
+            f"({metric_text(control.accuracy, 'accuracy')}) is how slowly a sigmoid net learns with plain SGD in "
             f"{_steps(rows)} steps"
             + (
                 ", and it saturates: N(0,1) weights push a sigmoid into its flat tails at any depth"
@@ -355,6 +370,9 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
             )
             + "."
         )
+    for paragraph in conclusion:
+        console.print(paragraph)
+    (base / CONCLUSION).write_text("\n\n".join(conclusion) + "\n")
     console.print(
         f"Runs written to {base} ({seconds:.0f} s). Read one with vanishing.load_run(PATH)."
     )

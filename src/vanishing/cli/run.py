@@ -213,7 +213,9 @@ def train_with_view(cfg, run_dir: Path) -> dict:
 
 
 def _fmt(value, spec: str = ".4g") -> str:
-    return "-" if value is None else format(value, spec)
+    from vanishing.report.formatting import stat_text
+
+    return stat_text(value, spec)
 
 
 def _verdict(summary: dict) -> str:
@@ -229,6 +231,8 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from vanishing.report.formatting import metric_text
+
     console = Console(highlight=False)
     table = Table(title="Run summary", show_header=False)
     table.add_column("", style="bold")
@@ -239,10 +243,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         ("steps", str(summary["steps"])),
         ("train loss (last step)", _fmt(summary["train_loss"])),
         ("test loss", _fmt(summary["test_loss"])),
-        (
-            f"test {metric}",
-            _fmt(summary["test_metric"], ".1%" if metric == "accuracy" else ".4g"),
-        ),
+        (f"test {metric}", metric_text(summary["test_metric"], metric)),
         ("first / last hidden speed", _fmt(summary["first_last_ratio"], ".2e")),
         ("diagnosis", _verdict(summary)),
         ("seconds", f"{summary['seconds']:.1f}"),

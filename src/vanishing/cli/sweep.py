@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
                 retry_failed=retry_failed,
                 on_event=display.event,
                 backend=backend,
+                reports=report,
             )
         except MissingBackendError as e:
             raise fail(str(e)) from None
@@ -246,10 +247,11 @@ def _params(params: dict) -> str:
 def _metric(summary: dict | None) -> str:
     if not summary or summary.get("test_metric") is None:
         return "-"
-    value = summary["test_metric"]
-    if summary.get("metric_name") == "accuracy":
-        return f"acc {value:.1%}"
-    return f"{summary.get('metric_name') or 'metric'} {value:.3g}"
+    from vanishing.report.formatting import metric_text
+
+    name = summary.get("metric_name") or "metric"
+    short = "acc" if name == "accuracy" else name
+    return f"{short} {metric_text(summary['test_metric'], name)}"
 
 
 def _outcome(summary: dict) -> str:

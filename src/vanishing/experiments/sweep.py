@@ -317,10 +317,20 @@ def _one_thread() -> None:
         torch.set_num_interop_threads(1)
 
 
-def _run_one(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def _run_one(config: dict[str, Any], run_dir: str, report: bool = False) -> dict[str, Any]:
     from vanishing.experiments.runner import run_experiment
 
-    return run_experiment(ExperimentConfig.model_validate(config), run_dir)
+    summary = run_experiment(ExperimentConfig.model_validate(config), run_dir)
+    if report and summary.get("steps"):
+        # the run's own report.html, drawn here in the worker (in parallel with the other
+        # runs) rather than one after another when the sweep's page is written
+        try:
+            from vanishing.report.html import render_run, write_page
+
+            write_page(Path(run_dir) / "report.html", render_run(run_dir))
+        except Exception:  # noqa: BLE001 - the run's records stand; the sweep page retries
+            pass
+    return summary
 
 
 # imported once by the forkserver, so that each worker starts with them (a missing one is skipped)
@@ -407,6 +417,7 @@ def run_sweep(
     retry_failed: bool = False,
     on_event: OnEvent | None = None,
     backend: str = "local",
+    reports: bool = False,
 ) -> tuple[list[SweepRun], list[dict[str, Any]]]:
     """Run every unfinished run of the sweep config into ``sweep_dir``; resumable.
 
@@ -415,8 +426,9 @@ def run_sweep(
     a time; see ``docs/ray.md``), recorded in the same store the same way. ``on_event``
     is called in the parent with ``("plan", None, {"total": n, "todo": m})`` once, then
     ``("start", run, None)`` and ``("finish", run, summary)`` for each run it trains.
-    ``retry_failed`` also redoes runs that failed before. Returns the runs of this config (in
-    grid order) and their store rows.
+    ``retry_failed`` also redoes runs that failed before. ``reports``: each local worker also
+    writes its run's report.html when the run ends (the sweep's page, ``write_report``, writes
+    any still missing). Returns the runs of this config (in grid order) and their store rows.
 
     Example:
         >>> import pathlib, tempfile
@@ -491,7 +503,7 @@ def run_sweep(
         if todo and backend == "ray":
             _execute_ray(store, sweep_dir, todo, requested_workers, on_event)
         elif todo:
-            _execute(store, sweep_dir, todo, min(workers, len(todo)), on_event)
+            _execute(store, sweep_dir, todo, min(workers, len(todo)), on_event, reports)
         return plan, store.rows(r.key for r in plan)
     finally:
         store.close()
@@ -545,6 +557,7 @@ def _execute(
     todo: deque[SweepRun],
     workers: int,
     on_event: OnEvent | None,
+    reports: bool = False,
 ) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -561,7 +574,9 @@ def _execute(
             while todo and len(inflight) < workers:
                 run = todo.popleft()
                 store.mark_running(run.key)
-                future = pool.submit(_run_one, run.config.to_dict(), str(sweep_dir / run.run_dir))
+                future = pool.submit(
+                    _run_one, run.config.to_dict(), str(sweep_dir / run.run_dir), reports
+                )
                 inflight[future] = run
                 if on_event:
                     on_event("start", run, None)

@@ -40,7 +40,14 @@ from vanishing.recorder.reader import (
     with_all_columns,
 )
 from vanishing.recorder.schema import MANIFEST, METRIC_COLUMNS
-from vanishing.recorder.semantics import first_nonfinite_step, hidden_layers, speed_source
+from vanishing.recorder.semantics import (
+    first_nonfinite_step,
+    hidden_layers,
+    is_normalization,
+    is_weight_param,
+    speed_source,
+)
+from vanishing.report.names import param_label
 
 if TYPE_CHECKING:
     import numpy as np
@@ -596,6 +603,80 @@ class RunData:
         return Agg(
             cat["mean"][order], cat["lo"][order], cat["hi"][order], first.x, first.start, first.end
         )
+
+    @cached_property
+    def weight_params(self) -> list[tuple[str, str, str]]:
+        """Every weight matrix of the run in forward order, as ``(label, module, param)``: a
+        layer's plain ``weight`` under the module's name, a stacked recurrent layer's
+        ``weight_ih_l0``/``weight_hh_l1`` and attention's ``in_proj_weight`` as
+        ``module.param`` (:func:`vanishing.report.names.param_label`), so a 2-layer LSTM shows
+        its layers ``l0`` and ``l1`` apart. Normalisation layers' scales are not weight
+        matrices (:func:`vanishing.recorder.semantics.is_weight_param`) and are left out.
+
+        Example:
+            >>> from vanishing.report.data import RunData, example_run
+            >>> RunData(example_run("rnn")).weight_params
+            [('rnn.weight_ih_l0', 'rnn', 'weight_ih_l0'), ('rnn.weight_hh_l0', 'rnn', 'weight_hh_l0'), ('head', 'head', 'weight')]
+        """
+        out = []
+        for layer in self.layer_info:
+            if is_normalization(layer.get("type", "")):
+                continue
+            for p in layer.get("params", []) or []:
+                if is_weight_param(str(p["name"])):
+                    module, param = str(layer["name"]), str(p["name"])
+                    out.append((param_label(module, param), module, param))
+        return out
+
+    def weight_agg(self, stat: str) -> Agg:
+        """``stat`` (``grad_norm``, ``update_ratio``, ...) of every weight matrix per time
+        bucket; columns: the labels of :attr:`weight_params`, forward order.
+
+        Example:
+            >>> from vanishing.report.data import RunData, example_run
+            >>> list(RunData(example_run("rnn")).weight_agg("grad_norm").mean.columns)
+            ['rnn.weight_ih_l0', 'rnn.weight_hh_l0', 'head']
+        """
+        import pandas as pd
+
+        rows = self.weight_params
+        frames: dict[str, list] = {"mean": [], "lo": [], "hi": []}
+        first = None
+        for param in dict.fromkeys(p for _, _, p in rows):
+            wanted = {m: label for label, m, p in rows if p == param}
+            a = self.agg(stat, param, list(wanted))
+            first = first or a
+            for k in frames:
+                frames[k].append(getattr(a, k).rename(columns=wanted))
+        if first is None:
+            return self.agg(stat, "weight", [])
+        cat = {k: pd.concat(v, axis=1) for k, v in frames.items()}
+        order = [label for label, _, _ in rows if label in cat["mean"].columns]
+        return Agg(
+            cat["mean"][order], cat["lo"][order], cat["hi"][order], first.x, first.start, first.end
+        )
+
+    def weight_at_steps(self, stat: str, steps: list[int]) -> pd.DataFrame:
+        """Exact values of ``stat`` of every weight matrix at sampled ``steps``: a step x
+        weight table, columns the labels of :attr:`weight_params` in forward order.
+
+        Example:
+            >>> from vanishing.report.data import RunData, example_run
+            >>> t = RunData(example_run("rnn")).weight_at_steps("grad_norm", [0, 4])
+            >>> t.shape
+            (2, 3)
+        """
+        df = self.samples
+        label = {(m, p): lab for lab, m, p in self.weight_params}
+        import numpy as np
+
+        keep = np.array([k in label for k in zip(df["layer"], df["param"])], dtype=bool)
+        rows = df[keep & df["step"].isin(steps).to_numpy()].copy()
+        rows["label"] = [label[(m, p)] for m, p in zip(rows["layer"], rows["param"])]
+        table = rows.pivot_table(index="step", columns="label", values=stat, dropna=False)
+        table = table[[lab for lab, _, _ in self.weight_params if lab in table.columns]]
+        table.columns.name = None
+        return table
 
     def at_steps(self, stat: str, param: str | None, steps: list[int]) -> pd.DataFrame:
         """Exact values of ``stat`` at sampled ``steps``: a step x layer table, forward order."""

@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vanishing.recorder.semantics import recurrent_layer_of
 from vanishing.report.data import RunData, finite_or_none
+from vanishing.report.formatting import DASH, metric_text, stat_text
 
 __all__ = [
     "write_report",
@@ -73,9 +75,10 @@ ul.remedies{margin:4px 0 4px 0;padding-left:20px}
 _CAPTIONS = {
     "loss": "Training loss per step (band: min..max within a time bucket) and the evaluation "
     "curves when the run has eval.parquet.",
-    "depth_profile": "Gradient norm of each layer's weight and the backpropagated error signal "
-    "through depth at the first, middle and last recorded steps. A line that falls toward the "
-    "input (left) is the vanishing gradient; one that rises is the exploding gradient.",
+    "depth_profile": "Gradient norm of each weight matrix (left{matrices}) and the "
+    "backpropagated error signal at each layer's output (right), through depth in forward "
+    "order, at the first, middle and last recorded steps. A line that falls toward the input "
+    "(left) is the vanishing gradient; one that rises is the exploding gradient.",
     "speed_heatmap": "log10 of the speed of learning ‖∂C/∂b‖ of each hidden layer (rows, first "
     "at top) over training (columns). Dark rows near the top that stay dark: the first layers "
     "barely learn.",
@@ -88,8 +91,8 @@ _CAPTIONS = {
     "share of ReLU-like units that are off for the whole batch (dead).",
     "temporal": "Gradient norm reaching each time step of a recurrent layer: a curve falling "
     "toward t = 0 is the gradient vanishing through time.",
-    "update_ratio": "Size of each step's weight update relative to the weight, per layer. "
-    "Layers far below the others barely change.",
+    "update_ratio": "Size of each step's weight update relative to the weight, per weight "
+    "matrix{matrices}. Matrices far below the others barely change.",
 }
 
 
@@ -98,30 +101,20 @@ def _e(value: Any) -> str:
 
 
 def _num(value: Any, fmt: str = "{:.3g}") -> str:
-    v = finite_or_none(value)
-    if v is None:
-        return "—" if value is None else _e(value)
-    return fmt.format(v)
+    """A number for a page (:func:`vanishing.report.formatting.stat_text`: a dash where it does
+    not apply, never ``nan``; an infinity stays visible)."""
+    spec = fmt[2:-1] if fmt.startswith("{:") and fmt.endswith("}") else ".3g"
+    return _e(stat_text(value, spec))
 
 
 def _metric(value: Any, name: Any) -> str:
-    """A test or eval metric as everywhere else: accuracy in percent with one decimal (8.6%),
-    any other metric with four significant digits."""
-    if str(name) == "accuracy" and finite_or_none(value) is not None:
-        return f"{float(value):.1%}"
-    return _num(value, "{:.4g}")
+    """A test or eval metric as everywhere else (:func:`vanishing.report.formatting.metric_text`)."""
+    return _e(metric_text(value, name))
 
 
 def _cell(value: Any) -> str:
     """A table cell of a statistic: a dash where it does not apply (missing or NaN); an
     infinity stays visible."""
-    v = finite_or_none(value)
-    if v is None:
-        try:
-            if value is None or value != value:  # None or NaN
-                return "—"
-        except (TypeError, ValueError):
-            return "—"
     return _num(value)
 
 
@@ -397,42 +390,76 @@ def _verdict(diag: Any) -> str:
 
 
 def _layer_table(data: RunData) -> str:
+    """Every module in forward order under its qualified name; under a module whose weight
+    matrices are not one plain ``weight`` (a stacked LSTM's ``weight_ih_l0`` ... ``weight_hh_l1``,
+    attention's ``in_proj_weight``), one row per matrix with its stacked layer (``l0``, ``l1``).
+    A dash where a statistic does not apply."""
     last = data.profile_steps()[-1:] if data.step_list else []
     speed = data.speed().mean
     cols = {
-        "grad": data.at_steps("grad_norm", "weight", last),
         "err": data.at_steps("error_norm", None, last),
         "deriv": data.at_steps("act_deriv_mean", None, last),
         "sat": data.at_steps("act_saturated", None, last),
         "dead": data.at_steps("act_dead", None, last),
-        "upd": data.at_steps("update_ratio", "weight", last),
+    }
+    weights = {
+        "grad": data.weight_at_steps("grad_norm", last),
+        "upd": data.weight_at_steps("update_ratio", last),
     }
 
-    def at(key: str, name: str) -> str:
-        t = cols[key]
-        if t.empty or name not in t.columns:
-            return "—"
-        return _cell(t[name].iloc[-1])
+    def at(table: Any, name: str) -> str:
+        if table.empty or name not in table.columns:
+            return DASH
+        return _cell(table[name].iloc[-1])
+
+    matrices: dict[str, list[tuple[str, str]]] = {}
+    for label, module, param in data.weight_params:
+        matrices.setdefault(module, []).append((label, param))
+
+    def row(name: str, kind: str, role: str, act: str, params: str, med: Any, w: str) -> str:
+        return (
+            f"<tr><td><code>{_e(name)}</code></td><td>{_e(kind)}</td><td>{_e(role)}</td>"
+            f'<td>{_e(act)}</td><td class="num">{params}</td><td class="num">{_cell(med)}</td>'
+            f'<td class="num">{at(weights["grad"], w)}</td>'
+            f'<td class="num">{at(cols["err"], name) if kind else DASH}</td>'
+            f'<td class="num">{at(weights["upd"], w)}</td>'
+            + "".join(
+                f'<td class="num">{at(cols[k], name) if kind else DASH}</td>'
+                for k in ("deriv", "sat", "dead")
+            )
+            + "</tr>"
+        )
 
     rows = []
-    for i, info in enumerate(data.layer_info):
+    for info in data.layer_info:
         name = info["name"]
         med = _median(speed[name].to_numpy(float)) if name in speed.columns else None
+        own = matrices.get(name, [])
+        plain = [label for label, param in own if param == "weight"]
         rows.append(
-            "<tr>"
-            f'<td class="num">{i}</td><td><code>{_e(name)}</code></td><td>{_e(info.get("type", ""))}</td>'
-            f"<td>{_e(info.get('role', ''))}</td><td>{_e(info.get('activation') or '')}</td>"
-            f'<td class="num">{int(info.get("num_params", 0) or 0):,}</td>'
-            f'<td class="num">{_cell(med)}</td><td class="num">{at("grad", name)}</td>'
-            f'<td class="num">{at("err", name)}</td><td class="num">{at("upd", name)}</td>'
-            f'<td class="num">{at("deriv", name)}</td><td class="num">{at("sat", name)}</td>'
-            f'<td class="num">{at("dead", name)}</td></tr>'
+            row(
+                name,
+                info.get("type", ""),
+                info.get("role", ""),
+                info.get("activation") or "",
+                f"{int(info.get('num_params', 0) or 0):,}",
+                med,
+                plain[0] if plain else "",
+            )
         )
+        for label, param in own:
+            if param == "weight":
+                continue
+            stacked = recurrent_layer_of(param)
+            role = f"layer {stacked}" if stacked else "weight matrix"
+            rows.append(row(label, "", role, "", "", None, label))
     step = f" (step {last[0]})" if last else ""
     head = (
-        "<tr><th>#</th><th>module</th><th>type</th><th>role</th><th>activation</th><th>params</th>"
-        "<th>speed of learning ‖∂C/∂b‖ (median)</th><th>‖∂L/∂W‖" + _e(step) + "</th>"
-        "<th>error ‖∂L/∂h‖</th><th>‖ΔW‖/‖W‖</th><th>mean φ'(z)</th><th>saturated</th><th>dead</th></tr>"
+        "<tr><th>module / weight matrix</th><th>type</th><th>role</th><th>activation</th>"
+        "<th>params</th><th>speed of learning ‖∂C/∂b‖ (median)</th><th>‖∂L/∂W‖"
+        + _e(step)
+        + "</th><th>error ‖∂L/∂h‖</th><th>‖ΔW‖/‖W‖</th><th>mean φ'(z)</th><th>saturated</th>"
+        "<th>dead</th></tr>"
     )
     return f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>'
 
@@ -461,6 +488,8 @@ def _caption(name: str, data: RunData, fig: Any = None) -> str:
         return text + "."
     if name == "activations":
         return _CAPTIONS[name].format(band=activation_band(data))
+    if name in ("depth_profile", "update_ratio"):
+        return _CAPTIONS[name].format(matrices=_matrices_note(data))
     if name == "saturation" and fig is not None:  # the panels drawn: saturated, dead, or both
         titles = [ax.get_title() for ax in fig.axes]
         parts = []
@@ -474,6 +503,20 @@ def _caption(name: str, data: RunData, fig: Any = None) -> str:
             text = " and ".join(parts) + "."
             return text[0].upper() + text[1:]
     return _CAPTIONS.get(name, "")
+
+
+def _matrices_note(data: RunData) -> str:
+    """What the weight views draw beyond plain ``weight``s, for their captions ("" if nothing)."""
+    others = [label for label, _, param in data.weight_params if param != "weight"]
+    if not others:
+        return ""
+    stacked = any(recurrent_layer_of(p) for _, _, p in data.weight_params)
+    what = (
+        "each stacked recurrent layer's input and recurrent matrices (weight_ih_lK, weight_hh_lK)"
+        if stacked
+        else "matrices such as attention's in_proj_weight"
+    )
+    return f"; {what} each drawn apart, named module.parameter"
 
 
 def _run_plots(data: RunData) -> str:
@@ -576,6 +619,57 @@ def _overview_row(data: RunData, label: str) -> tuple[str, dict[str, Any]]:
     return row, {"ratio": ratio, "kinds": kinds}
 
 
+def most_informative(kinds: list[Any], ratios: list[Any]) -> tuple[int, str] | None:
+    """Which of several runs to show in detail, and why, in words: among the runs with
+    findings (all runs when none has any), the one whose first / last speed-of-learning ratio
+    is furthest from 1 (in decades, either way): the clearest case of a gradient that does not
+    flow evenly. None when there is no run.
+
+    Example:
+        >>> from vanishing.report.html import most_informative
+        >>> most_informative([[], ["vanishing_gradient"], ["vanishing_gradient"]], [0.9, 1e-3, 1e-6])
+        (2, 'of the 2 runs with findings, the one whose first / last ratio is furthest from 1 (1e-06)')
+    """
+    import math
+
+    if not kinds:
+        return None
+
+    def decades(r: Any) -> float:
+        v = finite_or_none(r)
+        return abs(math.log10(v)) if v is not None and v > 0 else -1.0
+
+    flagged = [i for i, k in enumerate(kinds) if k]
+    pool = flagged or list(range(len(kinds)))
+    best = max(pool, key=lambda i: (decades(ratios[i]), -i))
+    ratio = finite_or_none(ratios[best])
+    far = (
+        f"the one whose first / last ratio is furthest from 1 ({ratio:.2g})"
+        if ratio is not None
+        else "the first"
+    )
+    if len(pool) == 1:
+        return best, ("the only run with findings" if flagged else "the only run")
+    if flagged:
+        return best, f"of the {len(pool)} runs with findings, {far}"
+    return best, f"no run has findings; {far}"
+
+
+def _detail(data: RunData, label: str, why: str, report: str | None = None) -> str:
+    """The section of the run shown in full on a page of several runs."""
+    diag, note = _diagnose(data)
+    link = f' (<a href="{_e(report)}">its own report</a>)' if report else ""
+    return (
+        f"<h2>Run in detail: {_e(label)}</h2>"
+        f'<p class="muted">Why this run: {_e(why)}{link}.</p>'
+        + "<h3>Diagnosis</h3>"
+        + _diagnosis_html(diag, note)
+        + _run_plots(data)
+        + "<h3>Layers (forward order)</h3>"
+        + _layer_table(data)
+    )
+
+
 _OVERVIEW_HEAD = (
     "<tr><th>run</th><th>status</th><th>steps</th><th>last loss</th><th>test metric</th>"
     "<th>speed of learning first / last hidden</th><th>diagnosis</th></tr>"
@@ -584,8 +678,9 @@ _OVERVIEW_HEAD = (
 
 def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> str:
     """The HTML page of a directory whose subdirectories are runs (e.g. a ``vanishing demo``):
-    a table across runs, a comparison plot, the first run in full and the depth profile of each
-    of the first ``max_runs_shown`` runs.
+    a table across runs, a comparison plot, the most informative run in full
+    (:func:`most_informative`) and the depth profile of each of the first ``max_runs_shown``
+    runs.
 
     Example:
         >>> page = render_collection("runs/demo-20260101-120000")   # doctest: +SKIP
@@ -595,33 +690,40 @@ def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> s
     path = Path(path)
     dirs = _run_dirs(path)
     datas = [RunData(d) for d in dirs]
-    labels = [(d.config or {}).get("name") or d.path.name for d in datas]
+    labels = [
+        (d.config or {}).get("name") or (d.summary or {}).get("label") or d.path.name for d in datas
+    ]
     overview = [_overview_row(d, label) for d, label in zip(datas, labels)]
     rows = [row for row, _ in overview]
     verdict = _worst(datas, labels, [info["kinds"] for _, info in overview])
-    body = ['<h2>Runs</h2><div class="scroll"><table>', _OVERVIEW_HEAD, *rows, "</table></div>"]
+    body = []
+    conclusion = path / "conclusion.txt"  # written by vanishing demo beside its runs
+    if conclusion.is_file():
+        paragraphs = [p for p in conclusion.read_text().split("\n\n") if p.strip()]
+        body.append("<h2>Conclusion</h2>" + "".join(f"<p>{_e(p.strip())}</p>" for p in paragraphs))
+    body += ['<h2>Runs</h2><div class="scroll"><table>', _OVERVIEW_HEAD, *rows, "</table></div>"]
     body.append("<h2>Comparison</h2>")
     body.append(
         _figure(
             speed_by_layer(datas[:max_runs_shown], labels[:max_runs_shown]),
             "speed_by_layer",
             "Median speed of learning of each hidden layer, one line per run. A line "
-            "that falls steeply toward layer 1 is a vanishing gradient.",
+            "that falls steeply toward the first hidden layer (left) is a vanishing gradient.",
         )
     )
-    if datas:
-        first = datas[0]
-        diag, note = _diagnose(first)
-        body.append(f"<h2>First run in full: {_e(labels[0])}</h2>")
-        body.append("<h3>Diagnosis</h3>" + _diagnosis_html(diag, note))
-        body.append(_run_plots(first))
-        body.append("<h3>Layers (forward order)</h3>" + _layer_table(first))
-        body.append(_json_block("config.json", first.config))
+    chosen = most_informative(
+        [info["kinds"] for _, info in overview], [info["ratio"] for _, info in overview]
+    )
+    if chosen is not None:
+        i, why = chosen
+        body.append(_detail(datas[i], labels[i], why))
+        body.append(_json_block("config.json", datas[i].config))
     if len(datas) > 1:
-        body.append("<h2>Depth profile of every run</h2>")
-        if len(datas) > max_runs_shown:
-            body.append(f'<p class="muted">first {max_runs_shown} of {len(datas)} runs</p>')
-        for d, label in zip(datas[1:max_runs_shown], labels[1:max_runs_shown]):
+        body.append("<h2>Depth profile of every other run</h2>")
+        others = [j for j in range(len(datas)) if chosen is None or j != chosen[0]]
+        if len(others) > max_runs_shown:
+            body.append(f'<p class="muted">first {max_runs_shown} of {len(others)} runs</p>')
+        for d, label in ((datas[j], labels[j]) for j in others[:max_runs_shown]):
             body.append(f"<h3>{_e(label)}</h3>")
             body.append(_figure(depth_profile(d), "depth_profile", _CAPTIONS["depth_profile"]))
     return _page(
@@ -632,9 +734,74 @@ def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> s
     )
 
 
-def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
-    """The HTML page of a sweep directory (sweep.sqlite): every run's parameters and results,
-    the metrics against the swept field per remedy, and a comparison of the first runs.
+def representative_runs(params: list[dict[str, Any]], limit: int = 12) -> tuple[list[int], str]:
+    """Which runs of a sweep to draw in one comparison plot: one per combination of the swept
+    values (its first seed), all of them when there are at most ``limit``; else ``limit`` of
+    them chosen so that every value of every swept field appears at least once (each pick
+    adds the most values not shown yet), the rest evenly spread over the grid. Returns the
+    indices (grid order) and how they were chosen, in words.
+
+    Example:
+        >>> from vanishing.report.html import representative_runs
+        >>> grid = [{"depth": d, "act": a, "seed": s} for d in (2, 5, 10, 20) for a in ("relu", "tanh")
+        ...         for s in (0, 1)]
+        >>> idx, how = representative_runs(grid, limit=4)
+        >>> sorted({grid[i]["depth"] for i in idx}), sorted({grid[i]["act"] for i in idx}), how
+        ([2, 5, 10, 20], ['relu', 'tanh'], '4 of the 8 combinations of swept values (first seed of each), chosen so that every swept value appears')
+    """
+    combos: dict[str, int] = {}
+    for i, p in enumerate(params):
+        key = json.dumps({k: v for k, v in p.items() if k != "seed"}, sort_keys=True, default=str)
+        combos.setdefault(key, i)
+    picks = list(combos.values())
+    if len(picks) <= limit:
+        seeds = " (first seed of each)" if any("seed" in p for p in params) else ""
+        return picks, f"one run per combination of swept values{seeds}: all {len(picks)}"
+
+    def values(i: int) -> set[tuple[str, str]]:
+        return {(k, json.dumps(v, default=str)) for k, v in params[i].items() if k != "seed"}
+
+    chosen: list[int] = []
+    missing = set().union(*(values(i) for i in picks))
+    while missing and len(chosen) < limit:
+        best = max((i for i in picks if i not in chosen), key=lambda i: len(values(i) & missing))
+        chosen.append(best)
+        missing -= values(best)
+    rest = [i for i in picks if i not in chosen]
+    step = max(len(rest) / max(limit - len(chosen), 1), 1.0)
+    chosen += [rest[int(k * step)] for k in range(min(limit - len(chosen), len(rest)))]
+    how = (
+        f"{len(chosen)} of the {len(picks)} combinations of swept values (first seed of each), "
+        + ("chosen so that every swept value appears" if not missing else "as many values as fit")
+    )
+    return sorted(chosen), how
+
+
+def _run_reports(sweep: Path, rows: list[dict[str, Any]]) -> None:
+    """Each finished run's own report.html, written where missing or older than the run's
+    summary.json; a run whose report fails keeps its records (the sweep page says nothing)."""
+    for r in rows:
+        run_dir = sweep / r["run_dir"]
+        summary, page = run_dir / "summary.json", run_dir / "report.html"
+        if not r["summary"] or not (run_dir / "manifest.json").is_file():
+            continue
+        if page.is_file() and summary.is_file() and page.stat().st_mtime >= summary.stat().st_mtime:
+            continue
+        try:
+            write_page(page, render_run(run_dir))
+        except Exception:  # noqa: BLE001 - one unreadable run must not cost the sweep its page
+            continue
+
+
+def render_sweep(
+    path: str | os.PathLike, *, max_runs_shown: int = 12, page_dir: str | os.PathLike | None = None
+) -> str:
+    """The HTML page of a sweep directory (sweep.sqlite): every run's parameters and results
+    (each linked to its own report.html where it has one), the metrics against the swept field
+    per remedy, a comparison plot that represents every swept value
+    (:func:`representative_runs`) and the most informative run in detail
+    (:func:`most_informative`). ``page_dir``: where the page will be written (default: the
+    sweep directory), for the links.
 
     Example:
         >>> page = render_sweep("sweeps/depth")   # doctest: +SKIP
@@ -643,14 +810,20 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
     from vanishing.report.plots import speed_by_layer, sweep_metric
 
     path = Path(path)
+    page_dir = Path(page_dir) if page_dir is not None else path
     rows = read_sweep(path)
     fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+
+    def report_link(r: dict[str, Any]) -> str | None:
+        page = path / r["run_dir"] / "report.html"
+        return os.path.relpath(page, page_dir) if page.is_file() else None
+
     head = "".join(f"<th>{_e(f)}</th>" for f in fields)
     table = [
-        '<div class="scroll"><table><tr><th>key</th>',
+        '<div class="scroll"><table><tr><th>run</th>',
         head,
         "<th>seed</th><th>status</th><th>test metric</th><th>test loss</th>"
         "<th>first / last</th><th>diagnosis</th></tr>",
@@ -659,8 +832,16 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
         s = r["summary"] or {}
         kinds = r["kinds"] if r["kinds"] is not None else s.get("kinds")
         cells = "".join(f"<td>{_e(_value(r['params'].get(f)))}</td>" for f in fields)
+        name = Path(r["run_dir"]).name
+        link = report_link(r)
+        run_cell = (
+            f'<a href="{_e(link)}"><code>{_e(name)}</code></a>'
+            if link
+            else f"<code>{_e(name)}</code>"
+        )
         table.append(
-            f'<tr><td><code>{_e(r["key"])}</code></td>{cells}<td class="num">{_e(r["seed"])}</td>'
+            f"<tr><td>{run_cell}</td>{cells}"
+            f'<td class="num">{_e(r["seed"])}</td>'
             f"<td>{_e(r['status'])}</td>"
             f'<td class="num">{_metric(s.get("test_metric"), s.get("metric_name"))}</td>'
             f'<td class="num">{_num(s.get("test_loss"), "{:.4g}")}</td>'
@@ -679,42 +860,50 @@ def render_sweep(path: str | os.PathLike, *, max_runs_shown: int = 12) -> str:
         ),
         "<h2>Results</h2>",
     ]
+    many_seeds = len({r["seed"] for r in rows}) > 1
+    spread = "; band: min..max over seeds" if many_seeds else ""
+    metric_names = {(r["summary"] or {}).get("metric_name") for r in rows} - {None}
+    shown = f"test {next(iter(metric_names))}" if len(metric_names) == 1 else "test metric"
     for metric, caption in (
         (
             "test_metric",
-            "Test metric (accuracy or MSE) against the swept field, one line per "
-            "combination of the other swept fields; band: spread over seeds.",
+            f"{shown[0].upper()}{shown[1:]} against the swept field, one line per "
+            f"combination of the other swept fields{spread}.",
         ),
         (
             "first_last_ratio",
             "Speed of learning of the first over the last hidden layer (1 = "
-            "even learning; far below 1 = vanishing).",
+            f"even learning; far below 1 = vanishing){spread}.",
         ),
     ):
         body.append(_figure(sweep_metric(path, metric), metric, caption))
     body.append("<h2>Runs</h2>")
+    if any(report_link(r) for r in rows):
+        body.append('<p class="muted">Each run\'s name links to its own report.</p>')
     body += table
     finished = [
         r for r in rows if r["summary"] and (path / r["run_dir"] / "manifest.json").is_file()
     ]
     if finished:
-        shown = finished[:max_runs_shown]
+        picked, how = representative_runs([r["params"] for r in finished], max_runs_shown)
+        shown = [finished[i] for i in picked]
         datas = [RunData(path / r["run_dir"]) for r in shown]
-        labels = [_sweep_label(r) for r in shown]
         body.append("<h2>Comparison</h2>")
-        if len(finished) > len(shown):
-            body.append(f'<p class="muted">first {len(shown)} of {len(finished)} finished runs</p>')
         body.append(
             _figure(
-                speed_by_layer(datas, labels),
+                speed_by_layer(datas, [_sweep_label(r) for r in shown]),
                 "speed_by_layer",
-                "Median speed of learning of each hidden layer, one line per run.",
+                f"Median speed of learning of each hidden layer, one line per run: {how}.",
             )
         )
-        diag, note = _diagnose(datas[0])
-        body.append(f"<h2>First run in full: {_e(labels[0])}</h2>")
-        body.append("<h3>Diagnosis</h3>" + _diagnosis_html(diag, note))
-        body.append(_run_plots(datas[0]))
+        kinds = [
+            r["kinds"] if r["kinds"] is not None else (r["summary"] or {}).get("kinds")
+            for r in finished
+        ]
+        ratios = [(r["summary"] or {}).get("first_last_ratio") for r in finished]
+        i, why = most_informative(kinds, ratios)
+        r = finished[i]
+        body.append(_detail(RunData(path / r["run_dir"]), _sweep_label(r), why, report_link(r)))
     toml = path / "sweep.toml"
     if toml.is_file():
         body.append(f"<h2>Configuration</h2><h3>sweep.toml</h3><pre>{_e(toml.read_text())}</pre>")
@@ -789,7 +978,8 @@ def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None
 
     ``target``: a run directory, a sweep directory (has sweep.sqlite), or a directory whose
     subdirectories are run directories (the output of ``vanishing demo``). ``out`` defaults to
-    ``<target>/report.html``.
+    ``<target>/report.html``. For a sweep, each finished run also gets its own report.html
+    (where it has none, or an older one than its results), linked from the sweep's page.
 
     Example:
         >>> import torch, tempfile, vanishing
@@ -808,7 +998,11 @@ def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None
     if kind == "run":
         text = render_run(p)
     elif kind == "sweep":
-        text = render_sweep(p)
+        from vanishing.experiments.sweep import read_sweep
+
+        _run_reports(p, read_sweep(p))  # each run's own page, linked from the sweep's
+        dest = Path(out) if out is not None else p / "report.html"
+        text = render_sweep(p, page_dir=dest.parent)
     else:
         text = render_collection(p)
     return write_page(Path(out) if out is not None else p / "report.html", text)
@@ -854,7 +1048,7 @@ def render_compare(paths: list[str | os.PathLike], labels: list[str] | None = No
             speed_by_layer(datas, labels),
             "speed_by_layer",
             "Median speed of learning of each hidden layer, one line per run. A line "
-            "that falls steeply toward layer 1 is a vanishing gradient.",
+            "that falls steeply toward the first hidden layer (left) is a vanishing gradient.",
         )
     )
     body.append(

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from vanishing import activations as _activations
 from vanishing.report.data import Agg, RunData, as_run_data
+from vanishing.report.names import common_prefix, short_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -77,9 +78,59 @@ def _figure(width: float = 8.0, height: float = 4.5, ncols: int = 1) -> Figure:
 
 
 def _label(name: str, limit: int = 28) -> str:
-    """A module name safe for matplotlib text ($ would start mathtext), shortened."""
+    """A free text (a run's label, a metric name) safe for matplotlib text ($ would start
+    mathtext), shortened at its end. Layer names go through :func:`_names` instead."""
     text = name if len(name) <= limit else name[: limit - 1] + "…"
     return (text or "(root)").replace("$", r"\$")
+
+
+def _names(names: Sequence[str], limit: int = 16) -> list[str]:
+    """Layer labels for an axis or a legend: the one shortening of every view
+    (:func:`vanishing.report.names.short_names`), made safe for matplotlib text."""
+    return [n.replace("$", r"\$") for n in short_names(list(names), limit)]
+
+
+def _axis_label(what: str, names: Sequence[str]) -> str:
+    """``what, forward order``, and the prefix the labels dropped (every name shares it)."""
+    prefix = common_prefix([n for n in names if n])
+    text = f"{what}, forward order (input → output)"
+    return text + (f"; names after '{_label(prefix, 40)}.'" if prefix else "")
+
+
+_MAX_TICKS = 24  # named ticks on a depth axis; more layers get evenly spaced named ticks
+
+
+def _name_ticks(ax, positions: Sequence[float], names: Sequence[str], axis: str = "x") -> None:
+    """Tick a depth axis with the layers' names: every layer up to _MAX_TICKS of them, else
+    evenly spaced ones (always the first and the last): never a second numbering."""
+    labels = _names(names, 14)
+    keep = _evenly(list(range(len(names))), _MAX_TICKS)
+    pos = [positions[i] for i in keep]
+    text = [labels[i] for i in keep]
+    if axis == "x":
+        ax.set_xticks(pos, text, rotation=45, ha="right", fontsize=7)
+    else:
+        ax.set_yticks(pos, text, fontsize=7)
+
+
+def _step_axis(ax) -> None:
+    """A training-step x axis: steps are whole numbers, so are its ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _run_colors(n: int) -> list:
+    """Colours that tell runs apart (not a depth scale): tab10, tab20 up to 20, then viridis."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    return _colors(n)
 
 
 def _colors(n: int):
@@ -89,16 +140,20 @@ def _colors(n: int):
     return [cmap(0.9 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def _depth_colorbar(fig, ax, names: Sequence[str], label: str = "layer (forward order)") -> None:
+def _depth_colorbar(fig, ax, names: Sequence[str], what: str = "layer") -> None:
+    """A colour bar by depth, ticked with layer names (first at the bottom)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LinearSegmentedColormap, Normalize
 
     base = colormaps["viridis"]
     cmap = LinearSegmentedColormap.from_list("depth", [base(0.0), base(0.45), base(0.9)])
-    sm = ScalarMappable(norm=Normalize(1, max(len(names), 2)), cmap=cmap)
+    sm = ScalarMappable(norm=Normalize(0, max(len(names) - 1, 1)), cmap=cmap)
     bar = fig.colorbar(sm, ax=ax, pad=0.01)
-    bar.set_label(f"{label}, 1 = first")
+    keep = _evenly(list(range(len(names))), 8)
+    labels = _names(names, 14)
+    bar.set_ticks(keep, labels=[labels[i] for i in keep], fontsize=7)
+    bar.set_label(_axis_label(what, names), fontsize=8)
 
 
 def _legend(ax, **kwargs) -> Any:
@@ -107,11 +162,13 @@ def _legend(ax, **kwargs) -> Any:
     return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
 
 
-def _legend_or_bar(fig, ax, names: Sequence[str], label: str = "layer (forward order)") -> None:
+def _legend_or_bar(fig, ax, names: Sequence[str], what: str = "layer") -> None:
     if len(names) <= _MAX_LEGEND:
-        _legend(ax, title=label, title_fontsize=7)
+        prefix = common_prefix([n for n in names if n])
+        title = f"{what} (forward order)" + (f"\nafter '{_label(prefix, 30)}.'" if prefix else "")
+        _legend(ax, title=title, title_fontsize=7)
     else:
-        _depth_colorbar(fig, ax, names, label)
+        _depth_colorbar(fig, ax, names, what)
 
 
 def _downsampled(agg: Agg) -> bool:
@@ -129,10 +186,8 @@ def _lines(ax, agg: Agg, names: Sequence[str], *, band: bool = True) -> None:
     colors = _colors(len(names))
     x = np.asarray(agg.x, dtype=float)
     if len(names) <= _MAX_LEGEND:
-        for color, name in zip(colors, names):
-            ax.plot(
-                x, agg.mean[name].to_numpy(dtype=float), color=color, lw=1.2, label=_label(name)
-            )
+        for color, name, label in zip(colors, names, _names(names, 28)):
+            ax.plot(x, agg.mean[name].to_numpy(dtype=float), color=color, lw=1.2, label=label)
         banded = list(zip(colors, names))
     else:
         segs = [np.column_stack([x, agg.mean[n].to_numpy(dtype=float)]) for n in names]
@@ -196,7 +251,10 @@ def depth_profile(run: Any, steps: Sequence[int] | None = None) -> Figure | None
     """Per-layer weight-gradient norm and error signal through depth at chosen steps.
 
     ``steps`` default: the first, middle and last recorded steps. Values are the exact recorded
-    ones. Layers (those that own parameters) run left to right in forward order; log scale.
+    ones, left to right in forward order, log scale, ticked with module names. The left panel
+    has one point per weight matrix (:attr:`RunData.weight_params`: a stacked LSTM's
+    ``weight_ih_l0`` ... ``weight_hh_l1``, attention's ``in_proj_weight``); the right one
+    per module that owns parameters.
 
     Example:
         >>> from vanishing.report.data import example_run
@@ -209,14 +267,13 @@ def depth_profile(run: Any, steps: Sequence[int] | None = None) -> Figure | None
     chosen = list(steps) if steps is not None else data.profile_steps()
     if not chosen:
         return None
-    names = data.param_layers
-    grad = data.at_steps("grad_norm", "weight", chosen)
+    grad = data.weight_at_steps("grad_norm", chosen)
     err = data.at_steps("error_norm", None, chosen)
+    err = err[[n for n in data.param_layers if n in err.columns]]
     panels = [
-        (grad, "weight gradient  ‖∂L/∂W‖", "‖∂L/∂W‖ (L2 norm)"),
-        (err, "error signal  ‖∂L/∂h‖ (layer output)", "‖∂L/∂h‖ (L2 norm)"),
+        (grad, "weight gradient  ‖∂L/∂W‖", "‖∂L/∂W‖ (L2 norm)", "weight matrix"),
+        (err, "error signal  ‖∂L/∂h‖ (layer output)", "‖∂L/∂h‖ (L2 norm)", "layer"),
     ]
-    panels = [(t[[n for n in names if n in t.columns]], title, yl) for t, title, yl in panels]
     panels = [p for p in panels if not p[0].empty and p[0].notna().to_numpy().any()]
     if not panels:
         return None
@@ -225,8 +282,8 @@ def depth_profile(run: Any, steps: Sequence[int] | None = None) -> Figure | None
     colors = {
         s: c for s, c in zip(chosen, ["#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "#9467bd"] * 4)
     }
-    for ax, (table, title, ylabel) in zip(axes, panels):
-        x = list(range(1, table.shape[1] + 1))
+    for ax, (table, title, ylabel, what) in zip(axes, panels):
+        x = list(range(table.shape[1]))
         for step in chosen:
             if step not in table.index:
                 continue
@@ -242,11 +299,8 @@ def depth_profile(run: Any, steps: Sequence[int] | None = None) -> Figure | None
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
-        ax.set_xlabel("layer (forward order: input → output)")
-        if len(x) <= 24:
-            ax.set_xticks(
-                x, [_label(n, 12) for n in table.columns], rotation=45, ha="right", fontsize=7
-            )
+        ax.set_xlabel(_axis_label(what, list(table.columns)), fontsize=8)
+        _name_ticks(ax, x, list(table.columns))
         ax.grid(True, which="major", alpha=0.3)
         _legend(ax, fontsize=8)
     fig.suptitle(
@@ -290,10 +344,12 @@ def speed_heatmap(run: Any) -> Figure | None:
         edges, np.arange(len(names) + 1) + 0.5, z, cmap=cmap, shading="flat", rasterized=True
     )
     ax.set_ylim(len(names) + 0.5, 0.5)
-    if len(names) <= 30:
-        ax.set_yticks(range(1, len(names) + 1), [_label(n, 16) for n in names], fontsize=7)
-    ax.set_ylabel("hidden layer (forward order, first at top)")
-    ax.set_xlabel("training step")
+    _name_ticks(ax, list(range(1, len(names) + 1)), names, axis="y")
+    ax.set_ylabel(
+        _axis_label("hidden layer", names).replace(" (input → output)", ", first at top"),
+        fontsize=8,
+    )
+    _step_axis(ax)
     bar = fig.colorbar(mesh, ax=ax, pad=0.01)
     bar.set_label("log10 ‖∂C/∂b‖  (speed of learning)")
     ax.set_title("Speed of learning per hidden layer over training", fontsize=11)
@@ -320,7 +376,7 @@ def speed_curves(run: Any) -> Figure | None:
     ax = fig.axes[0]
     _lines(ax, agg, names)
     ax.set_yscale("log")
-    ax.set_xlabel("training step")
+    _step_axis(ax)
     ax.set_ylabel("‖∂C/∂b‖ (L2 norm)")
     ax.set_title("Speed of learning of each hidden layer (Nielsen)", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
@@ -375,6 +431,7 @@ def activations(run: Any) -> Figure | None:
         all_names = list(mean.mean.columns)
         shown = _evenly(all_names, _MAX_SHOWN)
         colors = _colors(len(shown))
+        labels = dict(zip(all_names, _names(all_names, 16)))
         for color, name in zip(colors, shown):
             m = mean.mean[name].to_numpy(float)
             if percentiles and name in low.mean.columns and name in high.mean.columns:
@@ -382,12 +439,12 @@ def activations(run: Any) -> Figure | None:
             else:
                 s = std.mean[name].to_numpy(float) if name in std.mean.columns else 0 * m
                 lo, hi = m - s, m + s
-            ax.plot(mean.x, m, color=color, lw=1.3, label=_label(name, 16))
+            ax.plot(mean.x, m, color=color, lw=1.3, label=labels[name])
             if name in (shown[0], shown[-1]):
                 # bands of every layer overlap into one smear: the first and last layer's
                 # bands show the spread at both ends of the stack, the lines show each mean
                 ax.fill_between(mean.x, lo, hi, color=color, alpha=0.18, lw=0)
-        ax.set_xlabel("training step")
+        _step_axis(ax)
         band = "2nd-98th percentile" if percentiles else "±1 std"  # as activation_band()
         ax.set_ylabel(f"activation value (mean, band {band})")
         title = "Activations over training"
@@ -395,12 +452,19 @@ def activations(run: Any) -> Figure | None:
             title += f" ({len(shown)} of {len(all_names)} layers)"
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        _legend(ax, fontsize=7, title="activation layer", title_fontsize=7)
+        prefix = common_prefix([n for n in all_names if n])
+        _legend(
+            ax,
+            fontsize=7,
+            title="activation layer (forward order)"
+            + (f"\nafter '{_label(prefix, 30)}.'" if prefix else ""),
+            title_fontsize=7,
+        )
         _note_downsampling(ax, data, mean)
     if has_deriv:
         ax = axes.pop(0)
         names = list(deriv_at.columns)
-        x = np.arange(1, len(names) + 1)
+        x = np.arange(len(names))
         for step, color in zip(deriv_at.index, ["#1f77b4", "#ff7f0e", "#d62728"] * 3):
             ax.plot(
                 x,
@@ -414,11 +478,10 @@ def activations(run: Any) -> Figure | None:
         bound = [_max_derivative(data.by_name.get(n, {}).get("activation")) for n in names]
         ax.step(x, bound, where="mid", color="black", ls="--", lw=1, label="bound max |φ'|")
         ax.set_ylim(bottom=0)
-        ax.set_xlabel("activation layer (forward order: input → output)")
+        ax.set_xlabel(_axis_label("activation layer", names), fontsize=8)
         ax.set_ylabel("mean φ'(z) over the batch")
         ax.set_title("Mean derivative of each activation vs its maximum", fontsize=10)
-        if len(names) <= 24:
-            ax.set_xticks(x, [_label(n, 12) for n in names], rotation=45, ha="right", fontsize=7)
+        _name_ticks(ax, list(x), names)
         ax.grid(True, alpha=0.3)
         _legend(ax, fontsize=7)
     return fig
@@ -456,7 +519,7 @@ def saturation(run: Any) -> Figure | None:
         names = list(agg.mean.columns)
         _lines(ax, agg, names)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("training step")
+        _step_axis(ax)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -508,8 +571,10 @@ def temporal_profile(run: Any) -> Figure | None:
 
 
 def update_ratio(run: Any) -> Figure | None:
-    """Update/parameter ratio ‖ΔW‖/‖W‖ of each layer's weight over training (log scale),
-    with the often-quoted healthy level of about 1e-3.
+    """Update/parameter ratio ‖ΔW‖/‖W‖ of each weight matrix over training (log scale),
+    with the often-quoted healthy level of about 1e-3. One line per weight matrix
+    (:attr:`RunData.weight_params`: a stacked LSTM's layers ``l0``, ``l1`` apart, its
+    recurrent ``weight_hh_*`` beside its input ``weight_ih_*``).
 
     Example:
         >>> from vanishing.report.data import example_run
@@ -518,7 +583,7 @@ def update_ratio(run: Any) -> Figure | None:
         8
     """
     data = as_run_data(run)
-    agg = data.agg("update_ratio", "weight", data.param_layers)
+    agg = data.weight_agg("update_ratio")
     agg = Agg(
         *(getattr(agg, k).dropna(axis=1, how="all") for k in ("mean", "lo", "hi")),
         agg.x,
@@ -533,11 +598,11 @@ def update_ratio(run: Any) -> Figure | None:
     _lines(ax, agg, names)
     ax.axhline(1e-3, color="0.3", ls="--", lw=1, label="1e-3 (rule of thumb)")
     ax.set_yscale("log")
-    ax.set_xlabel("training step")
+    _step_axis(ax)
     ax.set_ylabel("‖ΔW‖ / ‖W‖ per step")
-    ax.set_title("Update/parameter ratio of each layer's weight", fontsize=11)
+    ax.set_title("Update/parameter ratio of each weight matrix", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
-    _legend_or_bar(fig, ax, names)
+    _legend_or_bar(fig, ax, names, "weight matrix")
     _note_downsampling(ax, data, agg)
     return fig
 
@@ -585,7 +650,7 @@ def loss_curves(run: Any) -> Figure | None:
             )
             values += list(r["loss"])
     _log_if_wide(ax, values)
-    ax.set_xlabel("training step")
+    _step_axis(ax)
     ax.set_ylabel("loss")
     ax.set_title("Loss", fontsize=11)
     ax.grid(True, alpha=0.3)
@@ -600,7 +665,7 @@ def loss_curves(run: Any) -> Figure | None:
             ax2.set_ylim(0, 1.0)
         else:
             _log_if_wide(ax2, np.asarray(ev["metric"], dtype=float))
-        ax2.set_xlabel("training step")
+        _step_axis(ax2)
         ax2.set_ylabel(_label(name, 40))
         ax2.set_title(f"Evaluation {_label(name, 40)}", fontsize=11)
         ax2.grid(True, alpha=0.3)
@@ -627,43 +692,49 @@ RUN_PLOTS = (
 def speed_by_layer(runs: Sequence[Any], labels: Sequence[str] | None = None) -> Figure | None:
     """Median speed of learning over training of each hidden layer, one line per run (log).
 
+    Runs whose hidden layers have the same names share an axis ticked with those names; runs
+    of different depths or names are drawn from each one's first hidden layer (left) to its
+    last (right), so a 2-layer and a 10-layer net compare end to end, and no layer gets a
+    number that is not its name.
+
     Example:
         >>> from vanishing.report.data import example_run
         >>> from vanishing.report.plots import speed_by_layer
         >>> fig = speed_by_layer([example_run()], ["sigmoid, N(0,1)"])
         >>> fig.axes[0].get_lines()[0].get_label()
         'sigmoid, N(0,1)'
+        >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        ['0', '2', '4', '6', '8', '10']
     """
     import numpy as np
 
     datas = [as_run_data(r) for r in runs]
     labels = list(labels) if labels is not None else [d.path.name for d in datas]
-    fig = _figure(9, 4.8)
-    ax = fig.axes[0]
-    drawn = 0
-    for d, label, color in zip(
-        datas,
-        labels,
-        _colors(len(datas)) if len(datas) > 10 else [f"C{i}" for i in range(len(datas))],
-    ):
+    drawn = []
+    for d, label in zip(datas, labels):
         agg = d.speed()
-        if agg.empty:
-            continue
-        med = np.nanmedian(agg.mean.to_numpy(float), axis=0)
-        ax.plot(
-            np.arange(1, len(med) + 1),
-            med,
-            marker="o",
-            ms=3,
-            lw=1.4,
-            color=color,
-            label=_label(label, 40),
-        )
-        drawn += 1
+        if not agg.empty:
+            drawn.append(
+                (label, list(agg.mean.columns), np.nanmedian(agg.mean.to_numpy(float), axis=0))
+            )
     if not drawn:
         return None
+    same = all(names == drawn[0][1] for _, names, _ in drawn)
+    fig = _figure(9, 4.8)
+    ax = fig.axes[0]
+    colors = _run_colors(len(drawn))
+    for (label, _layers, med), color in zip(drawn, colors):
+        x = np.arange(len(med)) if same else np.linspace(0.0, 1.0, len(med))
+        ax.plot(x, med, marker="o", ms=3, lw=1.4, color=color, label=_label(label, 40))
     ax.set_yscale("log")
-    ax.set_xlabel("hidden layer (forward order: 1 = first)")
+    if same:
+        _name_ticks(ax, list(range(len(drawn[0][1]))), drawn[0][1])
+        ax.set_xlabel(_axis_label("hidden layer", drawn[0][1]), fontsize=8)
+    else:
+        ax.set_xticks([0.0, 1.0], ["first hidden layer", "last hidden layer"], fontsize=8)
+        ax.set_xlabel(
+            "hidden layers, forward order (each run from its first to its last)", fontsize=8
+        )
     ax.set_ylabel("median ‖∂C/∂b‖ over training")
     ax.set_title("Speed of learning through depth, per run", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)

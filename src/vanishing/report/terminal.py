@@ -91,11 +91,9 @@ def gradient_strip(
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "—" if value is None else str(value)
-    return format(v, spec) if math.isfinite(v) else str(v)
+    from vanishing.report.formatting import stat_text
+
+    return stat_text(value, spec)
 
 
 def diagnosis_table(diag: Any):
@@ -162,17 +160,20 @@ def run_table(run: Any):
     speed = data.speed().mean
     if speed.shape[1]:
         last = speed.iloc[-1].to_numpy(float)
+        first_name, last_name = speed.columns[0], speed.columns[-1]
         table.add_row(
             "speed of learning, last step",
-            f"first hidden {_fmt(last[0])}, last hidden {_fmt(last[-1])}",
+            f"first hidden '{first_name}' {_fmt(last[0])}, last hidden '{last_name}' "
+            f"{_fmt(last[-1])}",
         )
         table.add_row("first / last (median of per-step ratios)", _fmt(data.first_last_ratio()))
         table.add_row("strip (input → output)", Text("[" + gradient_strip(list(last)) + "]"))
     summary = data.summary or {}
     if summary.get("test_metric") is not None:
-        table.add_row(
-            f"test {summary.get('metric_name', 'metric')}", _fmt(summary["test_metric"], ".4g")
-        )
+        from vanishing.report.formatting import metric_text
+
+        name = summary.get("metric_name") or "metric"
+        table.add_row(f"test {name}", metric_text(summary["test_metric"], name))
     kinds = summary.get("kinds")
     if kinds is not None:
         table.add_row("diagnosis", ", ".join(kinds) or "healthy")
@@ -188,6 +189,7 @@ def sweep_table(sweep: str | os.PathLike):
     from rich.table import Table
 
     from vanishing.experiments.sweep import read_sweep
+    from vanishing.report.formatting import metric_text
 
     rows = read_sweep(sweep)
     fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))
@@ -205,7 +207,7 @@ def sweep_table(sweep: str | os.PathLike):
             *[str(r["params"].get(f, "")) for f in fields],
             str(r["seed"]),
             r["status"],
-            _fmt(s.get("test_metric"), ".4g"),
+            metric_text(s.get("test_metric"), s.get("metric_name")),
             _fmt(s.get("first_last_ratio")),
             ", ".join(kinds) if kinds else ("healthy" if kinds is not None else "—"),
         )
