@@ -61,6 +61,10 @@ VARIANTS: dict[str, str] = {
     "vanishing-all": "vanishing (all statistics)",
     "vanishing-all-every10": "vanishing (all statistics, every=10)",
     "floor": "bare tensor ops of exact grad+update stats",
+    "floor-fused": "bare fused kernels (torch.compile) of exact grad+update stats",
+    "vanishing-params-fused": "vanishing (gradients+updates), VANISHING_FUSED=1",
+    "vanishing-all-fused": "vanishing (all statistics), VANISHING_FUSED=1",
+    "vanishing-params-noflush": "vanishing (gradients+updates), denormals not flushed",
     "baseline-params": "--baseline-src's vanishing (gradients+updates)",
     "baseline-all": "--baseline-src's vanishing (all statistics)",
     "wandb": "wandb.watch (gradients, log_freq=1)",
@@ -233,6 +237,59 @@ def setup_vanishing_params(task: Task, tmp: Path, args) -> Runner:
     return _vanishing_runner("vanishing-params", "parameters", task, tmp)
 
 
+def _fused_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
+    """The monitor with ``VANISHING_FUSED=1`` (kernels compiled here, in the set-up, untimed)."""
+    from vanishing.stats import fused
+
+    os.environ[fused.ENV] = "1"
+    try:
+        runner = _vanishing_runner(key, stats, task, tmp)
+    finally:
+        del os.environ[fused.ENV]
+    return runner
+
+
+def setup_vanishing_params_fused(task: Task, tmp: Path, args) -> Runner:
+    return _fused_runner("vanishing-params-fused", "parameters", task, tmp)
+
+
+def setup_vanishing_all_fused(task: Task, tmp: Path, args) -> Runner:
+    return _fused_runner("vanishing-all-fused", "all", task, tmp)
+
+
+def setup_vanishing_params_noflush(task: Task, tmp: Path, args) -> Runner:
+    """The monitor with its flush-to-zero switched off (the A/B of that switch alone)."""
+    from vanishing.stats import norms
+
+    runner = _vanishing_runner("vanishing-params-noflush", "parameters", task, tmp)
+    inner = runner.step
+
+    class NoFlush:
+        __slots__ = ("on",)
+
+        def __enter__(self) -> bool:
+            self.on = norms._flushes_denormals()
+            return self.on
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    def step() -> None:
+        saved = norms.flush_denormals
+        norms.flush_denormals = NoFlush  # the probes look it up at call time
+        params_mod = sys.modules["vanishing.probes.params"]
+        saved_p = params_mod.flush_denormals
+        params_mod.flush_denormals = NoFlush
+        try:
+            inner()
+        finally:
+            norms.flush_denormals = saved
+            params_mod.flush_denormals = saved_p
+
+    runner.step = step
+    return runner
+
+
 def setup_vanishing_all(task: Task, tmp: Path, args) -> Runner:
     return _vanishing_runner("vanishing-all", "all", task, tmp)
 
@@ -284,6 +341,47 @@ def setup_floor(task: Task, tmp: Path, args) -> Runner:
 
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
     return Runner("floor", step, close=close)
+
+
+def setup_floor_fused(task: Task, tmp: Path, args) -> Runner:
+    """The bare fused kernels of :mod:`vanishing.stats.fused`, with no bookkeeping.
+
+    Per step: one compiled kernel for the float64 squares of all gradients, one for the update
+    (per parameter: the difference from a snapshot and the new weights' squares in one pass,
+    and the snapshot refilled), each read back as one list. Compiled here, untimed.
+    """
+    if DEVICE.type != "cpu":
+        raise Skip("the fused measurement is built for the CPU")
+    try:
+        from vanishing.stats import fused
+    except Exception as exc:
+        raise Skip(f"import vanishing.stats.fused failed: {exc}") from exc
+    model, opt = task.fresh()
+    params = [p.detach() for p in model.parameters()]
+    try:
+        grads_kernel = fused.FusedSquareNorms(params)
+        update_kernel = fused.FusedUpdate(params)
+    except fused.FusedUnavailable as exc:
+        raise Skip(f"no fused kernels here: {exc}") from exc
+    update_kernel.refill()
+
+    def grad_norms(*_args) -> None:
+        grads_kernel([p.grad for p in model.parameters()])
+
+    def update_norms(*_args) -> None:
+        update_kernel.step()
+
+    handles = [
+        opt.register_step_pre_hook(grad_norms),
+        opt.register_step_post_hook(update_norms),
+    ]
+
+    def close() -> None:
+        for h in handles:
+            h.remove()
+
+    step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
+    return Runner("floor-fused", step, close=close)
 
 
 def setup_wandb(task: Task, tmp: Path, args) -> Runner:
@@ -403,6 +501,10 @@ SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
     "vanishing-all": setup_vanishing_all,
     "vanishing-all-every10": setup_vanishing_all_every10,
     "floor": setup_floor,
+    "floor-fused": setup_floor_fused,
+    "vanishing-params-fused": setup_vanishing_params_fused,
+    "vanishing-all-fused": setup_vanishing_all_fused,
+    "vanishing-params-noflush": setup_vanishing_params_noflush,
     "baseline-params": setup_baseline_params,
     "baseline-all": setup_baseline_all,
     "wandb": setup_wandb,

@@ -18,7 +18,7 @@ def test_update_tracker_matches_brute_force_over_several_steps(grouped):
     tracker = UpdateTracker(params)
     if not grouped:  # the path GPUs take, forced on the CPU
         tracker = UpdateTracker.__new__(UpdateTracker)
-        tracker.params, tracker.grouped = params, False
+        tracker.params, tracker.grouped, tracker.fused = params, False, None
         tracker._snapshot = [torch.empty_like(p) for p in params]
     assert tracker.grouped is grouped
     opt = torch.optim.Adam(params, lr=0.1)

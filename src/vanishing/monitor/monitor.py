@@ -567,6 +567,11 @@ class Monitor:
             else {"type": type(opt).__name__, "defaults": _jsonable(opt.defaults)},
             "amp_scaler": self._scaler is not None,
             "layers": self.layout.manifest_layers(trainable),
+            **{
+                k: v
+                for p in self._probes
+                for k, v in getattr(p, "manifest_entries", dict)().items()
+            },
             **(
                 {"unmeasured_activations": self.layout.unmeasured} if self.layout.unmeasured else {}
             ),

@@ -14,6 +14,15 @@ The update a step makes is measured, not modelled: a snapshot of the weights bef
   is in cache, are the next step's weight norms. Costs one copy of the parameters. A change
   made through ``p.data`` (which has a version counter of its own) between two steps is not
   seen, and is counted in the next step's update: change weights under ``torch.no_grad()``.
+* CPU, fused (opt-in, ``VANISHING_FUSED=1``): one compiled pass per parameter
+  (:mod:`vanishing.stats.fused`), compiled when the probe attaches; the gradient norms too.
+  Where compiling fails, the eager path runs and the manifest's ``measurement`` says so.
+
+Weight and gradient norms run with denormals flushed to zero on the CPU
+(:class:`~vanishing.stats.norms.flush_denormals`, the user's setting restored after). The
+update norms do not: under flushing a zero norm could no longer tell "no change" from
+"changes below 1.1e-19" without another pass, and the updates of a vanishing layer are mostly
+exact zeros (below the weights' float32 resolution), which cost no denormal arithmetic.
 """
 
 from __future__ import annotations
@@ -26,7 +35,14 @@ from torch import Tensor
 from vanishing.modules import local
 from vanishing.probes.base import Probe, ProbeContext
 from vanishing.recorder.columns import BUILTIN
-from vanishing.stats.norms import _exact_norm, _trusted, l2_norms, nonfinite_counts
+from vanishing.stats import fused as _fused
+from vanishing.stats.norms import (
+    _exact_norms,
+    _trusted,
+    flush_denormals,
+    l2_norms,
+    nonfinite_counts,
+)
 
 if TYPE_CHECKING:
     from vanishing.monitor.buffer import Row
@@ -48,13 +64,23 @@ def _row_norms(
     the updates were made to; a zero update of a row of tiny weights is also redone in float64.
     """
     kwargs = {} if matrix.dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
-    values = torch.linalg.vector_norm(matrix, dim=1, **kwargs).tolist()  # host sync: CPU only
+    if weight_norms is None:  # weights: flushed (see the module's docstring)
+        with flush_denormals() as flushed:
+            values = torch.linalg.vector_norm(matrix, dim=1, **kwargs).tolist()  # host sync: CPU
+    else:  # updates: in the user's setting (None: asked only where it matters)
+        flushed = None
+        values = torch.linalg.vector_norm(matrix, dim=1, **kwargs).tolist()  # host sync: CPU
     n = matrix.shape[1]
     tiny = n * _TINY_WEIGHT_RMS**2
-    for i, v in enumerate(values):
-        recheck = v == 0.0 and weight_norms is not None and weight_norms[i] ** 2 < tiny
-        if recheck or not _trusted(v, n, exact_tiny):
-            values[i] = _exact_norm(matrix[i])
+    redo = [
+        i
+        for i, v in enumerate(values)
+        if (v == 0.0 and weight_norms is not None and weight_norms[i] ** 2 < tiny)
+        or not _trusted(v, n, exact_tiny, flushed)
+    ]
+    if redo:
+        for i, v in zip(redo, _exact_norms([matrix[i] for i in redo])):
+            values[i] = v
     return values
 
 
@@ -74,13 +100,18 @@ class UpdateTracker:
         [1.0]
     """
 
-    def __init__(self, params: list[Tensor]) -> None:
+    def __init__(self, params: list[Tensor], fused: _fused.FusedUpdate | None = None) -> None:
         self.params = params
+        self.fused = fused  # compiled for exactly these parameters, in this order
         views = [p.detach() for p in params]
         self.grouped = bool(params) and all(
             p.device.type == "cpu" and p.is_contiguous() for p in views
         )
-        if self.grouped:
+        self._versions: list[int] | None = None
+        if fused is not None:
+            self.grouped = False
+            self._weight_norms: list[float] = []
+        elif self.grouped:
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(views):
                 groups.setdefault((p.numel(), p.dtype), []).append(i)
@@ -93,8 +124,7 @@ class UpdateTracker:
             self._position = [0] * len(order)  # parameter i is entry _position[i] in group order
             for pos, i in enumerate(order):
                 self._position[i] = pos
-            self._versions: list[int] | None = None
-            self._weight_norms: list[float] = []  # of the weights in the snapshot
+            self._weight_norms = []  # of the weights in the snapshot
         else:
             self._snapshot = [torch.empty_like(p) for p in views]
 
@@ -108,6 +138,10 @@ class UpdateTracker:
 
     def before_step(self) -> Tensor:
         """Take the snapshot (unless the last one is still current); return the weight norms."""
+        if self.fused is not None:
+            if not self._current():
+                self._weight_norms = self.fused.refill()
+            return torch.tensor(self._weight_norms, dtype=torch.float64)
         if not self.grouped:
             views = [p.detach() for p in self.params]
             torch._foreach_copy_(self._snapshot, views)
@@ -125,6 +159,10 @@ class UpdateTracker:
         On the CPU this also measures the new weights' norms while they are in cache: they are
         the next :meth:`before_step`'s, as long as no parameter changes in between.
         """
+        if self.fused is not None:
+            update_norms, self._weight_norms = self.fused.step()
+            self._versions = [p._version for p in self.params]
+            return torch.tensor(update_norms, dtype=torch.float64)
         if not self.grouped:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
             return l2_norms(self._snapshot, exact_tiny=False)
@@ -168,22 +206,76 @@ class ParamProbe(Probe):
         self._tracker: tuple[list[ParamRow], UpdateTracker, list[ParamRow]] | None = None
         self._where: tuple[Tensor, Tensor] | None = None  # positions of held / other rows
         self._held = -1
+        self._fused_grads: _fused.FusedSquareNorms | None = None
+        self._grad_rows: list[ParamRow] = []
+        # Compiled here, when the monitor attaches (never inside a step), and only at the first
+        # attach: a layout revision later reuses kernels compiled for the same shapes, if any.
+        first = not hasattr(self, "_measurement")
+        self._fused_wanted = _fused.requested() and ctx.device.type == "cpu"
+        with flush_denormals() as on:  # whether this CPU can flush (the weights' norms do)
+            pass
+        self._measurement = {"update": _fused.EAGER, "grad": _fused.EAGER, "flush_denormal": on}
+        if self._fused_wanted and (first or self._fused_cached()):
+            self._build_fused()
         self.reset()
+
+    def _fused_cached(self) -> bool:
+        return _fused.compilations == len(_fused._compiled)  # nothing failed to compile so far
+
+    def _build_fused(self) -> None:
+        """Compile the fused kernels for these parameters (``VANISHING_FUSED=1``)."""
+        try:
+            self._grad_rows = [r for r in self.rows if r.param.requires_grad]
+            self._fused_grads = _fused.FusedSquareNorms([local(r.param) for r in self._grad_rows])
+            self._measurement["grad"] = _fused.FUSED
+            if self.ctx.optimizer is not None:
+                self._trainable(fused=True)
+        except _fused.FusedUnavailable as e:
+            self._measurement["fused_error"] = str(e)
+            self.ctx.note(f"fused measurement unavailable, measured eagerly: {e}")
+
+    def manifest_entries(self) -> dict:
+        """What this probe adds to the run manifest: which measurement path ran."""
+        if not hasattr(self, "_measurement"):
+            return {}
+        return {"measurement": dict(self._measurement)}
+
+    def _fused_failed(self, e: Exception) -> None:
+        """A fused kernel failed while training (e.g. it would have recompiled): eager for good."""
+        self._fused_grads = None
+        self._measurement.update(grad=_fused.EAGER, update=_fused.EAGER)
+        self._measurement["fused_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+        if self._tracker is not None:
+            self._tracker[1].fused = None
+            self._tracker = None  # rebuilt eagerly (a fresh snapshot) at the next step
+        self.ctx.note("fused measurement stopped, measured eagerly from here on")
 
     def reset(self) -> None:
         self._grads: tuple[tuple[int, ...], Tensor, Tensor] | None = None
         self._weights: tuple[Tensor, Tensor] | None = None
         self._update: tuple[tuple[int, ...], Tensor] | None = None
 
-    def _trainable(self) -> tuple[list[ParamRow], UpdateTracker, list[ParamRow]]:
-        """The parameters the optimizer holds (with their update tracker), and the others."""
+    def _trainable(
+        self, fused: bool = False
+    ) -> tuple[list[ParamRow], UpdateTracker, list[ParamRow]]:
+        """The parameters the optimizer holds (with their update tracker), and the others.
+
+        ``fused``: compile the fused update kernel for them (only from ``attach``); a tracker
+        made again later (the optimizer's parameters changed) is eager, unless kernels for the
+        same shapes are compiled already.
+        """
         groups = self.ctx.optimizer.param_groups
         n = sum(len(g["params"]) for g in groups)
         if self._tracker is None or n != self._held:
             held = {id(p) for g in groups for p in g["params"]}
             rows = [r for r in self.rows if id(r.param) in held]
             others = [r for r in self.rows if id(r.param) not in held]
-            self._tracker = (rows, UpdateTracker([local(r.param) for r in rows]), others)
+            params = [local(r.param) for r in rows]
+            kernel = None
+            if fused or (self._measurement["update"] == _fused.FUSED and self._fused_cached()):
+                kernel = self._fused_update([p.detach() for p in params], compile_now=fused)
+            self._measurement["update"] = _fused.FUSED if kernel is not None else _fused.EAGER
+            self._tracker = (rows, UpdateTracker(params, kernel), others)
             self._held = n
             device = self.ctx.device
             self._where = tuple(
@@ -192,10 +284,42 @@ class ParamProbe(Probe):
             )
         return self._tracker
 
+    def _fused_update(self, weights: list[Tensor], compile_now: bool):
+        """The fused update kernel for ``weights``; None where it is not compiled (or fails)."""
+        if (
+            not compile_now
+            and (
+                "_update_sums",
+                _fused._signature(weights),
+            )
+            not in _fused._compiled
+        ):
+            return None  # would compile inside a step: stay eager
+        try:
+            return _fused.FusedUpdate(weights)
+        except _fused.FusedUnavailable as e:
+            self._measurement["fused_error"] = str(e)
+            self.ctx.note(f"fused measurement unavailable, measured eagerly: {e}")
+            return None
+
+    def _grad_norms(self, present: list[ParamRow], grads: list[Tensor]) -> Tensor:
+        same = len(present) == len(self._grad_rows) and all(
+            a is b for a, b in zip(present, self._grad_rows)
+        )
+        if self._fused_grads is not None and same:
+            try:
+                norms = self._fused_grads(grads)
+            except Exception as e:  # noqa: BLE001 - e.g. it would recompile: go eager
+                self._fused_failed(e)
+                norms = None
+            if norms is not None:
+                return torch.tensor(norms, dtype=torch.float64)
+        return l2_norms(grads)
+
     def grads_ready(self) -> None:
         present = [r for r in self.rows if r.param.grad is not None]
         grads = [_dense_values(local(r.param.grad.detach())) for r in present]
-        gnorm = l2_norms(grads)
+        gnorm = self._grad_norms(present, grads)
         if self.ctx.optimizer is None:
             gnorm = self.ctx.unscale(gnorm)  # no GradScaler.unscale_ ran before this
         self._grads = (tuple(r.index for r in present), gnorm, nonfinite_counts(grads, gnorm))
@@ -220,7 +344,14 @@ class ParamProbe(Probe):
     def step_end(self) -> None:
         rows, tracker, _ = self._trainable()
         if self._weights is not None:  # the snapshot was taken by this step's step_begin
-            self._update = (tuple(r.index for r in rows), tracker.after_step())
+            try:
+                update = tracker.after_step()
+            except Exception as e:  # noqa: BLE001 - a fused kernel failed: no update this step
+                if tracker.fused is None:
+                    raise
+                self._fused_failed(e)
+                return
+            self._update = (tuple(r.index for r in rows), update)
 
     def measure(self, row: Row) -> None:
         if self._grads is not None:
