@@ -185,13 +185,19 @@ def autotrainer(case: Case, rep, steps: int) -> dict:
     }
 
 
-def evaluate(case: Case, steps: int, with_autotrainer: bool) -> dict:
+def evaluate(case: Case, steps: int, with_autotrainer: bool, **options) -> dict:
     from vanishing.repair import repair
 
     job = case.build()
     start = time.perf_counter()
     rep = repair(
-        job.model, job.batches, job.loss_fn, optimizer=job.optimizer, steps=steps, progress=False
+        job.model,
+        job.batches,
+        job.loss_fn,
+        optimizer=job.optimizer,
+        steps=steps,
+        progress=False,
+        **options,
     )
     seconds = time.perf_counter() - start
     out = {
@@ -206,20 +212,12 @@ def evaluate(case: Case, steps: int, with_autotrainer: bool) -> dict:
         "skipped": len(rep.skipped),
         "seconds": seconds,
         "unit_seconds": plain_seconds(case, steps),
-        "verdicts": {
-            c.remedy
-            + (f" x{c.options['lr_factor']:g}" if "lr_factor" in c.options else ""): c.verdict
-            for c in rep.candidates
-        },
+        "verdicts": {c.label: c.verdict for c in rep.candidates},
+        "diagnosed": sum(c.diagnosed for c in rep.candidates) + 1,
     }
     best = rep.best
     critical_before = {f.kind for f in rep.baseline_findings if f.severity == "critical"}
-    out["chosen"] = (
-        None
-        if best is None
-        else best.remedy
-        + (f" x{best.options['lr_factor']:g}" if "lr_factor" in best.options else "")
-    )
+    out["chosen"] = None if best is None else best.label
     out["chosen_loss"] = None if best is None else best.loss_after
     out["repaired"] = bool(
         best is not None
@@ -312,6 +310,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="K, steps per candidate")
     parser.add_argument("--cases", nargs="*", help="only these cases (by name)")
     parser.add_argument("--no-autotrainer", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="repair(workers=): candidates in N processes"
+    )
+    parser.add_argument("--every", type=int, help="repair(every=): record every N-th step")
+    parser.add_argument(
+        "--no-refine", action="store_true", help="repair(refine=False): no round two"
+    )
     parser.add_argument("--json", type=Path, help="write every row as JSON here")
     parser.add_argument(
         "--write-docs", action="store_true", help="replace the tables in docs/repair.md"
@@ -319,11 +324,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = [c for c in CASES if not args.cases or c.name in args.cases]
     rows = []
+    options = {"workers": args.workers, "refine": not args.no_refine}
+    if args.every is not None:
+        options["every"] = args.every
     warnings.simplefilter("ignore")
     with one_thread():
         for case in cases:
             t0 = time.perf_counter()
-            row = evaluate(case, args.steps, not args.no_autotrainer)
+            row = evaluate(case, args.steps, not args.no_autotrainer, **options)
             rows.append(row)
             at = row.get("autotrainer") or {}
             print(

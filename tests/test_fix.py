@@ -43,6 +43,13 @@ def test_config_changes_follow_the_remedy_and_the_probes_numbers():
     assert config_changes("lower_learning_rate", {"lr_factor": 0.1}, cfg) == {"train.lr": 0.05}
     assert config_changes("lstm", {}, cfg) == {"model.cell": "lstm"}
     assert config_changes("zero_init_residual", {}, cfg) is None
+    # a model change probed at another rate (repair's round two) sets both
+    assert config_changes("orthogonal_init", {"lr_factor": 10.0}, cfg) == {
+        "model.init": "orthogonal",
+        "model.recurrent_init": "orthogonal",
+        "train.lr": 5.0,
+    }
+    assert config_changes("zero_init_residual", {"lr_factor": 10.0}, cfg) is None
 
 
 def test_fix_deep_sigmoid_writes_a_config_that_trains(tmp_path):

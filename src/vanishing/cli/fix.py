@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         c = result.chosen
         changes = ", ".join(f"{k} = {v!r}" for k, v in result.changes.items())
         console.print(
-            f"Fix: {c.remedy} ({changes}); in the probe loss {rep.loss_before:.4g} -> "
+            f"Fix: {c.label} ({changes}); in the probe loss {rep.loss_before:.4g} -> "
             f"{c.loss_after:.4g}. The fixed config on its own over the same steps: loss "
             f"{result.check_loss:.4g}, diagnosis "
             f"{', '.join(result.check_kinds) or 'healthy'}."

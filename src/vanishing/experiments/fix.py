@@ -44,7 +44,8 @@ _INIT = {
 def config_changes(remedy: str, options: dict[str, Any], config: dict[str, Any]) -> dict | None:
     """The config fields (dotted names) that express ``remedy`` with the probe's ``options``
     (``lr_factor``, ``clip``), or None when no config field can (``learning_rate_warmup``,
-    ``zero_init_residual``...).
+    ``zero_init_residual``...). A model change probed at another learning rate (repair's round
+    two: a model remedy with ``lr_factor``) sets both.
 
     Example:
         >>> from vanishing.experiments.fix import config_changes
@@ -52,8 +53,21 @@ def config_changes(remedy: str, options: dict[str, Any], config: dict[str, Any])
         {'train.clip_norm': 1.5}
         >>> config_changes("learning_rate_warmup", {}, {}) is None
         True
+        >>> config_changes("lstm", {"lr_factor": 10.0}, {"train": {"lr": 0.01}})
+        {'model.cell': 'lstm', 'train.lr': 0.1}
     """
-    model, train = config.get("model", {}), config.get("train", {})
+    train = config.get("train", {})
+    factor = options.get("lr_factor")
+    if remedy in ("lower_learning_rate", "higher_learning_rate"):
+        return {"train.lr": float(train.get("lr", 0.1)) * float(factor)} if factor else None
+    changes = _remedy_changes(remedy, options, config)
+    if changes is not None and factor:
+        changes["train.lr"] = float(train.get("lr", 0.1)) * float(factor)
+    return changes
+
+
+def _remedy_changes(remedy: str, options: dict[str, Any], config: dict[str, Any]) -> dict | None:
+    model = config.get("model", {})
     if remedy in _SWAP_INIT:
         return {"model.activation": remedy, "model.init": _SWAP_INIT[remedy]}
     if remedy in _INIT:
@@ -73,8 +87,6 @@ def config_changes(remedy: str, options: dict[str, Any], config: dict[str, Any])
         return {"model.norm_first": True}
     if remedy == "gradient_clipping" and options.get("clip"):
         return {"train.clip_norm": float(options["clip"])}
-    if remedy in ("lower_learning_rate", "higher_learning_rate") and options.get("lr_factor"):
-        return {"train.lr": float(train.get("lr", 0.1)) * float(options["lr_factor"])}
     return None
 
 
@@ -241,7 +253,7 @@ def fix_experiment(
     fixed.setdefault("name", raw.get("name"))
     fixed_config = ExperimentConfig.model_validate(fixed)  # the fix is a valid config
     (out / "fixed.toml").write_text(
-        f"# vanishing fix {Path(config_path).name}: {result.chosen.remedy} "
+        f"# vanishing fix {Path(config_path).name}: {result.chosen.label} "
         f"({', '.join(f'{k} = {v!r}' for k, v in result.changes.items())}), measured over "
         f"{k} steps: loss {rep.loss_before:.4g} -> {result.chosen.loss_after:.4g}\n"
         + to_toml(fixed_config.to_dict())

@@ -56,7 +56,12 @@ __all__ = [
     "DIVERGED_FACTOR",
     "MAX_CANDIDATES",
     "ACTIVATION_SWAPS",
+    "SWAP_KINDS",
     "LR_FACTORS",
+    "REFINE_PARTNERS",
+    "UPDATE_BAND",
+    "LOOP_OPTIONS",
+    "RECORDED_STEPS",
     "Candidate",
     "Probe",
     "Repair",
@@ -85,10 +90,27 @@ RATIO_FACTOR = 10.0
 DIVERGED_FACTOR = 10.0
 #: At most this many candidates are trained (remedies skipped as not applicable do not count).
 MAX_CANDIDATES = 8
-#: Activation swaps tried after the diagnosis' own remedies when it names one of them.
-ACTIVATION_SWAPS = ("relu", "leaky_relu", "elu", "selu", "gelu")
+#: Activation swaps tried after the diagnosis' own remedies when it names one of them, in
+#: this order (the candidate budget may cut the last): the self-normalising SELU first (with
+#: LeCun init it keeps each layer's mean and variance at a fixed point, Klambauer et al. 2017;
+#: also AUTOTRAINER's first repair), then the smooth ELU and GELU, then the piecewise-linear
+#: leaky ReLU and ReLU.
+ACTIVATION_SWAPS = ("selu", "elu", "gelu", "leaky_relu", "relu")
+#: On a net of saturating activations the swaps follow a finding of these kinds too.
+SWAP_KINDS = ("vanishing_gradient", "exploding_gradient", "saturated_activations")
 #: The learning-rate factors tried, one candidate each.
 LR_FACTORS = {"lower_learning_rate": (0.1, 0.01), "higher_learning_rate": (3.0, 10.0)}
+#: Round two (when no candidate of round one is fixed): this many of round one's model changes,
+#: the closest to a fix, are probed again at two learning rates each.
+REFINE_PARTNERS = 2
+#: A first update over the weights outside this band is a measurably wrong step size: round two
+#: then moves it by powers of ten toward :data:`TARGET_UPDATE` instead of trying x3 and x10.
+UPDATE_BAND = (1e-5, 0.1)
+#: Recorded steps a run by default: the labelled benchmark's diagnoses judge 30 recorded steps;
+#: each recorded step costs several plain steps of a small model (activations, error signals).
+RECORDED_STEPS = 25
+#: Candidate options that are settings of the training loop, not of the model transformation.
+LOOP_OPTIONS = ("lr_factor", "group_lr", "clip", "warmup")
 
 
 @dataclass
@@ -131,6 +153,20 @@ class Candidate:
     error: str = ""
     steps_run: int = 0
     seconds: float = 0.0
+    #: its first step's update over the weights, ``||w1 - w0|| / ||w0||`` (round two's rates)
+    first_update: float | None = None
+    #: False when its run was not diagnosed: it diverged or its loss is higher by the margin,
+    #: which makes it ``worse`` whatever it shows (``findings_after`` is then empty)
+    diagnosed: bool = True
+
+    @property
+    def label(self) -> str:
+        """The remedy with its loop setting: ``lower_learning_rate x0.1``, ``orthogonal_init +
+        lr x1e+05`` (a model change probed at another learning rate), or just the remedy."""
+        factor = self.options.get("lr_factor")
+        if factor is None:
+            return self.remedy
+        return f"{self.remedy} {'+ lr ' if self.changes_model else ''}x{factor:g}"
 
     @property
     def kinds_after(self) -> list[str]:
@@ -227,6 +263,19 @@ class Repair:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         from vanishing.repair import transforms
 
+        loop = {k: v for k, v in candidate.options.items() if k in LOOP_OPTIONS}
+        if loop:
+            # a model change probed at another learning rate (round two): the model part is
+            # applied here, the rate is the caller's loop
+            import warnings
+
+            warnings.warn(
+                f"{candidate.label} was measured with the learning rate x"
+                f"{loop.get('lr_factor', 1.0):g}: change the optimizer too (see candidate.code)",
+                UserWarning,
+                stacklevel=2,
+            )
+        options = {k: v for k, v in candidate.options.items() if k not in LOOP_OPTIONS}
         # seeded as the probe was (a new module, e.g. a swapped-in LSTM, draws its weights from
         # the global RNG), which is then restored
         with torch.random.fork_rng(devices=_devices(model)):
@@ -236,7 +285,7 @@ class Repair:
                 candidate.remedy,
                 example_inputs=self._example_inputs,
                 generator=torch.Generator().manual_seed(self.seed),
-                **candidate.options,
+                **options,
             )
         return model
 
@@ -298,7 +347,7 @@ class Repair:
         for c in self.candidates:
             rows.append(
                 (
-                    c.remedy + ("" if c.changes_model else " (loop)"),
+                    c.label + ("" if c.changes_model else " (loop)"),
                     c.verdict,
                     f"{_num(c.loss_before)} -> {_num(c.loss_after)}",
                     f"{_num(c.ratio_before)} -> {_num(c.ratio_after)}",
@@ -314,7 +363,7 @@ class Repair:
         if best is None:
             lines.append("No candidate fixed it.")
         else:
-            lines.append(f"Best: {best.remedy} ({best.why}); the change:")
+            lines.append(f"Best: {best.label} ({best.why}); the change:")
             lines.extend("    " + line for line in best.code.splitlines())
         return "\n".join(lines)
 
@@ -419,6 +468,8 @@ class Probe:
     #: why training the candidate failed ("" when it ran), e.g. its loss_fn rejecting the
     #: output of a transformed model
     error: str = ""
+    #: False when the run was not diagnosed (diverged, or a loss that makes it worse anyway)
+    diagnosed: bool = True
 
     @property
     def loss(self) -> float:
@@ -448,11 +499,20 @@ def _train(
     every: int = 1,
     record_norms: bool = False,
     tick: Callable[[], None] | None = None,
+    judged: bool = False,
+    worse_above: float | None = None,
 ) -> Probe:
-    """K steps of ``model`` on ``batches`` (cycled), watched; stops early on divergence."""
+    """K steps of ``model`` on ``batches`` (cycled), watched; stops early on divergence.
+
+    ``record_norms``: the pre-clip total gradient norm of the first 10% of steps (the
+    clipping threshold's evidence). ``judged``: a candidate's run, whose verdict is ``worse``
+    when it diverged or its final loss is above ``worse_above`` whatever its findings are: such
+    a run is not diagnosed (the baseline's always is).
+    """
     import torch
 
     import vanishing
+    from vanishing.diagnose.findings import Diagnosis
     from vanishing.recorder.reader import load_run
 
     start = time.perf_counter()
@@ -466,10 +526,12 @@ def _train(
             opt, lambda step: min(1.0, (step + 1) / warmup)
         )
     losses: list[float] = []
+    first_losses: dict[int, float] = {}
     norms: list[float] = []
     diverged = False
     first_update = None
     params = [p for p in model.parameters() if p.requires_grad]
+    norm_steps = max(1, round(0.1 * steps))
     watch = {"run_dir": run_dir, "flush_every": steps, "every": every}
     with vanishing.watch(model, optimizer=opt, **watch) as mon:
         model.train()
@@ -478,14 +540,15 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
             loss.backward()
-            if record_norms:
+            if record_norms and step < norm_steps:
                 grads = [p.grad.detach().norm() for p in params if p.grad is not None]
                 norms.append(float(torch.stack(grads).norm()) if grads else 0.0)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             if clip_value is not None:
                 torch.nn.utils.clip_grad_value_(params, clip_value)
-            before = [p.detach().clone() for p in params] if record_norms and step == 0 else None
+            # every run's first update (one step's copy): round two sets rates from it
+            before = [p.detach().clone() for p in params] if step == 0 else None
             opt.step()
             if before is not None:
                 moved = torch.stack([(p.detach() - b).norm() for p, b in zip(params, before)])
@@ -497,16 +560,32 @@ def _train(
             losses.append(value)
             if tick is not None:
                 tick()
-            if not math.isfinite(value) or (losses[0] > 0 and value > DIVERGED_FACTOR * losses[0]):
+            # against the first loss on the same batch: batches differ, and a frozen model's
+            # loss on one batch can be 10x its loss on another without anything growing
+            first_on = first_losses.setdefault(step % len(batches), value)
+            if not math.isfinite(value) or (first_on > 0 and value > DIVERGED_FACTOR * first_on):
                 diverged = True
                 break
-        diagnosis = mon.diagnose()
-    run = load_run(run_dir)
+        mon.flush()
+        run = load_run(run_dir)  # read once: the diagnosis, the ratio and the profile
+        loss = _final_loss(losses, diverged)
+        if judged and (diverged or (worse_above is not None and loss > worse_above)):
+            # the verdict is "worse" on the loss alone: a diagnosis would cost more than
+            # the K steps of a small model and change nothing
+            why = "diverged" if diverged else f"its loss {loss:.3g} is above {worse_above:.3g}"
+            diagnosis = Diagnosis([], notes=[f"not diagnosed: {why}, so it is worse"])
+            diagnosed = False
+        else:
+            # the live model lets the diagnosis measure the recurrent weights' singular values
+            diagnosis = run.diagnose(model)
+            diagnosed = True
     ratio = run.first_last_ratio()
     speeds = run.speeds()
     profile = {str(k): float(v) for k, v in speeds.median().items()} if len(speeds) else {}
     seconds = time.perf_counter() - start
-    return Probe(losses, norms, diagnosis, ratio, profile, diverged, seconds, first_update)
+    return Probe(
+        losses, norms, diagnosis, ratio, profile, diverged, seconds, first_update, "", diagnosed
+    )
 
 
 def probe(
@@ -582,7 +661,7 @@ def probe(
                 clip=clip_norm,
                 clip_value=clip_value,
                 warmup=warmup,
-                every=max(1, steps // 50) if every is None else every,
+                every=max(1, steps // RECORDED_STEPS) if every is None else every,
                 record_norms=True,
             )
     finally:
@@ -605,11 +684,15 @@ class _Plan:
     model: Any = None  # the transformed copy (model remedies)
 
 
-def _remedy_order(diagnosis) -> list[tuple[str, list[str]]]:
+def _remedy_order(diagnosis, saturating: bool = False) -> list[tuple[str, list[str]]]:
     """Remedy names in the diagnosis' order (finding by finding, best first), each once, with
     the finding kinds that named it; then, when it names an activation swap (its measured cause
     is the activation), the other swaps of :data:`ACTIVATION_SWAPS` it did not name, for the
-    same kinds: which activation trains best on this model is what the probe measures.
+    same kinds: which activation trains best on this model is what the probe measures. When
+    the model's hidden activations saturate (``saturating``: sigmoid, tanh), the swaps follow a
+    finding of :data:`SWAP_KINDS` too, whatever it names: the activation's derivative is a
+    factor of the per-layer gradient gain it measured, and each swap re-initialises the layers
+    for its new activation (so it also covers a re-initialisation the finding named).
 
     Example:
         >>> from vanishing.diagnose.findings import Diagnosis, Finding, Remedy
@@ -617,7 +700,7 @@ def _remedy_order(diagnosis) -> list[tuple[str, list[str]]]:
         >>> f = Finding("dead_units", ["4"], "warning", "dead", remedies=[Remedy("leaky_relu", "."),
         ...             Remedy("he_init", ".")])
         >>> [name for name, _ in _remedy_order(Diagnosis([f]))]
-        ['leaky_relu', 'he_init', 'relu', 'elu', 'selu', 'gelu']
+        ['leaky_relu', 'he_init', 'selu', 'elu', 'gelu', 'relu']
     """
     order: dict[str, list[str]] = {}
     for f in diagnosis.findings:
@@ -626,11 +709,38 @@ def _remedy_order(diagnosis) -> list[tuple[str, list[str]]]:
             if f.kind not in kinds:
                 kinds.append(f.kind)
     swaps = [kinds for name, kinds in order.items() if name in ACTIVATION_SWAPS]
+    if saturating:
+        swaps += [[f.kind] for f in diagnosis.findings if f.kind in SWAP_KINDS]
     if swaps:
         prompted = list(dict.fromkeys(k for kinds in swaps for k in kinds))
         for name in ACTIVATION_SWAPS:
             order.setdefault(name, list(prompted))
     return list(order.items())
+
+
+def _saturating_hidden(model, example_inputs) -> bool:
+    """Whether an activation module with flat tails on both sides (sigmoid, tanh, ...) follows
+    a hidden layer (any Linear/Conv/recurrent layer but the last in forward order).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from vanishing.repair.engine import _saturating_hidden
+        >>> x = torch.randn(2, 4)
+        >>> _saturating_hidden(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)), x)
+        True
+        >>> _saturating_hidden(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)), x)
+        False
+    """
+    from vanishing import activations
+    from vanishing.repair import transforms
+
+    flat = {a.kind for a in activations.registered() if a.tails == "both"}
+    try:
+        kinds = list(transforms.describe_activations(model, example_inputs).values())
+    except Exception:  # noqa: BLE001 - an untraceable forward: no extra candidates, no error
+        return False
+    return any(k in flat for k in kinds[:-1])
 
 
 #: The first step's update over the weights that a measured learning-rate factor aims at (the
@@ -762,6 +872,79 @@ def _model_plan(model, remedy, prompted, example_inputs, seed) -> _Plan | str:
     )
 
 
+def _rate_factors(cand: Candidate, probe: Probe) -> tuple[float, ...]:
+    """Round two's learning-rate factors for a model change, from its own round-one probe.
+
+    Diverged, or a first update over :data:`UPDATE_BAND`: the two powers of ten that put the
+    first update just below and just above :data:`TARGET_UPDATE` (at most x0.1: lower, since
+    the rate it had was too high); under the band: the same two powers (higher); inside it, when
+    its loss was not higher (its gradient fix did not hurt, K steps were too few): x3 and x10.
+    Otherwise none.
+
+    Example:
+        >>> from vanishing.repair.engine import Candidate, Probe, _rate_factors
+        >>> slow = Probe([1.0] * 10, [], None, None, {}, False, 0.1, first_update=9.2e-8)
+        >>> _rate_factors(Candidate("orthogonal_init", True, verdict="worse"), slow)
+        (10000.0, 100000.0)
+        >>> big = Probe([1.0, 2.0], [], None, None, {}, True, 0.1, first_update=9.2)
+        >>> _rate_factors(Candidate("orthogonal_init", True, verdict="worse"), big)
+        (0.0001, 0.001)
+    """
+    r = probe.first_update
+    low, high = UPDATE_BAND
+    finite = r is not None and math.isfinite(r) and r > 0
+    if probe.diverged or (finite and r > high):
+        if not finite:
+            return (0.1, 0.01)
+        m = 10.0 ** math.floor(math.log10(TARGET_UPDATE / r))
+        return (m, 10 * m) if 10 * m <= 0.1 else (0.01, 0.1)
+    if not finite:
+        return ()
+    if r < low:
+        m = 10.0 ** math.floor(math.log10(TARGET_UPDATE / r))
+        return (m, 10 * m)
+    if cand.verdict in ("improved", "no_help"):
+        return LR_FACTORS["higher_learning_rate"]
+    return ()
+
+
+def _rate_plans(tried, model, example_inputs, seed, lrs: list[float]) -> list[_Plan]:
+    """Round two: the :data:`REFINE_PARTNERS` model changes of round one closest to a fix (not
+    diverged first, then the lowest loss; each with rates from :func:`_rate_factors`), each
+    a fresh transformed copy (the same seed: the same change) at each of its factors.
+
+    ``tried``: ``(plan, candidate, probe)`` of round one.
+    """
+    pool = [
+        (plan, c, probe)
+        for plan, c, probe in tried
+        if plan.changes_model and not c.error and _rate_factors(c, probe)
+    ]
+    pool.sort(key=lambda t: (t[1].diverged, t[1].loss_after))
+    plans: list[_Plan] = []
+    for plan, c, probe in pool[:REFINE_PARTNERS]:
+        for factor in _rate_factors(c, probe):
+            fresh = _model_plan(model, plan.remedy, plan.prompted_by, example_inputs, seed)
+            if isinstance(fresh, str):  # it applied in round one: the same call applies again
+                break
+            now = ", ".join(f"{lr:.3g}" for lr in lrs)
+            new = ", ".join(f"{lr * factor:.3g}" for lr in lrs)
+            measured = "" if probe.first_update is None else f"{probe.first_update:.2g}"
+            fresh.options = {"lr_factor": factor}
+            fresh.description = (
+                f"{fresh.description}; and learning rate x{factor:g} ({now} -> {new}; at the "
+                f"old rate its first update was {measured or '?'} of the weights)"
+            )
+            fresh.code = (
+                fresh.code.rstrip("\n")
+                + "\n# and in the training loop:\n"
+                + "for group in optimizer.param_groups:  # once, before training\n"
+                + f"    group['lr'] *= {factor:g}\n"
+            )
+            plans.append(fresh)
+    return plans
+
+
 # ---------------------------------------------------------------------------- optimizers
 def _optimizer_factory(optimizer, model):
     """``f(module) -> Optimizer`` from the user's factory or an optimizer instance."""
@@ -859,6 +1042,7 @@ def repair(
     run_dir: str | os.PathLike | None = None,
     margin: float = MARGIN,
     every: int | None = None,
+    refine: bool = True,
 ) -> Repair:
     """Try the diagnosis' remedies on copies of ``model`` and say which one is measured to fix it.
 
@@ -874,8 +1058,9 @@ def repair(
     do); 0 or 1: in this process, one after the other. ``run_dir``: keep each run's records in
     ``run_dir/<baseline|NN-remedy>`` (default: a temporary directory, removed after).
     ``margin``: the fraction by which a loss must be lower (see :func:`verdict`). ``every``:
-    the monitor records every ``every``-th step of each run (default ``max(1, steps // 50)``:
-    50 recorded steps a run, enough for the diagnosis, at a fraction of recording every step).
+    the monitor records every ``every``-th step of each run (default ``max(1, steps //
+    RECORDED_STEPS)``: about 25 recorded steps a run, the regime the diagnosis is validated in,
+    at a fraction of the cost of recording every step).
 
     The model is never changed (nor its ``.grad``): everything trains on deep copies. Cost:
     (N + 1) x K training steps for N candidates, plus one diagnosis each. A healthy baseline
@@ -910,7 +1095,7 @@ def repair(
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise ValueError(f"margin must be a fraction in [0, 1), got {margin!r}")
     if every is None:
-        every = max(1, steps // 50)
+        every = max(1, steps // RECORDED_STEPS)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"every must be a positive integer, got {every!r}")
     from vanishing.monitor.monitor import _WATCHED_ATTR
@@ -964,6 +1149,7 @@ def repair(
                 max_candidates,
                 workers,
                 example_inputs,
+                refine,
             )
     finally:
         if run_dir is None:
@@ -989,6 +1175,7 @@ def _run(
     max_candidates,
     workers,
     example_inputs,
+    refine=True,
 ) -> None:
     import torch
 
@@ -1016,7 +1203,8 @@ def _run(
             return
         lrs = [g["lr"] for g in make_optimizer(copy.deepcopy(model)).param_groups]
         plans: list[_Plan] = []
-        for remedy, prompted in _remedy_order(rep.diagnosis):
+        saturating = _saturating_hidden(model, example_inputs)
+        for remedy, prompted in _remedy_order(rep.diagnosis, saturating):
             if len(plans) >= max_candidates:
                 break
             if remedy in RECIPE_REMEDIES:
@@ -1040,52 +1228,80 @@ def _run(
             root=root,
             base=base,
             every=rep.every,
+            # a candidate whose loss ends above this is worse (see verdict): not diagnosed
+            worse_above=(
+                base.loss + rep.margin * abs(base.loss) if math.isfinite(base.loss) else None
+            ),
         )
-        if workers > 1 and len(plans) > 1:
-            results = _in_workers(job, plans, workers, advance)
-        else:
-            results = [_probe(job, i, plan, advance) for i, plan in enumerate(plans)]
-    critical_before = {f.kind for f in base.diagnosis.findings if f.severity == "critical"}
-    for plan, probe in zip(plans, results):
-        cand = Candidate(
-            plan.remedy,
-            plan.changes_model,
-            description=plan.description,
-            code=plan.code,
-            options=dict(plan.options),
-            prompted_by=list(plan.prompted_by),
-            layers=plan.layers,
-            loss_before=base.loss,
-            loss_after=probe.loss,
-            ratio_before=base.ratio,
-            ratio_after=probe.ratio,
-            profile_before=base.profile,
-            profile_after=probe.profile,
-            findings_after=list(probe.diagnosis.findings),
-            diverged=probe.diverged,
-            error=probe.error,
-            steps_run=len(probe.losses),
-            seconds=probe.seconds,
-        )
-        cand.verdict, cand.why = verdict(
-            loss_before=base.loss,
-            loss_after=probe.loss,
-            ratio_before=base.ratio,
-            ratio_after=probe.ratio,
-            prompted_by=plan.prompted_by,
-            kinds_after=cand.kinds_after,
-            critical_before=critical_before,
-            critical_after={f.kind for f in probe.diagnosis.findings if f.severity == "critical"},
-            diverged=probe.diverged,
-            margin=rep.margin,
-        )
-        if probe.error:
-            cand.why = f"training failed: {probe.error}"
-        rep.candidates.append(cand)
+        results = _probe_all(job, plans, workers, advance, first_index=0)
+        judged = [_judge(rep, base, plan, probe) for plan, probe in zip(plans, results)]
+        if refine and not any(c.verdict == "fixed" for c, _ in judged):
+            # round two: no single remedy fixed it within K steps; the closest model changes
+            # again, each at the learning rates its own first update calls for
+            second = _rate_plans(
+                [(plan, c, probe) for plan, (c, probe) in zip(plans, judged)],
+                model,
+                example_inputs,
+                seed,
+                lrs,
+            )
+            if second:
+                results = _probe_all(job, second, workers, advance, first_index=len(plans))
+                judged += [_judge(rep, base, plan, probe) for plan, probe in zip(second, results)]
+    rep.candidates = [c for c, _ in judged]
     rank = {v: i for i, v in enumerate(VERDICTS)}
     rep.candidates.sort(
         key=lambda c: (rank[c.verdict], c.loss_after if math.isfinite(c.loss_after) else math.inf)
     )
+
+
+def _probe_all(job, plans, workers, advance, first_index: int) -> list[Probe]:
+    """Probe ``plans`` in order (or in ``workers`` forked processes); one Probe each."""
+    if workers > 1 and len(plans) > 1:
+        return _in_workers(job, plans, workers, advance, first_index)
+    return [_probe(job, first_index + i, plan, advance) for i, plan in enumerate(plans)]
+
+
+def _judge(rep, base: Probe, plan: _Plan, probe: Probe) -> tuple[Candidate, Probe]:
+    """The candidate of one probed plan, with its verdict against the baseline."""
+    critical_before = {f.kind for f in base.diagnosis.findings if f.severity == "critical"}
+    cand = Candidate(
+        plan.remedy,
+        plan.changes_model,
+        description=plan.description,
+        code=plan.code,
+        options=dict(plan.options),
+        prompted_by=list(plan.prompted_by),
+        layers=plan.layers,
+        loss_before=base.loss,
+        loss_after=probe.loss,
+        ratio_before=base.ratio,
+        ratio_after=probe.ratio,
+        profile_before=base.profile,
+        profile_after=probe.profile,
+        findings_after=list(probe.diagnosis.findings),
+        diverged=probe.diverged,
+        error=probe.error,
+        steps_run=len(probe.losses),
+        seconds=probe.seconds,
+        first_update=probe.first_update,
+        diagnosed=probe.diagnosed,
+    )
+    cand.verdict, cand.why = verdict(
+        loss_before=base.loss,
+        loss_after=probe.loss,
+        ratio_before=base.ratio,
+        ratio_after=probe.ratio,
+        prompted_by=plan.prompted_by,
+        kinds_after=cand.kinds_after,
+        critical_before=critical_before,
+        critical_after={f.kind for f in probe.diagnosis.findings if f.severity == "critical"},
+        diverged=probe.diverged,
+        margin=rep.margin,
+    )
+    if probe.error:
+        cand.why = f"training failed: {probe.error}"
+    return cand, probe
 
 
 def _probe(job, index: int, plan: _Plan, advance) -> Probe:
@@ -1118,6 +1334,8 @@ def _run_probe(job, index, plan, model, advance, label) -> Probe:
         warmup=plan.options.get("warmup", 0),
         every=job["every"],
         tick=lambda: advance(label),
+        judged=True,
+        worse_above=job["worse_above"],
     )
 
 
@@ -1126,15 +1344,16 @@ def _worker(index: int) -> Probe:
 
     torch.set_num_threads(1)  # one process per core: each runs its own steps
     job = _WORKER_JOB["job"]
-    return _probe(job, index, _WORKER_JOB["plans"][index], lambda label: None)
+    first = _WORKER_JOB["first_index"]
+    return _probe(job, first + index, _WORKER_JOB["plans"][index], lambda label: None)
 
 
-def _in_workers(job, plans, workers, advance) -> list[Probe]:
+def _in_workers(job, plans, workers, advance, first_index: int = 0) -> list[Probe]:
     """Candidates in forked processes: the job is inherited, only the results are pickled."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    _WORKER_JOB.update(job=job, plans=plans)
+    _WORKER_JOB.update(job=job, plans=plans, first_index=first_index)
     try:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:

@@ -48,7 +48,7 @@ def profile_figure(rep: Any) -> Any:
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     ax = fig.subplots()
     lines = [("baseline", rep.profile_before, "k")]
-    lines += [(f"{c.remedy} ({c.verdict})", c.profile_after, None) for c in shown[:_SHOWN]]
+    lines += [(f"{c.label} ({c.verdict})", c.profile_after, None) for c in shown[:_SHOWN]]
     for label, profile, color in lines:
         values = [v for v in profile.values() if v is not None and v > 0]
         if not values:
@@ -82,7 +82,7 @@ def render_repair(rep: Any, *, title: str = "Repair") -> str:
     best = rep.best
     if best is not None:
         verdict = (
-            f'<p class="verdict ok"><b>Verdict</b>: {_e(best.remedy)} fixes it: {_e(kinds)} '
+            f'<p class="verdict ok"><b>Verdict</b>: {_e(best.label)} fixes it: {_e(kinds)} '
             f"gone, loss {_num(best.loss_before)} -> {_num(best.loss_after)}, first / last "
             f"{_num(best.ratio_before)} -> {_num(best.ratio_after)} over {rep.steps} steps.</p>"
         )
@@ -92,7 +92,7 @@ def render_repair(rep: Any, *, title: str = "Repair") -> str:
             f"{rep.steps} steps.</p>"
         )
     rows = "".join(
-        f"<tr><td><code>{_e(c.remedy)}</code>{'' if c.changes_model else ' (loop)'}</td>"
+        f"<tr><td><code>{_e(c.label)}</code>{'' if c.changes_model else ' (loop)'}</td>"
         f"<td>{_e(c.verdict)}</td>"
         f'<td class="num">{_num(c.loss_before)} → {_num(c.loss_after)}</td>'
         f'<td class="num">{_num(c.ratio_before)} → {_num(c.ratio_after)}</td>'
