@@ -66,7 +66,7 @@ def test_recorded_time_profile_equals_autograd_at_the_first_step(tmp_path):
     """The monitor's dLoss/dx_t at t = 0 and T - 1 of step 0, against the same gradient by hand."""
     task = make_task("adding", seq_len=12, n_train=256, n_test=32, standardize="none")
     result = A.train_model("lstm", task, A.QUICK, steps=2, seed=5, run_dir=tmp_path / "r")
-    model = A.build_model("lstm", T=12, hidden=A.QUICK.hidden, seed=5)
+    model = A.build_model("lstm", T=12, hidden=A.QUICK.hidden["lstm"], seed=5)
     batches = minibatches(
         task.x_train,
         task.y_train,
