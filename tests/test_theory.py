@@ -406,3 +406,31 @@ def test_phase_diagram_draws_the_critical_line():
     assert any(
         tuple(x.get_xydata()[0]) == (1.0, 0.05) for x in ax.get_lines() if x.get_marker() == "*"
     )
+
+
+def test_prediction_phase_diagram_marks_each_hidden_layer_at_its_actual_variances():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(32, 2),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[2].weight.mul_(3.0)  # sigma_w^2 = 3 x 3 x 1/3 = 3: outside the default range's middle
+    fig = theory.predict(model, torch.randn(16, 32)).phase_diagram(resolution=4)
+    ax = fig.axes[0]
+    dots = next(x for x in ax.get_lines() if x.get_label() == "its hidden layers")
+    # by hand: fan_in * mean(W^2) and mean(b^2) of the two tanh layers (the ReLU one is left out)
+    expected = [
+        (32 * float(m.weight.pow(2).mean()), float(m.bias.pow(2).mean())) for m in model[0:3:2]
+    ]
+    assert dots.get_xydata().ravel().tolist() == pytest.approx([v for xy in expected for v in xy])
+    star = next(x for x in ax.get_lines() if x.get_marker() == "*")
+    assert tuple(star.get_xydata()[0]) == pytest.approx(
+        (sum(w for w, _ in expected) / 2, sum(b for _, b in expected) / 2)
+    )
+    lo, hi = ax.get_xlim()
+    assert lo < min(w for w, _ in expected) and max(w for w, _ in expected) < hi
+    assert "tanh" in ax.get_title() and "1 layer of another activation" in ax.get_title()

@@ -665,6 +665,57 @@ class Prediction:
         """The per-layer factors (every layer but the last)."""
         return [x.chi for x in self.layers[:-1]]
 
+    def phase_diagram(self, **kwargs: Any):
+        """The mean-field phase diagram of the hidden layers' activation, with the model marked.
+
+        Each hidden layer is a point at its actual ``(sigma_w^2, sigma_b^2)``, the median of
+        them a labelled star; the ranges grow to include them. With hidden layers of several
+        activations, the most common one is drawn (its layers marked) and the title says how
+        many layers are left out. ``kwargs`` go to :func:`phase_diagram`. Returns a matplotlib
+        ``Figure``; ``ValueError`` when the model has no hidden layer.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from vanishing.theory import predict
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+            ...                       nn.Linear(64, 2))
+            >>> fig = predict(model, torch.randn(8, 64)).phase_diagram(resolution=5)
+            >>> fig.axes[0].get_xlim()[0] < 1 / 3 < fig.axes[0].get_xlim()[1]  # PyTorch's init
+            True
+        """
+        hidden = self.layers[:-1]
+        if not hidden:
+            raise ValueError("the model has no hidden layer to place on a phase diagram")
+        counts: dict[str, int] = {}
+        for x in hidden:
+            counts[x.activation] = counts.get(x.activation, 0) + 1
+        activation = max(counts, key=counts.get)
+        shown = [x for x in hidden if x.activation == activation]
+        ws = np.array([x.sigma_w2 for x in shown])
+        bs = np.array([x.sigma_b2 for x in shown])
+        w_range = kwargs.pop("sigma_w2", (0.5, 4.0))
+        b_range = kwargs.pop("sigma_b2", (0.0, 0.3))
+        w_range = (min(w_range[0], 0.8 * ws.min()), max(w_range[1], 1.2 * ws.max()))
+        b_range = (min(b_range[0], 0.0), max(b_range[1], 1.2 * bs.max()))
+        label = f"this model ({len(shown)} hidden layer{'s' if len(shown) > 1 else ''})"
+        markers = [(float(np.median(ws)), float(np.median(bs)), label)]
+        fig = phase_diagram(
+            activation, sigma_w2=w_range, sigma_b2=b_range, markers=markers, **kwargs
+        )
+        ax = fig.axes[0]
+        ax.plot(ws, bs, "o", ms=3, color="k", alpha=0.6, label="its hidden layers")
+        ax.legend(fontsize=8, loc="upper center")
+        left_out = len(hidden) - len(shown)
+        if left_out:
+            ax.set_title(
+                f"{ax.get_title()} ({left_out} layer{'s' if left_out > 1 else ''} of another "
+                "activation not shown)",
+                fontsize=9,
+            )
+        return fig
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict: layers (as dicts), ratio, caveats."""
         return {

@@ -164,6 +164,7 @@ def _theory_beside(diag: Diagnosis, root, model, inputs, run) -> None:
             text += (
                 f" (disagree by {off:.3g}x > {DISAGREE:g}x: {_failed_assumption(pred, inv_width)})"
             )
+        text += "; the model on the phase diagram: theory.predict(model, inputs).phase_diagram()"
         diag.notes.append(text)
     except Exception:  # noqa: BLE001 - the comparison is an extra; it never costs the diagnosis
         return
