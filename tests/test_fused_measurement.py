@@ -15,6 +15,7 @@ from torch import nn
 import vanishing
 from helpers import mlp, row, train
 from vanishing.stats import fused as fused_mod
+from vanishing.stats import norms as norms_mod
 from vanishing.stats.norms import _flushes_denormals, cpu_norm, l2_norms
 
 SCALES = [1e-20, 1e-25, 1e-30, 1e-35, 1e-38, 1e-40, 1e-42, 1e-45]
@@ -27,6 +28,16 @@ def f64_norm(t):
 
 
 @pytest.fixture
+def policy(request, monkeypatch):
+    """The monitor flushing around its own ops (True) or not (False), whatever the CPU's
+    measured trade-off (``_flush_pays``) would pick: both paths must be exact."""
+    if request.param and not CAN_FLUSH:
+        pytest.skip("this CPU cannot flush denormals")
+    monkeypatch.setattr(norms_mod, "_FLUSH_PAYS", request.param)
+    return request.param
+
+
+@pytest.fixture
 def user_flush(request):
     """The user's own flush-denormal setting for the test, put back to off after it."""
     if request.param and not CAN_FLUSH:
@@ -35,9 +46,12 @@ def user_flush(request):
     torch.set_flush_denormal(False)
 
 
+@pytest.mark.parametrize("policy", [False, True], indirect=True)
 @pytest.mark.parametrize("user_flush", [False, True], indirect=True)
 @pytest.mark.parametrize("scale", SCALES)
-def test_norms_are_exact_down_to_denormal_entries_and_the_setting_is_kept(scale, user_flush):
+def test_norms_are_exact_down_to_denormal_entries_and_the_setting_is_kept(
+    scale, user_flush, policy
+):
     gen = torch.Generator().manual_seed(0)
     ts = [torch.randn(256, 256, generator=gen) * scale, torch.randn(300, generator=gen) * scale]
     ts.append(torch.full((64,), scale))  # every entry the same: 1e-45 is the smallest denormal
@@ -108,16 +122,30 @@ def _check_tiny_run(run_dir, refs, scale, user_flush):
     return run
 
 
+@pytest.mark.parametrize("policy", [False, True], indirect=True)
 @pytest.mark.parametrize("user_flush", [False, True], indirect=True)
 @pytest.mark.parametrize("scale", SCALES)
 def test_monitor_records_exact_gradient_and_update_norms_of_tiny_gradients(
-    run_dir, scale, user_flush
+    run_dir, scale, user_flush, policy
 ):
     mon, refs = _tiny_run(run_dir, scale, user_flush)
     run = _check_tiny_run(run_dir, refs, scale, user_flush)
     measurement = run.manifest["measurement"]
     assert measurement["update"] == "eager" and measurement["grad"] == "eager"
-    assert measurement["flush_denormal"] == CAN_FLUSH
+    assert measurement["flush_denormal"] == policy  # the user's flushing starts after attach
+
+
+def test_flushing_is_used_only_where_it_is_measured_to_pay(monkeypatch):
+    """The once-per-process measurement decides; the user's setting is kept either way."""
+    monkeypatch.setattr(norms_mod, "_FLUSH_PAYS", None)
+    pays = norms_mod._flush_pays()
+    assert isinstance(pays, bool) and not _flushes_denormals()
+    assert norms_mod._FLUSH_PAYS is pays  # measured once
+    x = torch.full((8,), 1e-40)
+    with norms_mod.flush_denormals() as on:
+        flushed = (x * 1.0).sum().item() == 0.0
+    assert on == pays == flushed
+    assert not _flushes_denormals()
 
 
 # ----------------------------------------------------------------------------- fused path

@@ -18,8 +18,8 @@ The update a step makes is measured, not modelled: a snapshot of the weights bef
   (:mod:`vanishing.stats.fused`), compiled when the probe attaches; the gradient norms too.
   Where compiling fails, the eager path runs and the manifest's ``measurement`` says so.
 
-Weight and gradient norms run with denormals flushed to zero on the CPU
-(:class:`~vanishing.stats.norms.flush_denormals`, the user's setting restored after). The
+Weight and gradient norms run with denormals flushed to zero on a CPU where that is measured
+to pay (:class:`~vanishing.stats.norms.flush_denormals`, the user's setting restored after). The
 update norms do not: under flushing a zero norm could no longer tell "no change" from
 "changes below 1.1e-19" without another pass, and the updates of a vanishing layer are mostly
 exact zeros (below the weights' float32 resolution), which cost no denormal arithmetic.
