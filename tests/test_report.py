@@ -631,6 +631,12 @@ def test_every_page_opens_with_a_one_sentence_verdict(run_dir, tmp_path):
     assert cls == f.severity and sentence.endswith(".") and sentence.count(". ") == 0
     assert f.kind.replace("_", " ") in sentence.lower() and f.severity in sentence
     assert f"'{f.layers[0]}'" in sentence and f"best remedy: {f.remedies[0].name}" in sentence
+    # its first/last figure is the finding's, named by the measure the diagnosis read it from
+    # (the summary's speed-of-learning figure is another measure)
+    source = next(n for n in diag.notes if n.startswith("gradient through depth read from"))
+    measure = source.removeprefix("gradient through depth read from the ").split(" (")[0]
+    ratio = f.evidence["first_to_last_ratio"]
+    assert f"(the first gets {ratio:.2g} of the last one's {measure})" in sentence
     healthy = _record(tmp_path / "healthy", steps=6, depth=1, act=nn.ReLU)
     assert vanishing.load_run(healthy).diagnose().healthy
     assert _verdict(write_report(healthy).read_text()) == ("ok", "No gradient-flow problems found.")

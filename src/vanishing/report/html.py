@@ -259,7 +259,12 @@ def verdict_sentence(diag: Any, note: str = "", *, below: bool = True) -> str:
     text = f"{what[0].upper()}{what[1:]} ({f.severity}){_layers_phrase(list(f.layers))}"
     ratio = finite_or_none(f.evidence.get("first_to_last_ratio"))
     if ratio is not None:
-        text += f" (the first gets {ratio:.2g} of the last one's gradient)"
+        # named by the measure it was read from (the report's tables show the speed of
+        # learning, which may differ): "error signal", "speed of learning", "weight gradient"
+        prefix = "gradient through depth read from the "
+        source = next((n[len(prefix) :] for n in diag.notes if n.startswith(prefix)), "")
+        measure = source.split(" (")[0] or "gradient"
+        text += f" (the first gets {ratio:.2g} of the last one's {measure})"
     if f.remedies:
         text += f"; best remedy: {f.remedies[0].name}"
     more = len(diag.findings) - 1
