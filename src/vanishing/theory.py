@@ -682,7 +682,8 @@ class Prediction:
             >>> model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
             ...                       nn.Linear(64, 2))
             >>> fig = predict(model, torch.randn(8, 64)).phase_diagram(resolution=5)
-            >>> fig.axes[0].get_xlim()[0] < 1 / 3 < fig.axes[0].get_xlim()[1]  # PyTorch's init
+            >>> lo, hi = fig.axes[0].get_xlim()
+            >>> bool(lo < 1 / 3 < hi)  # PyTorch's default init: sigma_w^2 = 1/3
             True
         """
         hidden = self.layers[:-1]
