@@ -202,3 +202,35 @@ def test_meanfield_cases_sit_in_the_phase_they_are_named_for(phase):
             assert predicted > 10 and "exploding_gradient" in diag.kinds
         else:
             assert 0.1 < predicted < 10 and diag.healthy
+
+
+def test_the_notebook_view_of_an_inspection_puts_the_model_on_the_phase_diagram(monkeypatch):
+    """The diagnosis' display draws each hidden layer at the weight variance it actually has
+    (fan_in * mean(W^2), by hand) on the tanh phase diagram; a diagnosis without theory has no
+    diagram."""
+    import vanishing.theory as theory
+    from vanishing.report.notebook import diagnosis_html
+
+    torch.manual_seed(3)
+    sw2 = [1.0, 1.5, 2.0, 1.0]
+    layers = [_linear(64, 64, s) for s in sw2[:-1]]
+    model = nn.Sequential(
+        layers[0], nn.Tanh(), layers[1], nn.Tanh(), layers[2], nn.Tanh(), _linear(64, 4, sw2[-1])
+    )
+    diag = _inspect(model, 64)
+    drawn = []
+    real = theory.model_phase_diagram
+
+    def spy(points, **kwargs):
+        drawn.append(list(points))
+        return real(points, **kwargs)
+
+    monkeypatch.setattr(theory, "model_phase_diagram", spy)
+    page = diagnosis_html(diag)
+    assert 'alt="phase diagram"' in page
+    actual = [m.in_features * float(m.weight.detach().double().square().mean()) for m in layers]
+    [points] = drawn
+    assert [p[0] for p in points] == ["tanh"] * 3
+    assert [p[1] for p in points] == pytest.approx(actual, rel=1e-9)
+    assert [p[2] for p in points] == [0.0, 0.0, 0.0]  # biases zeroed
+    assert 'alt="phase diagram"' not in diagnosis_html(vanishing.Diagnosis(findings=[]))

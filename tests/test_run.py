@@ -3,6 +3,7 @@ divergence and failures recorded (never raised), optimizer / schedule / clipping
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -407,6 +408,61 @@ def test_every_model_kind_trains_with_a_hidden_layer_profile(tmp_path):
             for layer, param in first_last[name]
         )
         assert summary["first_last_ratio"] == pytest.approx(float(np.median(a / b)))
+
+
+def test_a_stacked_lstm_is_one_speed_unit_per_layer(tmp_path):
+    """torch runs a 3-layer nn.LSTM as one module: its speed of learning, first/last ratio,
+    report table and logger tags still show its layers apart, each read at its own bias_ih_lK
+    (checked against the gradients the loop itself saw)."""
+    from vanishing.report.data import RunData
+    from vanishing.report.formatting import DASH
+    from vanishing.report.html import _cell, _layer_table
+    from vanishing.sinks.scalars import ScalarSelector
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 6, num_layers=3, batch_first=True)
+            self.head = torch.nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = {f"l{k}": [] for k in range(3)}
+    with vanishing.watch(net, opt, run_dir=tmp_path / "r"):
+        for _ in range(4):
+            opt.zero_grad()
+            net(torch.randn(8, 5, 3)).pow(2).mean().backward()
+            for k in range(3):
+                seen[f"l{k}"].append(float(getattr(net.rnn, f"bias_ih_l{k}").grad.norm()))
+            opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    speeds = run.speeds()
+    assert list(speeds.columns) == ["rnn.l0", "rnn.l1", "rnn.l2"]
+    for k in range(3):
+        assert speeds[f"rnn.l{k}"].tolist() == pytest.approx(seen[f"l{k}"], rel=1e-5)
+    ratios = np.array(seen["l0"]) / np.array(seen["l2"])
+    assert run.first_last_ratio() == pytest.approx(float(np.median(ratios)), rel=1e-5)
+
+    data = RunData(tmp_path / "r")
+    assert list(data.speed().mean.columns) == ["rnn.l0", "rnn.l1", "rnn.l2"]
+    table = _layer_table(data)
+
+    def speed_cell(label):  # the 6th cell: the speed of learning (median)
+        row = table.split(f"<code>{label}</code>")[1].split("</tr>")[0]
+        return re.findall(r"<td[^>]*>(.*?)</td>", row)[4]
+
+    for k in range(3):  # each stacked layer's speed on its weight_ih_lK row, once
+        assert speed_cell(f"rnn.weight_ih_l{k}") == _cell(np.median(seen[f"l{k}"]))
+        assert speed_cell(f"rnn.weight_hh_l{k}") == DASH
+
+    sel = ScalarSelector()
+    sel.observe_manifest(run.manifest)
+    assert sel.hidden == ["rnn.l0", "rnn.l1", "rnn.l2"]
+    assert sel._layer_weight("rnn.l1") == ("rnn", "weight_ih_l1")
 
 
 # ------------------------------------------------------------------ the one training loop

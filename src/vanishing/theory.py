@@ -55,6 +55,7 @@ __all__ = [
     "Prediction",
     "predict",
     "phase_diagram",
+    "model_phase_diagram",
 ]
 
 #: Activation kinds the theory knows (names as in :mod:`vanishing.activations`; ``"linear"`` is
@@ -666,13 +667,9 @@ class Prediction:
         return [x.chi for x in self.layers[:-1]]
 
     def phase_diagram(self, **kwargs: Any):
-        """The mean-field phase diagram of the hidden layers' activation, with the model marked.
-
-        Each hidden layer is a point at its actual ``(sigma_w^2, sigma_b^2)``, the median of
-        them a labelled star; the ranges grow to include them. With hidden layers of several
-        activations, the most common one is drawn (its layers marked) and the title says how
-        many layers are left out. ``kwargs`` go to :func:`phase_diagram`. Returns a matplotlib
-        ``Figure``; ``ValueError`` when the model has no hidden layer.
+        """The mean-field phase diagram of the hidden layers' activation, with the model marked
+        (:func:`model_phase_diagram` of the hidden layers, every layer but the output layer).
+        Returns a matplotlib ``Figure``; ``ValueError`` when the model has no hidden layer.
 
         Example:
             >>> import torch
@@ -686,36 +683,8 @@ class Prediction:
             >>> bool(lo < 1 / 3 < hi)  # PyTorch's default init: sigma_w^2 = 1/3
             True
         """
-        hidden = self.layers[:-1]
-        if not hidden:
-            raise ValueError("the model has no hidden layer to place on a phase diagram")
-        counts: dict[str, int] = {}
-        for x in hidden:
-            counts[x.activation] = counts.get(x.activation, 0) + 1
-        activation = max(counts, key=counts.get)
-        shown = [x for x in hidden if x.activation == activation]
-        ws = np.array([x.sigma_w2 for x in shown])
-        bs = np.array([x.sigma_b2 for x in shown])
-        w_range = kwargs.pop("sigma_w2", (0.5, 4.0))
-        b_range = kwargs.pop("sigma_b2", (0.0, 0.3))
-        w_range = (min(w_range[0], 0.8 * ws.min()), max(w_range[1], 1.2 * ws.max()))
-        b_range = (min(b_range[0], 0.0), max(b_range[1], 1.2 * bs.max()))
-        label = f"this model ({len(shown)} hidden layer{'s' if len(shown) > 1 else ''})"
-        markers = [(float(np.median(ws)), float(np.median(bs)), label)]
-        fig = phase_diagram(
-            activation, sigma_w2=w_range, sigma_b2=b_range, markers=markers, **kwargs
-        )
-        ax = fig.axes[0]
-        ax.plot(ws, bs, "o", ms=3, color="k", alpha=0.6, label="its hidden layers")
-        ax.legend(fontsize=8, loc="upper center")
-        left_out = len(hidden) - len(shown)
-        if left_out:
-            ax.set_title(
-                f"{ax.get_title()} ({left_out} layer{'s' if left_out > 1 else ''} of another "
-                "activation not shown)",
-                fontsize=9,
-            )
-        return fig
+        points = [(x.activation, x.sigma_w2, x.sigma_b2) for x in self.layers[:-1]]
+        return model_phase_diagram(points, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict: layers (as dicts), ratio, caveats."""
@@ -908,6 +877,56 @@ def _same_storage(a: Any, b: Any) -> bool:
 # ------------------------------------------------------------------------------ the picture
 
 
+def _legend_below(ax: Any) -> None:
+    # under the axes: inside, any corner covers a contour or the critical line
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+
+
+def model_phase_diagram(layers: Sequence[tuple[Any, float, float]], **kwargs: Any):
+    """A model on the mean-field phase diagram: one point per hidden layer at its
+    ``(activation, sigma_w^2, sigma_b^2)`` (as :class:`LayerPrediction` measures them from the
+    weights), the median a labelled star; the ranges grow to include them. With layers of
+    several activations the most common one is drawn (its layers marked) and the title says
+    how many are left out. ``kwargs`` go to :func:`phase_diagram`. Returns a matplotlib
+    ``Figure``; ``ValueError`` without a layer. ``Prediction.phase_diagram`` and the notebook
+    view of an ``inspect`` diagnosis draw with this.
+
+    Example:
+        >>> from vanishing.theory import model_phase_diagram
+        >>> fig = model_phase_diagram([("tanh", 1.0, 0.05), ("tanh", 1.2, 0.05)], resolution=5)
+        >>> fig.axes[0].lines[-1].get_xdata().tolist()   # the two layers' points
+        [1.0, 1.2]
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("the model has no hidden layer to place on a phase diagram")
+    counts: dict[str, int] = {}
+    for activation, _, _ in layers:
+        counts[activation] = counts.get(activation, 0) + 1
+    activation = max(counts, key=counts.get)
+    shown = [x for x in layers if x[0] == activation]
+    ws = np.array([float(x[1]) for x in shown])
+    bs = np.array([float(x[2]) for x in shown])
+    w_range = kwargs.pop("sigma_w2", (0.5, 4.0))
+    b_range = kwargs.pop("sigma_b2", (0.0, 0.3))
+    w_range = (min(w_range[0], 0.8 * ws.min()), max(w_range[1], 1.2 * ws.max()))
+    b_range = (min(b_range[0], 0.0), max(b_range[1], 1.2 * bs.max()))
+    label = f"this model ({len(shown)} hidden layer{'s' if len(shown) > 1 else ''})"
+    markers = [(float(np.median(ws)), float(np.median(bs)), label)]
+    fig = phase_diagram(activation, sigma_w2=w_range, sigma_b2=b_range, markers=markers, **kwargs)
+    ax = fig.axes[0]
+    ax.plot(ws, bs, "o", ms=3, color="k", alpha=0.6, label="its hidden layers")
+    _legend_below(ax)
+    left_out = len(layers) - len(shown)
+    if left_out:
+        ax.set_title(
+            f"{ax.get_title()} ({left_out} layer{'s' if left_out > 1 else ''} of another "
+            "activation not shown)",
+            fontsize=9,
+        )
+    return fig
+
+
 def phase_diagram(
     activation: Any = "tanh",
     *,
@@ -978,5 +997,5 @@ def phase_diagram(
     ax.set_title(f"mean-field phase diagram: {phi.label()}", fontsize=10)
     ax.text(0.03, 0.95, "ordered", transform=ax.transAxes, va="top", fontsize=9)
     ax.text(0.97, 0.05, "chaotic", transform=ax.transAxes, ha="right", fontsize=9)
-    ax.legend(fontsize=8, loc="upper center")
+    _legend_below(ax)
     return fig

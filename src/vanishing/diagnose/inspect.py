@@ -137,6 +137,7 @@ def _theory_beside(diag: Diagnosis, root, model, inputs, run) -> None:
             "inverse_width_sum": inv_width,
             "layers": {
                 x.name: {
+                    "activation": x.activation,
                     "predicted_chi": x.chi,
                     "measured_chi": m,
                     "q": x.q,

@@ -23,6 +23,7 @@ from vanishing.recorder.semantics import (
     first_nonfinite_step,
     hidden_layers,
     speed_source,
+    speed_units,
 )
 
 __all__ = [
@@ -593,18 +594,22 @@ class Run:
     # ---- run semantics ------------------------------------------------------------------------
 
     def speeds(self, layers: list[str] | None = None) -> pd.DataFrame:
-        """The speed of learning of hidden layers at every recorded step: a step x layer table
-        (default: every hidden layer, forward order), each read where
-        :func:`vanishing.recorder.semantics.speed_source` says. Exact for every step, also in a
-        bounded run (only the two or so columns needed are streamed).
+        """The speed of learning at every recorded step: a step x unit table (default: every
+        unit of :func:`vanishing.recorder.semantics.speed_units`, forward order: the hidden
+        layers, a stacked LSTM's layers apart as ``rnn.l0``, ``rnn.l1``), each read where
+        that function says; ``layers`` picks units or hidden layers by name. Exact for every
+        step, also in a bounded run (only the two or so columns needed are streamed).
 
         Example:
             >>> vanishing.load_run("runs/my-run").speeds().iloc[-1]   # doctest: +SKIP
         """
         import pandas as pd
 
-        layers = self.hidden if layers is None else layers
-        sources = {n: src for n in layers if (src := speed_source(self.layer_info, n))}
+        units = {name: (module, param) for name, module, param in speed_units(self.layer_info)}
+        layers = list(units) if layers is None else layers
+        sources = {
+            n: src for n in layers if (src := units.get(n) or speed_source(self.layer_info, n))
+        }
         whole = self.max_steps is None or len(self.sample_steps) == len(set(self.all_steps["step"]))
         if whole:
             m = self.metrics
@@ -622,22 +627,23 @@ class Run:
         return table[[n for n in layers if n in table.columns]]
 
     def first_last_ratio(self) -> float | None:
-        """The speed of learning of the first over the last hidden layer: the median over the
-        recorded steps of the per-step ratio (see
-        :func:`vanishing.recorder.semantics.first_last_ratio`); None with fewer than two hidden
-        layers or no step where both are finite.
+        """The speed of learning of the first over the last hidden layer (a stacked LSTM's
+        first layer over its last: :func:`vanishing.recorder.semantics.speed_units`): the
+        median over the recorded steps of the per-step ratio (see
+        :func:`vanishing.recorder.semantics.first_last_ratio`); None with fewer than two such
+        units or no step where both are finite.
 
         Example:
             >>> vanishing.load_run("runs/my-run").first_last_ratio()   # doctest: +SKIP
             0.0021
         """
-        hidden = self.hidden
-        if len(hidden) < 2:
+        units = [name for name, _, _ in speed_units(self.layer_info)]
+        if len(units) < 2:
             return None
-        speeds = self.speeds([hidden[0], hidden[-1]])
+        speeds = self.speeds([units[0], units[-1]])
         if speeds.shape[1] < 2:
             return None
-        return first_last_ratio(speeds[hidden[0]], speeds[hidden[-1]])
+        return first_last_ratio(speeds[units[0]], speeds[units[-1]])
 
     def _repr_html_(self) -> str:
         """Rich display in Jupyter: summary, layer table and the depth profile (inline)."""

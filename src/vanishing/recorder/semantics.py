@@ -11,14 +11,15 @@ same number:
   stem, block, head, ...), so that depth compares like with like;
 - :data:`NORMALIZATION_TYPES`, :func:`is_normalization`, :func:`is_embedding`: the module
   types that are not part of the gradient's path through depth;
-- :func:`speed_source`: where a hidden layer's speed of learning is read;
+- :func:`speed_source`, :func:`speed_units`: where a hidden layer's speed of learning is read,
+  and the units the speed views compare (a stacked LSTM's layers apart);
 - :func:`is_weight_param`, :func:`recurrent_layer_of`, :func:`param_unit`: which parameters
   are weight matrices (``weight``, ``weight_ih_l0``, ``in_proj_weight``...), which layer of a
   stacked ``nn.LSTM``/``GRU``/``RNN`` a parameter belongs to (``l0``, ``l1``, ``l0_reverse``),
   and the unit the per-parameter views group a parameter by (``rnn.l1``);
 - :func:`error_source`: where a hidden layer's error signal is read (after the normalization
   that divides its own scale out);
-- :func:`first_last_ratio`: the speed of learning of the first over the last hidden layer;
+- :func:`first_last_ratio`: the speed of learning of the first over the last unit;
 - :func:`nonfinite_steps`, :func:`first_nonfinite_step`: where NaN/inf appeared.
 
 No torch; numpy and pandas are imported where they are used.
@@ -40,6 +41,7 @@ __all__ = [
     "repeated_blocks",
     "layer_placement",
     "speed_source",
+    "speed_units",
     "is_weight_param",
     "recurrent_layer_of",
     "param_unit",
@@ -378,6 +380,46 @@ def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[s
         return str(nxt["name"]), "bias"
     param = _speed_param([str(p["name"]) for p in layer_info[i].get("params", [])])
     return (layer, param) if param is not None else None
+
+
+def speed_units(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """The units whose speed of learning a run's views show and compare, in forward order, as
+    ``(name, module, parameter)``: each hidden layer (:func:`hidden_layers`) read where
+    :func:`speed_source` says, except that a stacked ``nn.LSTM``/``GRU``/``RNN`` (two layers or
+    more) is one unit per stacked layer, named as :func:`param_unit` names it (``rnn.l0``,
+    ``rnn.l1``, ``rnn.l0_reverse``) and read at that layer's own bias (``bias_ih_l1``; its
+    weight when it has none). torch runs such a stack as one module, yet its layers are its
+    depth: the first/last ratio of an LSTM stack is its first layer over its last.
+
+    Example:
+        >>> from vanishing.recorder.semantics import speed_units
+        >>> rnn = {"name": "rnn", "role": "layer", "type": "LSTM", "num_params": 8,
+        ...        "params": [{"name": f"{k}_{d}_l{i}"} for i in (0, 1)
+        ...                   for k in ("weight", "bias") for d in ("ih", "hh")]}
+        >>> head = {"name": "head", "role": "layer", "type": "Linear", "num_params": 2,
+        ...         "params": [{"name": "weight"}, {"name": "bias"}]}
+        >>> speed_units([rnn, head])
+        [('rnn.l0', 'rnn', 'bias_ih_l0'), ('rnn.l1', 'rnn', 'bias_ih_l1')]
+    """
+    by_name = {str(x["name"]): x for x in layer_info}
+    units: list[tuple[str, str, str]] = []
+    for layer in hidden_layers(layer_info):
+        params = [str(p["name"]) for p in by_name[layer].get("params", [])]
+        stacked: dict[str, list[str]] = {}
+        for p in params:
+            sub = recurrent_layer_of(p)
+            if sub is not None:
+                stacked.setdefault(sub, []).append(p)
+        if len(stacked) > 1:
+            for own in stacked.values():
+                param = _speed_param(own)
+                if param is not None:
+                    units.append((param_unit(layer, param), layer, param))
+            continue
+        src = speed_source(layer_info, layer)
+        if src is not None:
+            units.append((layer, *src))
+    return units
 
 
 def first_last_ratio(first: Any, last: Any, *, steps: Iterable[int] | None = None) -> float | None:

@@ -46,6 +46,7 @@ from vanishing.recorder.semantics import (
     is_normalization,
     is_weight_param,
     speed_source,
+    speed_units,
 )
 from vanishing.report.names import param_label
 
@@ -583,15 +584,16 @@ class RunData:
         return a
 
     def speed(self) -> Agg:
-        """Nielsen's speed of learning of each hidden layer per time bucket (columns: hidden
-        layers in forward order; values read where :meth:`speed_source` says)."""
+        """Nielsen's speed of learning of each unit per time bucket (columns: the hidden layers
+        in forward order, a stacked LSTM's layers apart: the units of
+        :func:`vanishing.recorder.semantics.speed_units`, read where it says)."""
         import pandas as pd
 
-        sources = {n: src for n in self.hidden if (src := self.speed_source(n))}
+        units = speed_units(self.layer_info)
         frames: dict[str, list] = {"mean": [], "lo": [], "hi": []}
         first = None
-        for param in dict.fromkeys(p for _, p in sources.values()):
-            wanted = {src: n for n, (src, p) in sources.items() if p == param}
+        for param in dict.fromkeys(p for _, _, p in units):
+            wanted = {module: name for name, module, p in units if p == param}
             a = self.agg("grad_norm", param, list(wanted))
             first = first or a
             for k in frames:
@@ -599,7 +601,7 @@ class RunData:
         if first is None:
             return self.agg("grad_norm", "bias", [])
         cat = {k: pd.concat(v, axis=1) for k, v in frames.items()}
-        order = [n for n in self.hidden if n in cat["mean"].columns]
+        order = [name for name, _, _ in units if name in cat["mean"].columns]
         return Agg(
             cat["mean"][order], cat["lo"][order], cat["hi"][order], first.x, first.start, first.end
         )

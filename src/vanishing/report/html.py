@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vanishing.recorder.semantics import recurrent_layer_of
+from vanishing.recorder.semantics import param_unit, recurrent_layer_of
 from vanishing.report.data import RunData, finite_or_none
 from vanishing.report.formatting import DASH, metric_text, stat_text
 
@@ -452,12 +452,19 @@ def _layer_table(data: RunData) -> str:
                 plain[0] if plain else "",
             )
         )
+        shown = set()
         for label, param in own:
             if param == "weight":
                 continue
             stacked = recurrent_layer_of(param)
             role = f"layer {stacked}" if stacked else "weight matrix"
-            rows.append(row(label, "", role, "", "", None, label))
+            # a stacked layer's speed (speed_units: ``rnn.l1``) on its first matrix's row
+            unit = param_unit(name, param)
+            med = None
+            if unit != name and unit in speed.columns and unit not in shown:
+                shown.add(unit)
+                med = _median(speed[unit].to_numpy(float))
+            rows.append(row(label, "", role, "", "", med, label))
     step = f" (step {last[0]})" if last else ""
     head = (
         "<tr><th>module / weight matrix</th><th>type</th><th>role</th><th>activation</th>"

@@ -191,8 +191,27 @@ def diagnosis_html(diag: Any, run: Any = None) -> str:
         )
     if run is not None:
         parts.append(_depth_profile(run))
+    parts.append(_phase_diagram(diag))
     parts.append("</div>")
     return "".join(parts)
+
+
+def _phase_diagram(diag: Any) -> str:
+    """An ``inspect`` diagnosis' model on the mean-field phase diagram ("" without theory)."""
+    layers = (getattr(diag, "theory", None) or {}).get("layers") or {}
+    points = [
+        (x["activation"], x["sigma_w2"], x["sigma_b2"])
+        for x in layers.values()
+        if {"activation", "sigma_w2", "sigma_b2"} <= set(x)
+    ]
+    if not points:
+        return ""
+    from vanishing.theory import model_phase_diagram
+
+    try:
+        return _img(model_phase_diagram(points, resolution=24), "phase diagram")
+    except Exception:  # noqa: BLE001 - a display extra never breaks showing the diagnosis
+        return ""
 
 
 # ---- runs -----------------------------------------------------------------------------------

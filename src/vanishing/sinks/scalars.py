@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from vanishing.recorder.semantics import (
-    hidden_layers,
     is_embedding,
     is_normalization,
-    speed_source,
+    param_unit,
+    speed_units,
 )
 
 #: Optional step columns (the clipping and GradScaler probes) copied as they are when present.
@@ -46,14 +46,14 @@ class ScalarSelector:
 
     - ``P/loss``: the step's loss;
     - ``P/first_last_ratio``: that step's speed of learning of the first hidden layer over that
-      of the last hidden layer (speeds read where
-      :func:`vanishing.recorder.semantics.speed_source` says). The run's headline number,
+      of the last hidden layer (a stacked LSTM's layers apart; speeds read where
+      :func:`vanishing.recorder.semantics.speed_units` says). The run's headline number,
       ``Run.first_last_ratio()``, is the median over steps of this curve;
     - ``P/worst_update_ratio``: the smallest ``update_norm / param_norm`` that step over the
       trainable weight-like parameters (name contains ``weight``) of layers that are neither
       normalisation layers nor embeddings;
     - ``P/grad_norm/<layer>`` (the layer's speed of learning: the gradient norm that
-      ``speed_source`` reads) and ``P/update_ratio/<layer>`` (its weight's update ratio) for at
+      ``speed_units`` reads) and ``P/update_ratio/<layer>`` (its weight's update ratio) for at
       most ``max_layers`` layers: the first hidden layer, the last hidden layer and the worst
       one (the hidden layer whose speed relative to the last hidden layer, median over the
       steps of the first block that has them, is smallest). The choice is made once and kept,
@@ -97,6 +97,8 @@ class ScalarSelector:
         self.max_layers = int(max_layers)
         self.prefix = prefix
         self.layers: list[dict[str, Any]] = []
+        #: the speed units (hidden layers, a stacked LSTM's layers apart): name -> source
+        self.units: dict[str, tuple[str, str]] = {}
         self.hidden: list[str] = []
         #: the layers given per-layer tags, fixed at the first block that has them
         self.chosen: list[str] | None = None
@@ -106,7 +108,8 @@ class ScalarSelector:
         non-empty ``block.manifest`` (``scalars`` also does the latter itself)."""
         if manifest and "layers" in manifest:
             self.layers = list(manifest["layers"])
-            self.hidden = hidden_layers(self.layers)
+            self.units = {name: (m, p) for name, m, p in speed_units(self.layers)}
+            self.hidden = list(self.units)
 
     # ------------------------------------------------------------------ helpers
     def _weight_rows(self, index: Mapping[tuple[str, str], int]) -> list[int]:
@@ -121,10 +124,19 @@ class ScalarSelector:
                         rows.append(j)
         return rows
 
-    def _layer_weight(self, layer: str) -> str | None:
+    def _layer_weight(self, unit: str) -> tuple[str, str] | None:
+        """The unit's weight as ``(module, param)``: its module's weight matrix, a stacked
+        layer's own (``rnn.l1`` -> ``weight_ih_l1``)."""
+        # a hidden layer is its own module (its speed may be read at the batch norm after it);
+        # a stacked layer's unit names its module's layer
+        known = {str(info["name"]) for info in self.layers}
+        module = unit if unit in known or unit not in self.units else self.units[unit][0]
         for info in self.layers:
-            if str(info["name"]) == layer:
-                return _weight_param([str(p["name"]) for p in info.get("params", [])])
+            if str(info["name"]) == module:
+                names = [str(p["name"]) for p in info.get("params", [])]
+                own = [n for n in names if param_unit(module, n) == unit] or names
+                weight = _weight_param(own)
+                return (module, weight) if weight is not None else None
         return None
 
     def _choose(self, speed: dict[str, np.ndarray]) -> list[str] | None:
@@ -173,9 +185,8 @@ class ScalarSelector:
         grad = pvals.get("grad_norm")
         speed: dict[str, np.ndarray] = {}
         if grad is not None:
-            for layer in self.hidden:
-                src = speed_source(self.layers, layer)
-                if src is not None and src in index:
+            for layer, src in self.units.items():
+                if src in index:
                     speed[layer] = grad[:, index[src]].astype(float)
         if len(self.hidden) >= 2 and self.hidden[0] in speed and self.hidden[-1] in speed:
             ratio = _ratio(speed[self.hidden[0]], speed[self.hidden[-1]])
@@ -201,8 +212,8 @@ class ScalarSelector:
             if layer in speed:
                 put(f"{P}/grad_norm/{layer}", speed[layer])
             weight = self._layer_weight(layer)
-            if update_ratio is not None and weight is not None and (layer, weight) in index:
-                put(f"{P}/update_ratio/{layer}", update_ratio[:, index[(layer, weight)]])
+            if update_ratio is not None and weight is not None and weight in index:
+                put(f"{P}/update_ratio/{layer}", update_ratio[:, index[weight]])
 
         for name in OPTIONAL_STEP_TAGS:
             if name in step_values:
