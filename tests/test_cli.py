@@ -1,6 +1,7 @@
 """The command line: exit codes 0 / 1 (problems found) / 2 (bad input), no tracebacks."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,12 +11,13 @@ from torch import nn
 import vanishing
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd=None, env=None):
     return subprocess.run(
         [sys.executable, "-m", "vanishing", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -53,8 +55,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_version_and_quick_demo(tmp_path):
     assert _cli("--version").stdout.startswith("vanishing ")
-    r = _cli("demo", "--quick", "--out", tmp_path, cwd=tmp_path)
+    r = _cli("demo", "--quick", "--out", tmp_path, cwd=tmp_path, env={"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr
+    # fits an 80-column terminal: tables and paragraphs wrap (a long path is left whole)
+    wide = [line for line in r.stdout.splitlines() if len(line) > 80 and str(tmp_path) not in line]
+    assert not wide, wide
     assert "first / last" in r.stdout and "Runs written to" in r.stdout
     (demo_dir,) = tmp_path.glob("demo-*")
     assert r.stdout.strip().endswith(str(demo_dir / "report.html"))
@@ -67,6 +72,12 @@ def test_version_and_quick_demo(tmp_path):
     assert "The fix measured to work" in r.stdout
     rep = json.loads((demo_dir / "repair.json").read_text())
     assert rep["candidates"][0]["verdict"] == "fixed"
+    # the page tells the same story: its verdict and conclusion end with the measured fix
+    verdict = page.split('<p class="verdict')[1].split("</p>")[0]
+    assert f"the fix measured to work: {rep['best']} (repair.html)." in verdict
+    conclusion = page.split("<h2>Conclusion</h2>")[1].split("<h2>")[0]
+    assert f"The fix measured to work: {rep['best']} " in conclusion
+    assert 'href="repair.html"' in page and (demo_dir / "repair.html").is_file()
     import torch
 
     from vanishing.experiments.data import digits

@@ -222,6 +222,11 @@ def test_deep_sigmoid_net_is_repaired_by_a_remedy_that_trains():
     (ax,) = profile_figure(rep).axes
     assert len(ax.get_lines()) == 1 + min(4, len(helped))
     assert list(ax.get_lines()[0].get_ydata()) == [v for v in rep.profile_before.values() if v > 0]
+    # the depth axis named by the baseline's layers, as every other view names them
+    from vanishing.report.names import short_names
+
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == short_names([k for k, v in rep.profile_before.items() if v > 0])
 
 
 # ------------------------------------------------------------------ healthy: nothing to do

@@ -557,6 +557,12 @@ def test_collection_and_sweep_reports(run_dir, tmp_path):
     _check_self_contained(text)
     assert "00-sigmoid" in text and "01-relu" in text and "Comparison" in text
     assert text.count("<img") >= 3
+    assert "Depth profiles of the other runs" in text
+    from vanishing.report.html import render_compare
+
+    for page in (text, render_compare([demo / "00-sigmoid", demo / "01-relu"])):
+        # every caption filled in: no template field such as "{matrices}" left in the page
+        assert not re.findall(r"\{[a-z_]+\}", page)
     sweep, _ = _sweep(tmp_path, run_dirs=[run_dir])
     text = write_report(sweep, tmp_path / "sweep.html").read_text()
     _check_self_contained(text)
@@ -645,13 +651,35 @@ def test_every_page_opens_with_a_one_sentence_verdict(run_dir, tmp_path):
     (demo / "a").symlink_to(run_dir, target_is_directory=True)
     (demo / "b").symlink_to(healthy, target_is_directory=True)
     cls, sentence = _verdict(write_report(demo).read_text())
-    assert sentence.startswith("1 of 2 runs has gradient-flow problems; worst, deep-sigmoid: ")
+    assert sentence.startswith(
+        "1 of 2 runs has gradient-flow problems; in detail below, deep-sigmoid: "
+    )
     assert f"best remedy: {f.remedies[0].name}" in sentence
     cls, sentence = _verdict(render_compare([run_dir, healthy]))
     assert sentence.startswith("1 of 2 runs has gradient-flow problems")
     sweep, _ = _sweep(tmp_path, run_dirs=[run_dir])
     cls, sentence = _verdict(write_report(sweep, tmp_path / "sweep.html").read_text())
     assert "runs have gradient-flow problems" in sentence or "runs has" in sentence
+
+
+def test_the_verdict_of_several_runs_speaks_of_the_run_shown_in_detail(tmp_path):
+    """Two runs with findings: the verdict names the one the page details (the first / last
+    ratio furthest from 1), not merely the first flagged one."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    _record(demo / "a-shallow", steps=6, depth=3)
+    _record(demo / "b-deep", steps=6, depth=8)
+    kinds = {n: vanishing.load_run(demo / n).diagnose().kinds for n in ("a-shallow", "b-deep")}
+    assert all(kinds.values()), kinds
+    ratios = {n: vanishing.load_run(demo / n).first_last_ratio() for n in kinds}
+    far = max(ratios, key=lambda n: abs(np.log10(ratios[n])))
+    text = write_report(demo).read_text()
+    shown = text.split("<h2>Run in detail: ")[1].split("</h2>")[0]
+    assert shown == far
+    _, sentence = _verdict(text)
+    assert sentence.startswith(
+        f"2 of 2 runs have gradient-flow problems; the one in detail below, {far}: "
+    )
 
 
 def test_accuracy_in_percent_dashes_not_nan_and_captions_match(run_dir, tmp_path):

@@ -54,6 +54,30 @@ def _root(
     warnings.showwarning = _one_line_warning
 
 
+def stdout_console(piped_width: int = 110, *, widest: int | None = None):
+    """The rich console a command prints its tables to: a terminal's width or ``COLUMNS``
+    (rich reads it), at most ``widest``; output piped without ``COLUMNS`` gets ``piped_width``
+    rather than rich's 80, so that a log file keeps whole table rows.
+
+    Example:
+        >>> from vanishing.cli.app import stdout_console
+        >>> import os; os.environ["COLUMNS"] = "80"
+        >>> stdout_console().width
+        80
+        >>> del os.environ["COLUMNS"]
+    """
+    import os
+
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console = Console(highlight=False, width=piped_width)
+    if widest is not None and console.width > widest:
+        console = Console(highlight=False, width=widest)
+    return console
+
+
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` on stderr and return the exit (code 2, bad input) to raise.
 

@@ -33,13 +33,12 @@ def register(app: typer.Typer) -> None:
             diagnoses = [r.diagnose() for r in loaded]
         except RunError as e:
             raise fail(str(e).splitlines()[0]) from None
-        from rich.console import Console
-
+        from vanishing.cli.app import stdout_console
         from vanishing.report.data import distinct_labels
         from vanishing.report.terminal import compare_table
 
         labels = distinct_labels(runs)
-        console = Console(highlight=False, width=min(Console().width, 100))
+        console = stdout_console(widest=100)
         console.print(compare_table(loaded, labels, diagnoses))
         if out is not None:
             from vanishing.report.html import render_compare, write_page

@@ -127,11 +127,10 @@ def run_demo(*, out: Path, steps: int, width: int = 16, seed: int = 0) -> list[D
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from vanishing.cli.app import stdout_console
     from vanishing.experiments.data import digits
 
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=110)
+    console = stdout_console()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(out) / f"demo-{stamp}"
     suffix = 1
@@ -221,23 +220,30 @@ def _repair_baseline(console, data, base: Path, steps: int, width: int, seed: in
         table.add_row(c.remedy, c.verdict, _fmt(c.loss_after), _fmt(c.ratio_after))
     console.print(table)
     if best is None:
-        console.print(f"No remedy fixed the baseline in {k} steps ({seconds:.0f} s).")
-        return
-    console.print(
-        f"The fix measured to work: {best.remedy} (the diagnosis' findings gone; loss "
-        f"{_fmt(rep.loss_before)} -> {_fmt(best.loss_after)}, first / last "
-        f"{_fmt(best.ratio_before)} -> {_fmt(best.ratio_after)}), found in {seconds:.0f} s for "
-        f"{len(rep.candidates) + 1} x {k} steps. Its code: {base / 'repair.py'}; every "
-        f"candidate: {base / 'repair.html'}."
-    )
+        paragraph = f"The repair: no remedy fixed the baseline in {k} steps per candidate."
+        console.print(f"{paragraph[:-1]} ({seconds:.0f} s).")
+    else:
+        paragraph = (
+            f"The repair: {len(rep.candidates)} remedies tried on copies of the baseline, "
+            f"{k} steps each on the same batches. The fix measured to work: {best.remedy} "
+            f"(the diagnosis' findings gone; loss {_fmt(rep.loss_before)} -> "
+            f"{_fmt(best.loss_after)}, first / last {_fmt(best.ratio_before)} -> "
+            f"{_fmt(best.ratio_after)})."
+        )
+        console.print(
+            f"{paragraph[:-1]}, found in {seconds:.0f} s for {len(rep.candidates) + 1} x {k} "
+            f"steps. Its code: {base / 'repair.py'}; every candidate: {base / 'repair.html'}."
+        )
+    # the demo's page carries the repair's outcome with the rest of its conclusion
+    conclusion = base / CONCLUSION
+    if conclusion.is_file():
+        conclusion.write_text(conclusion.read_text().rstrip("\n") + "\n\n" + paragraph + "\n")
 
 
 def _fmt(value) -> str:
-    import math
+    from vanishing.report.formatting import stat_text
 
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.3g}"
+    return stat_text(value)
 
 
 def _train_one(i, config, data, base: Path, steps: int, width: int, seed: int) -> DemoRow:
@@ -312,7 +318,7 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     from rich.table import Table
 
     from vanishing.diagnose.view import max_derivative_text
-    from vanishing.report.formatting import metric_text
+    from vanishing.report.formatting import metric_text, stat_text
     from vanishing.report.names import short_names
 
     table = Table(
@@ -327,27 +333,30 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     for r in rows:
         table.add_row(
             r.label,
-            "-" if r.ratio is None else f"{r.ratio:.1e}",
+            stat_text(r.ratio),
             metric_text(r.accuracy, "accuracy"),
             ",\n".join(r.kinds) or "healthy",
         )
     console.print(table)
 
     baseline = rows[0]
-    layers = Table(title=f"Per-layer speed of learning of the baseline ({baseline.label})")
+    layers = Table(
+        title=f"Per-layer speed of learning of the baseline ({baseline.label})",
+        caption="÷ last hidden: the median of the per-step ratios",
+    )
     layers.add_column("hidden layer (module)", justify="right")
     layers.add_column("||dC/db||", justify="right")
-    layers.add_column("vs last hidden (median of per-step ratios)", justify="right")
+    layers.add_column("÷ last hidden", justify="right")
     names = short_names(baseline.names) if len(baseline.names) == len(baseline.speeds) else None
     for i, (s, rel) in enumerate(zip(baseline.speeds, baseline.relative)):
         name = f"'{names[i]}'" if names else str(i)
-        layers.add_row(name, f"{s:.2e}", "-" if rel is None else f"{rel:.1e}")
+        layers.add_row(name, f"{s:.2e}", stat_text(rel))
     console.print(layers)
     conclusion: list[str] = []  # the paragraphs below, also on the demo's HTML page
     shrink = 1 / baseline.ratio if baseline.ratio else float("inf")
     ends = f" ('{baseline.names[0]}' vs '{baseline.names[-1]}')" if len(baseline.names) > 1 else ""
     conclusion.append(
-        f"In the baseline the first hidden layer learns {shrink:.1e} times slower than the "
+        f"In the baseline the first hidden layer learns {stat_text(shrink)} times slower than the "
         f"last{ends} "
         "(first / last: the median over the steps of each step's ratio): "
         f"each layer multiplies the gradient by sigmoid'(z) <= {max_derivative_text('sigmoid')} "
@@ -359,8 +368,8 @@ def _print_summary(console, rows: list[DemoRow], base: Path, seconds: float) -> 
     if control is not None and control.ratio and baseline.ratio:
         conclusion.append(
             f"The control has the baseline's sigmoid and N(0,1) init but 2 hidden layers instead "
-            f"of {len(baseline.speeds)}: its first / last is {control.ratio:.1e} against "
-            f"{baseline.ratio:.1e}, so the vanishing comes with depth. Its lower accuracy "
+            f"of {len(baseline.speeds)}: its first / last is {stat_text(control.ratio)} against "
+            f"{stat_text(baseline.ratio)}, so the vanishing comes with depth. Its lower accuracy "
             f"({metric_text(control.accuracy, 'accuracy')}) is how slowly a sigmoid net learns with plain SGD in "
             f"{_steps(rows)} steps"
             + (

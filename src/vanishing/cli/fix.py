@@ -25,9 +25,8 @@ def register(app: typer.Typer) -> None:
         steps on the same batches, the best one a config field can express written as
         fixed.toml and checked on its own, with a before/after report. Exit 0 when a fix was
         found (or nothing needed fixing), 1 when none was, 2 on bad input."""
-        from rich.console import Console
 
-        from vanishing.cli.app import fail
+        from vanishing.cli.app import fail, stdout_console
         from vanishing.experiments.config import ConfigError
         from vanishing.experiments.fix import fix_experiment
 
@@ -47,9 +46,7 @@ def register(app: typer.Typer) -> None:
             raise fail(str(e)) from None
         except OSError as e:
             raise fail(f"cannot write to {out}: {e.strerror or e}") from None
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            console = Console(highlight=False, width=110)
+        console = stdout_console()
         rep = result.repair
         console.print(str(rep))
         if rep.healthy:

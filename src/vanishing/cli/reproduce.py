@@ -85,10 +85,9 @@ def _help(available: tuple[str, ...]) -> str:
 def _consoles() -> tuple[Console, Console]:
     from rich.console import Console
 
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=120)
-    return console, Console(stderr=True, highlight=False)
+    from vanishing.cli.app import stdout_console
+
+    return stdout_console(120), Console(stderr=True, highlight=False)
 
 
 def _run(name: str, *, quick: bool, out: Path | None, options: dict, err: Console, show: bool):

@@ -273,7 +273,9 @@ def verdict_sentence(diag: Any, note: str = "", *, below: bool = True) -> str:
     return text + "."
 
 
-def _verdict_html(diag: Any, note: str = "", prefix: str = "", below: bool = True) -> str:
+def _verdict_html(
+    diag: Any, note: str = "", prefix: str = "", below: bool = True, then: str = ""
+) -> str:
     from vanishing.diagnose.engine import NO_LAYERS
 
     if diag is None or (not diag.findings and NO_LAYERS in diag.notes):
@@ -283,12 +285,23 @@ def _verdict_html(diag: Any, note: str = "", prefix: str = "", below: bool = Tru
     else:
         cls = "critical" if diag.findings[0].severity == "critical" else "warning"
     text = verdict_sentence(diag, note, below=below)
+    if then and diag is not None and diag.findings:
+        text = f"{text[:-1]}; {then}."
     return f'<p class="verdict {cls}"><b>Verdict</b>: {_e(prefix)}{_e(text)}</p>'
 
 
-def _worst(datas: list[RunData], labels: list[str], kinds: list[Any]) -> str:
-    """The verdict of several runs: how many have problems and the sentence of the worst one
-    (the first with a critical finding, else the first with any)."""
+def _worst(
+    datas: list[RunData],
+    labels: list[str],
+    kinds: list[Any],
+    then: str = "",
+    detailed: int | None = None,
+) -> str:
+    """The verdict of several runs: how many have problems and the sentence of one of them:
+    the run the page shows in detail (``detailed``, :func:`most_informative`'s choice) when it
+    has findings, so that the verdict and the section below it speak of the same run; else
+    the worst (the first with a critical finding, else the first with any). ``then`` ends it.
+    """
     judged = [i for i, k in enumerate(kinds) if k is not None]
     bad = [i for i in judged if kinds[i]]
     if not bad:
@@ -298,6 +311,14 @@ def _worst(datas: list[RunData], labels: list[str], kinds: list[Any]) -> str:
             '<p class="verdict ok"><b>Verdict</b>: No gradient-flow problems found in '
             f"{'any of the ' + str(len(judged)) + ' runs' if len(judged) > 1 else 'the run'}.</p>"
         )
+    have = "has" if len(bad) == 1 else "have"
+    count = f"{len(bad)} of {len(judged)} runs {have} gradient-flow problems"
+    if detailed in bad:
+        diag, _ = _diagnose(datas[detailed])
+        if diag is not None and diag.findings:
+            where = "the one in detail below" if len(bad) > 1 else "in detail below"
+            prefix = f"{count}; {where}, {labels[detailed]}: "
+            return _verdict_html(diag, "", prefix, below=False, then=then)
     diags = {}
     for i in bad:
         diags[i], _ = _diagnose(datas[i])
@@ -307,11 +328,8 @@ def _worst(datas: list[RunData], labels: list[str], kinds: list[Any]) -> str:
         (i for i, d in diags.items() if d and any(f.severity == "critical" for f in d.findings)),
         next((i for i, d in diags.items() if d and d.findings), bad[0]),
     )
-    have = "has" if len(bad) == 1 else "have"
-    prefix = (
-        f"{len(bad)} of {len(judged)} runs {have} gradient-flow problems; worst, {labels[worst]}: "
-    )
-    return _verdict_html(diags.get(worst), "", prefix, below=False)
+    prefix = f"{count}; worst, {labels[worst]}: "
+    return _verdict_html(diags.get(worst), "", prefix, below=False, then=then)
 
 
 # ---- one run ----------------------------------------------------------------------------------
@@ -688,6 +706,16 @@ _OVERVIEW_HEAD = (
 )
 
 
+def _measured_fix(path: Path) -> str | None:
+    """The remedy a repair beside the runs (``repair.json``, as ``vanishing demo`` writes it)
+    measured to fix the baseline; None without one or when it fixed nothing."""
+    try:
+        best = json.loads((path / "repair.json").read_text()).get("best")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(best) if best else None
+
+
 def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> str:
     """The HTML page of a directory whose subdirectories are runs (e.g. a ``vanishing demo``):
     a table across runs, a comparison plot, the most informative run in full
@@ -707,12 +735,27 @@ def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> s
     ]
     overview = [_overview_row(d, label) for d, label in zip(datas, labels)]
     rows = [row for row, _ in overview]
-    verdict = _worst(datas, labels, [info["kinds"] for _, info in overview])
+    fixed = _measured_fix(path)
+    chosen = most_informative(
+        [info["kinds"] for _, info in overview], [info["ratio"] for _, info in overview]
+    )
+    verdict = _worst(
+        datas,
+        labels,
+        [info["kinds"] for _, info in overview],
+        then=f"the fix measured to work: {fixed} (repair.html)" if fixed else "",
+        detailed=chosen[0] if chosen is not None else None,
+    )
     body = []
     conclusion = path / "conclusion.txt"  # written by vanishing demo beside its runs
     if conclusion.is_file():
         paragraphs = [p for p in conclusion.read_text().split("\n\n") if p.strip()]
         body.append("<h2>Conclusion</h2>" + "".join(f"<p>{_e(p.strip())}</p>" for p in paragraphs))
+    if (path / "repair.html").is_file():
+        body.append(
+            '<p><a href="repair.html">The repair: every candidate remedy, measured before and '
+            "after</a></p>"
+        )
     body += ['<h2>Runs</h2><div class="scroll"><table>', _OVERVIEW_HEAD, *rows, "</table></div>"]
     body.append("<h2>Comparison</h2>")
     body.append(
@@ -723,21 +766,18 @@ def render_collection(path: str | os.PathLike, *, max_runs_shown: int = 20) -> s
             "that falls steeply toward the first hidden layer (left) is a vanishing gradient.",
         )
     )
-    chosen = most_informative(
-        [info["kinds"] for _, info in overview], [info["ratio"] for _, info in overview]
-    )
     if chosen is not None:
         i, why = chosen
         body.append(_detail(datas[i], labels[i], why))
         body.append(_json_block("config.json", datas[i].config))
     if len(datas) > 1:
-        body.append("<h2>Depth profile of every other run</h2>")
+        body.append("<h2>Depth profiles of the other runs</h2>")
         others = [j for j in range(len(datas)) if chosen is None or j != chosen[0]]
         if len(others) > max_runs_shown:
             body.append(f'<p class="muted">first {max_runs_shown} of {len(others)} runs</p>')
         for d, label in ((datas[j], labels[j]) for j in others[:max_runs_shown]):
             body.append(f"<h3>{_e(label)}</h3>")
-            body.append(_figure(depth_profile(d), "depth_profile", _CAPTIONS["depth_profile"]))
+            body.append(_figure(depth_profile(d), "depth_profile", _caption("depth_profile", d)))
     return _page(
         f"vanishing report: {path.name}",
         f"{len(datas)} runs in <code>{_e(path)}</code>",
@@ -896,6 +936,12 @@ def render_sweep(
     finished = [
         r for r in rows if r["summary"] and (path / r["run_dir"] / "manifest.json").is_file()
     ]
+    # one definition of a finished run's findings: the detailed run and the verdict use it
+    finished_kinds = [
+        r["kinds"] if r["kinds"] is not None else (r["summary"] or {}).get("kinds")
+        for r in finished
+    ]
+    detailed = None
     if finished:
         picked, how = representative_runs([r["params"] for r in finished], max_runs_shown)
         shown = [finished[i] for i in picked]
@@ -908,26 +954,19 @@ def render_sweep(
                 f"Median speed of learning of each hidden layer, one line per run: {how}.",
             )
         )
-        kinds = [
-            r["kinds"] if r["kinds"] is not None else (r["summary"] or {}).get("kinds")
-            for r in finished
-        ]
         ratios = [(r["summary"] or {}).get("first_last_ratio") for r in finished]
-        i, why = most_informative(kinds, ratios)
-        r = finished[i]
+        detailed, why = most_informative(finished_kinds, ratios)
+        r = finished[detailed]
         body.append(_detail(RunData(path / r["run_dir"]), _sweep_label(r), why, report_link(r)))
     toml = path / "sweep.toml"
     if toml.is_file():
         body.append(f"<h2>Configuration</h2><h3>sweep.toml</h3><pre>{_e(toml.read_text())}</pre>")
-    finished_kinds = [
-        r["kinds"] if r["kinds"] is not None else (r["summary"] or {}).get("kinds")
-        for r in finished
-    ]
     verdict = (
         _worst(
             [RunData(path / r["run_dir"]) for r in finished],
             [_sweep_label(r) for r in finished],
             finished_kinds,
+            detailed=detailed,
         )
         if finished
         else _verdict_html(None, "no run of the sweep has finished")
@@ -1065,7 +1104,7 @@ def render_compare(paths: list[str | os.PathLike], labels: list[str] | None = No
     )
     body.append(
         "<h2>Depth profiles and diagnoses</h2>"
-        f'<p class="muted">{_e(_CAPTIONS["depth_profile"])}</p><div class="side">'
+        f'<p class="muted">{_e(_caption("depth_profile", next((d for d in datas if _matrices_note(d)), datas[0])))}</p><div class="side">'
     )
     for d, label in zip(datas, labels):
         diag, note = _diagnose(d)

@@ -47,16 +47,26 @@ def profile_figure(rep: Any) -> Any:
         return None
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     ax = fig.subplots()
+    import numpy as np
+
+    from vanishing.report.plots import _axis_label, _name_ticks
+
     lines = [("baseline", rep.profile_before, "k")]
     lines += [(f"{c.label} ({c.verdict})", c.profile_after, None) for c in shown[:_SHOWN]]
+    base = [k for k, v in (rep.profile_before or {}).items() if v is not None and v > 0]
     for label, profile, color in lines:
         values = [v for v in profile.values() if v is not None and v > 0]
         if not values:
             continue
-        # each model in its own layer order: a transformation may rename or add layers
-        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label, color=color)
+        # the baseline's layers name the axis; a candidate that adds or renames layers (a
+        # residual wrapper, an inserted norm) is spread over the same first-to-last span
+        n = len(base) or len(values)
+        x = np.arange(n) if len(values) == n else np.linspace(0, n - 1, len(values))
+        ax.plot(x, values, marker="o", ms=3, label=label, color=color)
     ax.set_yscale("log")
-    ax.set_xlabel("hidden layer (first = 1, toward the output)")
+    if base:
+        _name_ticks(ax, list(range(len(base))), base)
+        ax.set_xlabel(_axis_label("hidden layer of the baseline", base), fontsize=8)
     ax.set_ylabel("gradient norm")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
