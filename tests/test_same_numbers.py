@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import vanishing
+from vanishing.report.formatting import stat_text
 from vanishing.report.html import RATIO_LABEL, write_report
 from vanishing.report.names import short_names
 
@@ -87,7 +88,7 @@ def test_sweep_store_row_and_sweep_report_show_the_runs_number(tmp_path):
     (row,) = read_sweep(sweep)
     ratio = vanishing.load_run(sweep / row["run_dir"]).first_last_ratio()
     assert ratio is not None and row["summary"]["first_last_ratio"] == ratio
-    assert f"{ratio:.1e}" in r.stdout  # the CLI's sweep table
+    assert f" {stat_text(ratio)} " in r.stdout  # the CLI's sweep table: the same text
     page = (sweep / "report.html").read_text()
     assert f'<td class="num">{ratio:.3g}</td>' in page  # the sweep page's table
     assert f"{ratio:.3g}" in _terminal_text(sweep_table(sweep))
@@ -114,9 +115,9 @@ def test_demo_table_summaries_and_report_show_each_runs_number(tmp_path, capsys)
             and (cell := x[2:].split("│")[0].strip())
             and row.label.startswith(cell)
         )
-        assert f"{ratio:.1e}" in line, (row.label, line)
+        assert f" {stat_text(ratio)} " in line, (row.label, line)
         assert f'<td class="num">{ratio:.3g}</td>' in page  # the collection's table of runs
     per_layer = printed.split("Per-layer speed")[1].splitlines()
     first = short_names(rows[0].names)[0]  # rows are named by module, as the diagnosis does
     first_layer = next(x for x in per_layer if re.match(rf"│\s+'{re.escape(first)}' │", x))
-    assert f"{rows[0].ratio:.1e}" in first_layer  # the baseline's per-layer table agrees
+    assert f" {stat_text(rows[0].ratio)} " in first_layer  # the per-layer table agrees

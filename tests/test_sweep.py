@@ -435,3 +435,19 @@ def test_the_eta_counts_parallel_runs_as_parallel():
     assert d.eta() == 30.0 * 5  # 9 left on 2 workers: 5 rounds of 30 s
     d.event("finish", run, {"status": "completed", "seconds": 50.0})
     assert d.eta() == 40.0 * 4  # 8 left: 4 rounds of the mean, 40 s
+
+
+def test_the_results_table_fits_the_terminal_and_writes_ratios_as_every_view(
+    tmp_path, monkeypatch, capsys
+):
+    from vanishing.cli.sweep import print_table
+    from vanishing.report.formatting import stat_text
+
+    runs, rows = run_sweep(_write(tmp_path), tmp_path / "out", workers=1)
+    monkeypatch.setenv("COLUMNS", "80")
+    print_table(runs, rows)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    for row in rows:
+        ratio = (row["summary"] or {}).get("first_last_ratio")
+        assert f" {stat_text(ratio)} " in out  # the .3g of the report, not a second format

@@ -270,8 +270,10 @@ def _kinds(status: str | None, summary: dict) -> str:
 def print_table(runs, rows: list[dict]) -> None:
     """One line per run of the sweep: its swept values, status, test metric, first/last
     hidden-layer speed of learning and diagnosis kinds."""
-    from rich.console import Console
     from rich.table import Table
+
+    from vanishing.cli.app import stdout_console
+    from vanishing.report.formatting import stat_text
 
     by_key = {r["key"]: r for r in rows}
     names = list(runs[0].params) if runs else []
@@ -279,7 +281,9 @@ def print_table(runs, rows: list[dict]) -> None:
     for name in names:
         table.add_column(name.rpartition(".")[2])
     for header in ("status", "test metric", "first / last", "diagnosis"):
-        table.add_column(header, justify="right" if header in ("test metric",) else "left")
+        # the diagnosis wraps at its commas rather than pushing the table past the terminal
+        right = header in ("test metric", "first / last")
+        table.add_column(header, justify="right" if right else "left", overflow="fold")
     for run in runs:
         row = by_key.get(run.key, {})
         summary = row.get("summary") or {}
@@ -288,10 +292,7 @@ def print_table(runs, rows: list[dict]) -> None:
             *(str(run.params[n]) for n in names),
             row.get("status", "?"),
             _metric(summary),
-            "-" if ratio is None else f"{ratio:.1e}",
-            _kinds(row.get("status"), summary),
+            stat_text(ratio),
+            _kinds(row.get("status"), summary).replace(", ", ",\n"),
         )
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=160)  # a log file: no need to squeeze
-    console.print(table)
+    stdout_console(160).print(table)  # a log file: no need to squeeze

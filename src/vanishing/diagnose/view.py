@@ -147,14 +147,26 @@ class RunView:
         if m.empty or "param" not in m:
             return pd.DataFrame(columns=cols)
         layers = {x["name"] for x in self.layers if x.get("role") == "layer"}
-        w = m[m["param"].map(lambda p: bool(p) and is_weight_param(str(p)))]
+        # per distinct name, not per row: a long run has thousands of rows per parameter
+        params = m["param"].astype(str)
+        weight = {p: bool(p) and is_weight_param(p) for p in params.unique()}
+        w = m[params.map(weight).to_numpy(dtype=bool)]
         w = w[w["layer"].isin(layers)].copy()
         if w.empty:
             return pd.DataFrame(columns=cols)
         for c in ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_ratio"):
             if c not in w:
                 w[c] = np.nan
-        w["unit"] = [param_unit(a, b) for a, b in zip(w["layer"], w["param"])]
+        pairs = list(zip(w["layer"].astype(str), w["param"].astype(str)))
+        unit_of = {pair: param_unit(*pair) for pair in dict.fromkeys(pairs)}
+        w["unit"] = [unit_of[pair] for pair in pairs]
+        if len(set(unit_of.values())) == len(unit_of):
+            # every unit is one weight matrix (no stacked recurrent layer, no split attention
+            # weights): its norms and ratios are the recorded ones, no group sums needed
+            out = w[cols].reset_index(drop=True)
+            for c in cols[3:]:
+                out[c] = out[c].astype(float)
+            return out
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             sq = w[["grad_norm", "param_norm", "update_norm"]].astype(float) ** 2
         sq[["step", "unit", "layer"]] = w[["step", "unit", "layer"]]

@@ -617,11 +617,17 @@ class Run:
             m = self._read("metrics", columns=["step", "layer", "param", "grad_norm"])
             names = {src for src, _ in sources.values()}
             m = m[m["layer"].astype(str).isin(names)]
+        names = {src for src, _ in sources.values()}
+        sub = m[m["layer"].astype(str).isin(names)]
+        # one grouping for every unit (a mask per unit costs a pass over the table each)
+        by = sub.groupby([sub["layer"].astype(str), sub["param"].astype(str), "step"], sort=True)[
+            "grad_norm"
+        ].mean()
+        present = set(by.index.droplevel("step"))
         out = {}
         for name, (src, param) in sources.items():
-            rows = m[(m["layer"] == src) & (m["param"] == param)]
-            if not rows.empty:
-                out[name] = rows.groupby("step")["grad_norm"].mean()
+            if (src, param) in present:
+                out[name] = by.loc[(src, param)]
         table = pd.DataFrame(out)
         table.index.name = "step"
         return table[[n for n in layers if n in table.columns]]

@@ -98,7 +98,9 @@ def _through_depth(view: RunView) -> list[Finding]:
             f"; the same layers of each of {len(layers)} repeated blocks compared (median over "
             "roles of each block's gradient relative to the first block's)"
         )
-    remedies = _depth_remedies(view, members, per_layer, ratio, evidence, label)
+    remedies = _depth_remedies(
+        view, members, per_layer, ratio, evidence, label, (layers[0], layers[-1])
+    )
     if blocks and view.block_norms[1]:
         remedies = unique(
             [
@@ -126,7 +128,7 @@ def _through_depth(view: RunView) -> list[Finding]:
             severity="critical" if ratio <= 1e-4 else "warning",
             message=(
                 f"the {label} shrinks {per_layer:.1f}x per {unit} back through {what}: "
-                f"'{layers[0]}' gets {ratio:.1e} of the gradient of '{layers[-1]}'"
+                f"'{layers[0]}' gets {ratio:.1e} of the {label} of '{layers[-1]}'"
             ),
             evidence=evidence,
             remedies=remedies,
@@ -136,14 +138,16 @@ def _through_depth(view: RunView) -> list[Finding]:
     ]
 
 
-def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Remedy]:
+def _depth_remedies(view, layers, per_layer, ratio, evidence, label, ends) -> list[Remedy]:
+    # ``layers``: the hidden layers judged; ``ends``: the first and last unit the finding
+    # names (a block of a repeated stack, or a layer), so its remedies name them the same way
     dominant = view.dominant_activation(layers)
     deriv = evidence["mean_dphi"]
     gain = evidence["weight_gain"]
     sat = evidence["saturated_fraction"]
     target, init_name = gain_target(dominant)
     squashing = is_squashing(dominant)  # sigmoid, tanh, softsign, hardtanh
-    head = f"'{layers[0]}' gets {ratio:.1e} of the {label} of '{layers[-1]}'"
+    head = f"'{ends[0]}' gets {ratio:.1e} of the {label} of '{ends[-1]}'"
     weights_first = evidence["weight_decades_per_layer"] < evidence["activation_decades_per_layer"]
     remedies = []
     if squashing and math.isfinite(sat) and sat >= 0.5 and gain > 1.25 * target:
@@ -221,7 +225,7 @@ def _depth_remedies(view, layers, per_layer, ratio, evidence, label) -> list[Rem
                 "residual",
                 ("the model has no skip connection; " if view.skip_connections is False else "")
                 + "skip connections add an identity path, so the gradient "
-                f"reaches '{layers[0]}' without passing through every layer",
+                f"reaches '{ends[0]}' without passing through every layer",
             )
         )
     if squashing and act_costs and len(layers) >= 6:
