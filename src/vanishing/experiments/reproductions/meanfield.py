@@ -320,7 +320,9 @@ def _reproduce(quick: bool, out: Path, progress: Progress | None, seed: int) -> 
         mec="k",
         label="published critical points",
     )
-    ax.legend(fontsize=8, loc="upper center")
+    from vanishing.theory import _legend_below
+
+    _legend_below(ax)  # where theory.phase_diagram puts it: inside, it covers the critical line
     plots += save_figure(fig, out, "phase")
     crit_point = next(p for p in points if p["phase"] == "critical")
     summary = (
