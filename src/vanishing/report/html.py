@@ -166,13 +166,20 @@ def _diagnose(data: RunData) -> tuple[Any, str]:
     from vanishing.recorder import reader
     from vanishing.recorder.errors import RunError
 
+    # once per run and page: the verdict and the detailed section both read it
+    cached = data.__dict__.get("_page_diagnosis")
+    if cached is not None:
+        return cached
     total_rows = sum(p["rows"] for p in data.parts)
     try:
         if total_rows > reader.EXACT_DIAGNOSIS_ROWS:
-            return data.run.diagnose(), ""  # the page's sample of steps, already read
-        return vanishing.load_run(data.path).diagnose(), ""
+            result = data.run.diagnose(), ""  # the page's sample of steps, already read
+        else:
+            result = vanishing.load_run(data.path).diagnose(), ""
     except RunError as e:  # nothing recorded yet
-        return None, str(e)
+        result = None, str(e)
+    data.__dict__["_page_diagnosis"] = result
+    return result
 
 
 def _diagnosis_html(diag: Any, note: str) -> str:
@@ -941,11 +948,13 @@ def render_sweep(
         r["kinds"] if r["kinds"] is not None else (r["summary"] or {}).get("kinds")
         for r in finished
     ]
+    # one RunData per run: its diagnosis is then computed once for the verdict and the detail
+    finished_datas = [RunData(path / r["run_dir"]) for r in finished]
     detailed = None
     if finished:
         picked, how = representative_runs([r["params"] for r in finished], max_runs_shown)
         shown = [finished[i] for i in picked]
-        datas = [RunData(path / r["run_dir"]) for r in shown]
+        datas = [finished_datas[i] for i in picked]
         body.append("<h2>Comparison</h2>")
         body.append(
             _figure(
@@ -957,13 +966,13 @@ def render_sweep(
         ratios = [(r["summary"] or {}).get("first_last_ratio") for r in finished]
         detailed, why = most_informative(finished_kinds, ratios)
         r = finished[detailed]
-        body.append(_detail(RunData(path / r["run_dir"]), _sweep_label(r), why, report_link(r)))
+        body.append(_detail(finished_datas[detailed], _sweep_label(r), why, report_link(r)))
     toml = path / "sweep.toml"
     if toml.is_file():
         body.append(f"<h2>Configuration</h2><h3>sweep.toml</h3><pre>{_e(toml.read_text())}</pre>")
     verdict = (
         _worst(
-            [RunData(path / r["run_dir"]) for r in finished],
+            finished_datas,
             [_sweep_label(r) for r in finished],
             finished_kinds,
             detailed=detailed,
