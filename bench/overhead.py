@@ -67,6 +67,7 @@ VARIANTS: dict[str, str] = {
     "vanishing-params-noflush": "vanishing (gradients+updates), denormals not flushed",
     "baseline-params": "--baseline-src's vanishing (gradients+updates)",
     "baseline-all": "--baseline-src's vanishing (all statistics)",
+    "baseline-all-every10": "--baseline-src's vanishing (all statistics, every=10)",
     "wandb": "wandb.watch (gradients, log_freq=1)",
     "tensorboard": "tensorboard (add_histogram grads)",
     "cockpit": "cockpit (economy)",
@@ -214,11 +215,11 @@ def _load_baseline(src: Path) -> Any:
     return importlib.import_module("vanishing_baseline")
 
 
-def _baseline_runner(key: str, stats: str, task: Task, tmp: Path) -> Runner:
+def _baseline_runner(key: str, stats: str, task: Task, tmp: Path, every: int = 1) -> Runner:
     if _BASELINE is None:
         raise Skip("no --baseline-src given")
     model, opt = task.fresh()
-    mon = _BASELINE.watch(model, optimizer=opt, stats=stats, run_dir=tmp / key)
+    mon = _BASELINE.watch(model, optimizer=opt, stats=stats, every=every, run_dir=tmp / key)
     stack = contextlib.ExitStack()
     stack.enter_context(mon)
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
@@ -231,6 +232,10 @@ def setup_baseline_params(task: Task, tmp: Path, args) -> Runner:
 
 def setup_baseline_all(task: Task, tmp: Path, args) -> Runner:
     return _baseline_runner("baseline-all", "all", task, tmp)
+
+
+def setup_baseline_all_every10(task: Task, tmp: Path, args) -> Runner:
+    return _baseline_runner("baseline-all-every10", "all", task, tmp, every=10)
 
 
 def setup_vanishing_params(task: Task, tmp: Path, args) -> Runner:
@@ -507,6 +512,7 @@ SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
     "vanishing-params-noflush": setup_vanishing_params_noflush,
     "baseline-params": setup_baseline_params,
     "baseline-all": setup_baseline_all,
+    "baseline-all-every10": setup_baseline_all_every10,
     "wandb": setup_wandb,
     "tensorboard": setup_tensorboard,
     "cockpit": setup_cockpit,

@@ -420,3 +420,68 @@ def test_status_words_match_a_config_runs(run_dir, tmp_path):
     manifest = run_dir / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"completed"', '"closed"'))
     assert vanishing.load_run(run_dir).manifest["status"] == "completed"
+
+
+class _LastState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(5, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0][:, -1]
+
+
+class _Seq(nn.Module):
+    """An MLP after an RNN, inside the entry module ``net``: probes' hooks on module outputs
+    and on the RNN's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(_LastState(), mlp(depth=3, d_in=8))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_steps_not_recorded_run_without_module_hooks_and_record_the_same(tmp_path):
+    def run(every, hooks_seen):
+        torch.manual_seed(0)
+        model = _Seq()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(1)
+        with vanishing.watch(model, optimizer=opt, run_dir=tmp_path / str(every), every=every):
+            for _ in range(7):
+                # what the model's own modules carry as this step's forward starts
+                hooks_seen.append(_hook_count_of(model))
+                opt.zero_grad()
+                x = torch.randn(16, 6, 5, generator=g)
+                y = torch.randint(0, 3, (16,), generator=g)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        return vanishing.load_run(tmp_path / str(every))
+
+    every_step, sparse = [], []
+    full, thinned = run(1, every_step), run(3, sparse)
+    # none on the modules inside on steps 1, 2, 4, 5
+    assert sparse[1] == sparse[2] == sparse[4] == sparse[5] == 0
+    assert sparse[3] == sparse[6] == every_step[3] == every_step[1] > 0  # (step 0: discovery too)
+    assert thinned.steps.step.tolist() == [0, 3, 6]
+    for frame in ("metrics", "temporal"):
+        a = getattr(full, frame)
+        a = a[a.step.isin([0, 3, 6])].reset_index(drop=True)
+        b = getattr(thinned, frame).reset_index(drop=True)
+        assert len(b) > 0
+        pd.testing.assert_frame_equal(a, b)
+
+
+def _hook_count_of(model):
+    """The hooks on the modules other than the entries (the monitor's entry hooks stay)."""
+    from vanishing.monitor.layout import entry_modules
+
+    entries = {id(m) for m in entry_modules(model)}
+    assert len(entries) == 2
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks)
+        for m in model.modules()
+        if id(m) not in entries
+    )

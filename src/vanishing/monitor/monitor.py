@@ -223,6 +223,9 @@ class Monitor:
             discover=self.layout.module_started,
             root=self._root,
         )
+        # Compiled code guards on the hooks: switching them per step would recompile it.
+        self._switch_hooks = not _is_compiled(model)
+        self._set_recording(self._recording)
         ctx = ProbeContext(
             layout=self.layout,
             events=self.events,
@@ -292,6 +295,12 @@ class Monitor:
         return start
 
     # ------------------------------------------------------------------ events
+    def _set_recording(self, recording: bool) -> None:
+        """Whether this step is recorded; the probes' module hooks are attached only then."""
+        self._recording = recording
+        if self._switch_hooks:
+            self.events.probe_hooks(recording)
+
     def _capturing(self) -> bool:
         return self._recording and not self._frozen
 
@@ -314,7 +323,7 @@ class Monitor:
             # its numbers belong to no optimizer step.
             self._skipped += 1
             self._reset()
-            self._recording = self._schedule(self.step)
+            self._set_recording(self._schedule(self.step))
         if self._depth == 0 and self.events.structure_changed and not self._forward_seen:
             self._check_layout(whole_step=True)  # before this step's first forward: all of it
         if self._depth == 0:  # the outermost entry: a new forward pass (not a nested call)
@@ -492,7 +501,7 @@ class Monitor:
 
     def _advance(self) -> None:
         self.step += 1
-        self._recording = self._schedule(self.step)
+        self._set_recording(self._schedule(self.step))
         self._reset()
 
     def _finish_step(self) -> None:
