@@ -250,3 +250,68 @@ def test_inplace_activation_is_measured_when_it_runs(run_dir):
         r.act_dead == pytest.approx(((z <= 0).all(dim=0)).double().mean().item())
         and r.act_dead >= 6 / 16
     )
+
+
+@pytest.mark.parametrize("layout", ["grouped", "per_tensor"])
+def test_no_resident_snapshot_between_recorded_steps_and_updates_stay_exact(run_dir, layout):
+    """every=3: the parameters' copy is freed after each recorded step (the next is not
+    recorded) and taken again at the next one; the update norms equal a brute-force twin's."""
+    torch.manual_seed(0)
+    model = mlp()
+    if layout == "per_tensor":  # a non-contiguous weight: the per-tensor (device) path
+        with torch.no_grad():
+            model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
+        assert not model[0].weight.is_contiguous()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(7)
+    ]
+    expected = []
+    for x, y in batches:
+        twin_opt.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+        twin_opt.step()
+        expected.append(
+            {n: (p.detach() - before[n]).double().norm().item() for n, p in twin.named_parameters()}
+        )
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    held = []
+    with vanishing.watch(model, optimizer=opt, run_dir=run_dir, every=3) as mon:
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            held.append(mon.memory()["snapshot_held"])
+        assert mon.memory()["snapshot"] == size
+    # recorded: 0, 3, 6; each is followed by a step that is not: nothing held after any step
+    assert held == [0] * 7
+    run = vanishing.load_run(run_dir)
+    assert run.steps.step.tolist() == [0, 3, 6]
+    for step in (0, 3, 6):
+        for name, un in expected[step].items():
+            layer, _, param = name.rpartition(".")
+            assert row(run, step, layer, param).update_norm == pytest.approx(un, rel=1e-4)
+
+
+def test_consecutive_recorded_steps_keep_one_snapshot(run_dir):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    with vanishing.watch(model, optimizer=opt, run_dir=run_dir) as mon:
+        assert mon.memory()["snapshot"] == 0  # taken at the first step
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                model(torch.randn(4, 5)), torch.tensor([0, 1, 2, 0])
+            ).backward()
+            opt.step()
+            m = mon.memory()
+            assert m["snapshot"] == m["snapshot_held"] == size
+            assert m["held"] == size + m["activation_buffers"] + m["records"]
+            assert m["records"] == mon._buffer.data.numel() * 8
+    manifest = vanishing.load_run(run_dir).manifest
+    assert manifest["memory"]["snapshot"] == size

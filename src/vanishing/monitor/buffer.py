@@ -67,6 +67,11 @@ class Buffer:
         self.keys: list[tuple[int, float, int]] = []  # (step, wall time, skipped before)
         self.index = IndexCache(n_modules, device)
 
+    @property
+    def nbytes(self) -> int:
+        """The memory of the rows not yet flushed (allocated at the first recorded step)."""
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
     def row(self) -> Row:
         """The row of the next recorded step, filled with NaN."""
         if self.data is None:

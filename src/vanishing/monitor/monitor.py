@@ -236,6 +236,7 @@ class Monitor:
             unscale=self._unscale,
             n_backward=lambda: self._backwards,
             note=self._note,
+            next_recorded=lambda: self._schedule(self.step + 1),
         )
         self._ctx = ctx
         for probe in self._probes:
@@ -575,6 +576,7 @@ class Monitor:
             if opt is None
             else {"type": type(opt).__name__, "defaults": _jsonable(opt.defaults)},
             "amp_scaler": self._scaler is not None,
+            "memory": getattr(self, "_memory_at_close", None) or self.memory(),
             "layers": self.layout.manifest_layers(trainable),
             **{
                 k: v
@@ -601,6 +603,36 @@ class Monitor:
                 "python": platform.python_version(),
             },
         }
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the monitor holds besides the model and its training, now.
+
+        ``snapshot``: the copy of the optimizer's parameters that a recorded step's update is
+        measured against (0 before the first step); ``snapshot_held``: how much of it is
+        allocated now: all of it while consecutive steps are recorded (it is refilled, not
+        copied again), none between steps when the next one is not recorded (``every=k > 1``
+        frees it after each recorded step and takes a new one at the next: the way to train
+        without a resident copy). ``activation_buffers``: on the CPU, the stacking buffers of
+        the activation statistics, kept likewise. ``records``: the rows not yet flushed
+        (``flush_every`` rows). ``held``: what is allocated now, in all.
+
+        Example:
+            >>> import tempfile, torch, vanishing
+            >>> model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Tanh())
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> with vanishing.watch(model, opt, run_dir=tempfile.mkdtemp() + "/r") as mon:
+            ...     opt.zero_grad(); model(torch.randn(8, 100)).sum().backward(); opt.step()
+            ...     m = mon.memory()
+            >>> m["snapshot"] == m["snapshot_held"] == 4 * (100 * 100 + 100)
+            True
+        """
+        out = {"snapshot": 0, "snapshot_held": 0, "activation_buffers": 0}
+        for probe in self._probes:
+            for k, v in getattr(probe, "held_bytes", dict)().items():
+                out[k] = out.get(k, 0) + v
+        out["records"] = self._buffer.nbytes
+        out["held"] = out["snapshot_held"] + out["activation_buffers"] + out["records"]
+        return out
 
     def discard_backward(self) -> None:
         """Forget what the backward passes since the last step measured: they were for
@@ -659,6 +691,7 @@ class Monitor:
             if getattr(self._root, _WATCHED_ATTR, None) is not None:
                 delattr(self._root, _WATCHED_ATTR)
             _open_monitors.discard(self)
+            self._memory_at_close = self.memory()  # what training held, for the manifest
             for probe in self._probes:
                 getattr(probe, "close", lambda: None)()
         finally:

@@ -128,6 +128,20 @@ class UpdateTracker:
         else:
             self._snapshot = [torch.empty_like(p) for p in views]
 
+    @property
+    def nbytes(self) -> int:
+        """The snapshot's size: one copy of the parameters (held or not)."""
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    @property
+    def held(self) -> bool:
+        """Whether the snapshot's memory is allocated now (see :meth:`after_step`'s ``keep``)."""
+        if self.fused is not None:
+            return True
+        if self.grouped:
+            return any(g[2] is not None for g in self._groups)
+        return self._snapshot is not None
+
     def _current(self) -> bool:
         if self._versions is None:
             return False
@@ -144,20 +158,32 @@ class UpdateTracker:
             return torch.tensor(self._weight_norms, dtype=torch.float64)
         if not self.grouped:
             views = [p.detach() for p in self.params]
-            torch._foreach_copy_(self._snapshot, views)
+            if self._snapshot is None:
+                self._snapshot = [v.clone() for v in views]
+            else:
+                torch._foreach_copy_(self._snapshot, views)
             return l2_norms(views)
         if not self._current():
             self._weight_norms = []
-            for _, flat, snapshot, _ in self._groups:
-                torch.stack(flat, out=snapshot)
+            for g, (idx, flat, snapshot, _) in enumerate(self._groups):
+                if snapshot is None:  # released after the last step: a fresh one
+                    snapshot = torch.stack(flat)
+                    self._groups[g] = (idx, flat, snapshot, list(snapshot.unbind(0)))
+                else:
+                    torch.stack(flat, out=snapshot)
                 self._weight_norms += _row_norms(snapshot)
         return self._in_order(self._weight_norms)
 
-    def after_step(self) -> Tensor:
+    def after_step(self, keep: bool = True) -> Tensor:
         """The norm of the change each parameter went through since :meth:`before_step`.
 
         On the CPU this also measures the new weights' norms while they are in cache: they are
         the next :meth:`before_step`'s, as long as no parameter changes in between.
+
+        ``keep=False`` (the next step is not recorded, so the snapshot could not be reused):
+        the snapshot is freed instead of refilled, and the next :meth:`before_step` takes a new
+        one; between steps the monitor then holds no copy of the parameters. The compiled
+        (fused) path keeps its own.
         """
         if self.fused is not None:
             update_norms, self._weight_norms = self.fused.step()
@@ -165,19 +191,25 @@ class UpdateTracker:
             return torch.tensor(update_norms, dtype=torch.float64)
         if not self.grouped:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in self.params])
-            return l2_norms(self._snapshot, exact_tiny=False)
+            update = l2_norms(self._snapshot, exact_tiny=False)
+            if not keep:
+                self._snapshot = None
+            return update
         weight_norms: list[float] = []
         update_norms: list[float] = []
         start = 0
-        for _, flat, snapshot, rows in self._groups:
+        for g, (idx, flat, snapshot, rows) in enumerate(self._groups):
             before = self._weight_norms[start : start + len(rows)]
             start += len(rows)
             torch._foreach_sub_(rows, flat)  # the snapshot becomes before - after, in place
             update_norms += _row_norms(snapshot, exact_tiny=False, weight_norms=before)
-            torch.stack(flat, out=snapshot)  # the weights after this step: next snapshot
-            weight_norms += _row_norms(snapshot)
+            if keep:
+                torch.stack(flat, out=snapshot)  # the weights after this step: next snapshot
+                weight_norms += _row_norms(snapshot)
+            else:
+                self._groups[g] = (idx, flat, None, None)
         self._weight_norms = weight_norms
-        self._versions = [p._version for p in self.params]
+        self._versions = [p._version for p in self.params] if keep else None
         return self._in_order(update_norms)
 
 
@@ -345,7 +377,7 @@ class ParamProbe(Probe):
         rows, tracker, _ = self._trainable()
         if self._weights is not None:  # the snapshot was taken by this step's step_begin
             try:
-                update = tracker.after_step()
+                update = tracker.after_step(keep=self.ctx.next_recorded())
             except Exception as e:  # noqa: BLE001 - a fused kernel failed: no update this step
                 if tracker.fused is None:
                     raise
@@ -366,6 +398,13 @@ class ParamProbe(Probe):
         if self._update is not None:
             rows, unorm = self._update
             row.set_params("update_norm", unorm, rows)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Memory this probe holds for the update measurement (see ``Monitor.memory``)."""
+        if getattr(self, "_tracker", None) is None:
+            return {"snapshot": 0, "snapshot_held": 0}
+        tracker = self._tracker[1]
+        return {"snapshot": tracker.nbytes, "snapshot_held": tracker.nbytes * tracker.held}
 
     def close(self) -> None:
         self._tracker = None  # the snapshot: one copy of the parameters

@@ -595,6 +595,7 @@ def render_run(path: str | os.PathLike, *, data: RunData | None = None) -> str:
                     "flush_every",
                     "optimizer",
                     "amp_scaler",
+                    "memory",
                     "steps_completed",
                     "versions",
                 )
