@@ -153,3 +153,35 @@ def test_run_files_are_readable_by_others_as_with_open(run_dir):
     assert len(files) >= 3
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+@pytest.mark.parametrize("dropna", [False, True])
+def test_step_table_is_pandas_pivot_table(dropna):
+    """The diagnosis' fast pivot against pandas' own pivot_table, on frames with NaN values,
+    all-NaN layers and steps, and repeated (step, layer) rows."""
+    import numpy as np
+    import pandas as pd
+
+    from vanishing.recorder.tables import step_table
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        df = pd.DataFrame(
+            {
+                "step": rng.integers(0, 6, n),
+                "layer": rng.choice(["a", "b", "c", "10", "2"], n),
+                "v": np.where(rng.random(n) < 0.4, np.nan, rng.normal(size=n)),
+            }
+        )
+        expected = df.pivot_table(
+            index="step", columns="layer", values="v", aggfunc="mean", dropna=dropna
+        )
+        got = step_table(df, "v", dropna=dropna)
+        if expected.empty:
+            assert got.isna().all().all()
+            continue
+        pd.testing.assert_frame_equal(got, expected, check_column_type=False, check_dtype=False)
+        checked += 1
+    assert checked > 150

@@ -22,6 +22,7 @@ from vanishing.recorder.semantics import (
     recurrent_layer_of,
     repeated_blocks,
 )
+from vanishing.recorder.tables import step_table
 
 #: a stack of repeated blocks is judged through depth per role across blocks from this many on
 MIN_BLOCKS = 3
@@ -338,7 +339,7 @@ class RunView:
         rows = df[df["param"] == (param or "")]
         if rows.empty:
             return pd.DataFrame()
-        table = rows.pivot_table(index="step", columns="layer", values=stat, aggfunc="mean")
+        table = step_table(rows, stat, dropna=True)
         if self.depth_unit == "block":
             names = [x["name"] for x in self.layers if x["name"] in self.stack]
             names = [n for n in names if self._hidden_like(self.by_name[n])]

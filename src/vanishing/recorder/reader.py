@@ -25,6 +25,7 @@ from vanishing.recorder.semantics import (
     speed_source,
     speed_units,
 )
+from vanishing.recorder.tables import step_table
 
 __all__ = [
     "Run",
@@ -587,7 +588,7 @@ class Run:
         else:
             known = ", ".join(PARAM_STATS + PARAM_RATIOS + MODULE_STATS)
             raise ValueError(f"unknown statistic {stat!r}; expected one of: {known}")
-        table = rows.pivot_table(index="step", columns="layer", values=stat, dropna=False)
+        table = step_table(rows, stat)
         order = [name for name in self.layers if name in table.columns]
         return table[order]
 
@@ -603,10 +604,20 @@ class Run:
         Example:
             >>> vanishing.load_run("runs/my-run").speeds().iloc[-1]   # doctest: +SKIP
         """
+        units = {name: (module, param) for name, module, param in speed_units(self.layer_info)}
+        if layers is not None and not all(n in units for n in layers):
+            return self._speeds(units, layers)
+        # every unit's table once per run (the ratio, the profile and the views all read it)
+        table = self.__dict__.get("_speed_table")
+        if table is None:
+            table = self.__dict__["_speed_table"] = self._speeds(units, list(units))
+        if layers is not None:
+            table = table[[n for n in layers if n in table.columns]]
+        return table.copy()
+
+    def _speeds(self, units: dict, layers: list[str]) -> pd.DataFrame:
         import pandas as pd
 
-        units = {name: (module, param) for name, module, param in speed_units(self.layer_info)}
-        layers = list(units) if layers is None else layers
         sources = {
             n: src for n in layers if (src := units.get(n) or speed_source(self.layer_info, n))
         }

@@ -48,6 +48,7 @@ from vanishing.recorder.semantics import (
     speed_source,
     speed_units,
 )
+from vanishing.recorder.tables import step_table
 from vanishing.report.names import param_label
 
 if TYPE_CHECKING:
@@ -675,7 +676,7 @@ class RunData:
         keep = np.array([k in label for k in zip(df["layer"], df["param"])], dtype=bool)
         rows = df[keep & df["step"].isin(steps).to_numpy()].copy()
         rows["label"] = [label[(m, p)] for m, p in zip(rows["layer"], rows["param"])]
-        table = rows.pivot_table(index="step", columns="label", values=stat, dropna=False)
+        table = step_table(rows, stat, columns="label")
         table = table[[lab for lab, _, _ in self.weight_params if lab in table.columns]]
         table.columns.name = None
         return table
@@ -684,7 +685,7 @@ class RunData:
         """Exact values of ``stat`` at sampled ``steps``: a step x layer table, forward order."""
         df = self.samples
         rows = df[(df["param"] == (param or "")) & (df["step"].isin(steps))]
-        table = rows.pivot_table(index="step", columns="layer", values=stat, dropna=False)
+        table = step_table(rows, stat)
         order = [n for n in self.layers if n in table.columns]
         table = table[order]
         table.columns.name = None

@@ -10,6 +10,7 @@ import pandas as pd
 from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import RunView, depth_trend, gain_target
+from vanishing.recorder.tables import step_table
 
 #: the first hidden layer gets at least this multiple of the last one's gradient (per unit),
 #: as measured and on the least-squares line through the hidden layers
@@ -74,7 +75,7 @@ def _through_depth(view: RunView) -> list[Finding]:
     forward_growth = False
     if not arows.empty:
         order = [n["name"] for n in view.layers]
-        std = arows.pivot_table(index="step", columns="layer", values="act_std", aggfunc="mean")
+        std = step_table(arows, "act_std", dropna=True)
         std = std[[c for c in order if c in std.columns]]
         if blocks:  # per role across blocks (an FFN's GELU against the FFN's GELU)
             std = view.by_block(std)
