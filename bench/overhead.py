@@ -60,6 +60,7 @@ VARIANTS: dict[str, str] = {
     "vanishing-params": "vanishing (gradients+updates)",
     "vanishing-all": "vanishing (all statistics)",
     "vanishing-all-every10": "vanishing (all statistics, every=10)",
+    "vanishing-all-every10-low-memory": "vanishing (all statistics, every=10, low_memory)",
     "floor": "bare tensor ops of exact grad+update stats",
     "floor-fused": "bare fused kernels (torch.compile) of exact grad+update stats",
     "vanishing-params-fused": "vanishing (gradients+updates), VANISHING_FUSED=1",
@@ -162,6 +163,8 @@ class Runner:
     warmup: int | None = None
     times: list[float] = field(default_factory=list)
     block_time: float = 0.0  # wall time of all blocks, drains included
+    memory: Callable[[], dict] | None = None  # vanishing's Monitor.memory, read before close
+    held: dict | None = None
 
 
 def plain_step(model, opt, lf, x, y) -> Callable[[], torch.Tensor]:
@@ -180,7 +183,9 @@ def setup_plain(task: Task, tmp: Path, args) -> Runner:
     return Runner("plain", plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y))
 
 
-def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path, every: int = 1) -> Runner:
+def _vanishing_runner(
+    key: str, stats: str, task: Task, tmp: Path, every: int = 1, **options
+) -> Runner:
     try:
         import vanishing
     except Exception as exc:  # any import failure means "skip"
@@ -188,11 +193,19 @@ def _vanishing_runner(key: str, stats: str, task: Task, tmp: Path, every: int = 
     if not hasattr(vanishing, "watch"):
         raise Skip("vanishing has no watch() (package not built yet?)")
     model, opt = task.fresh()
-    mon = vanishing.watch(model, optimizer=opt, stats=stats, every=every, run_dir=tmp / key)
+    mon = vanishing.watch(
+        model, optimizer=opt, stats=stats, every=every, run_dir=tmp / key, **options
+    )
     stack = contextlib.ExitStack()
     stack.enter_context(mon)
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
-    return Runner(key, step, close=stack.close, drain=getattr(mon, "flush", lambda: None))
+    return Runner(
+        key,
+        step,
+        close=stack.close,
+        drain=getattr(mon, "flush", lambda: None),
+        memory=getattr(mon, "memory", None),
+    )
 
 
 _BASELINE: Any = None  # an older vanishing, loaded by --baseline-src as vanishing_baseline
@@ -301,6 +314,11 @@ def setup_vanishing_all(task: Task, tmp: Path, args) -> Runner:
 
 def setup_vanishing_all_every10(task: Task, tmp: Path, args) -> Runner:
     return _vanishing_runner("vanishing-all-every10", "all", task, tmp, every=10)
+
+
+def setup_vanishing_all_every10_low_memory(task: Task, tmp: Path, args) -> Runner:
+    key = "vanishing-all-every10-low-memory"
+    return _vanishing_runner(key, "all", task, tmp, every=10, low_memory=True)
 
 
 def setup_floor(task: Task, tmp: Path, args) -> Runner:
@@ -505,6 +523,7 @@ SETUPS: dict[str, Callable[[Task, Path, argparse.Namespace], Runner]] = {
     "vanishing-params": setup_vanishing_params,
     "vanishing-all": setup_vanishing_all,
     "vanishing-all-every10": setup_vanishing_all_every10,
+    "vanishing-all-every10-low-memory": setup_vanishing_all_every10_low_memory,
     "floor": setup_floor,
     "floor-fused": setup_floor_fused,
     "vanishing-params-fused": setup_vanishing_params_fused,
@@ -572,6 +591,8 @@ def bench_model(task: Task, keys: list[str], tmp: Path, args) -> list[dict]:
             print(f"  {task.name}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         for runner in runners:
+            if runner.memory is not None:
+                runner.held = runner.memory()
             _close(runner)
 
     plain = next((r for r in runners if r.key == "plain"), None)
@@ -590,6 +611,7 @@ def bench_model(task: Task, keys: list[str], tmp: Path, args) -> list[dict]:
                 max_ms=max(runner.times) * 1e3,
                 ratio=med / base if base else None,
                 n_steps=len(runner.times),
+                memory=runner.held,
             )
         )
     order = {k: i for i, k in enumerate(keys)}
@@ -623,19 +645,30 @@ def _row(model: str, key: str, **values) -> dict:
         "ratio": None,
         "n_steps": 0,
         "skipped": None,
+        "memory": None,  # Monitor.memory() after the last step (bytes)
     }
     row.update(values)
     return row
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("model", "variant", "median ms/step", "mean ms/step", "x plain", "steps")
+    head = (
+        "model",
+        "variant",
+        "median ms/step",
+        "mean ms/step",
+        "x plain",
+        "steps",
+        "held MB (snapshot)",
+    )
     lines = []
     for row in rows:
         if row["skipped"]:
-            lines.append((row["model"], row["variant"], "skipped", "", "", ""))
+            lines.append((row["model"], row["variant"], "skipped", "", "", "", ""))
             continue
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "n/a"
+        mem = row.get("memory")
+        held = "" if not mem else f"{mem['held'] / 2**20:.2f} ({mem['snapshot'] / 2**20:.2f})"
         lines.append(
             (
                 row["model"],
@@ -644,10 +677,11 @@ def print_table(rows: list[dict]) -> None:
                 f"{row['mean_ms']:.2f}",
                 ratio,
                 str(row["n_steps"]),
+                held,
             )
         )
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=False)]
-    align = ["<", "<", ">", ">", ">", ">"]
+    align = ["<", "<", ">", ">", ">", ">", ">"]
 
     def fmt(cells) -> str:
         return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths, strict=False))

@@ -128,6 +128,7 @@ def test_watching_a_watched_model_is_an_error(run_dir):
         ((nn.Linear(2, 2),), {"flush_every": 0}, "flush_every"),
         ((nn.Linear(2, 2),), {"every": 0}, "every must be"),
         ((nn.Linear(2, 2),), {"every": "sometimes"}, "every must be"),
+        ((nn.Linear(2, 2),), {"low_memory": "yes"}, "low_memory must be"),
     ],
 )
 def test_bad_input_gives_one_clear_error(run_dir, args, kwargs, match):

@@ -103,8 +103,11 @@ class Monitor:
         overwrite: bool = False,
         resume: bool = False,
         start_step: int | None = None,
+        low_memory: bool | None = None,
     ) -> None:
         _validate(model, optimizer, stats, flush_every, scaler, sinks, probes)
+        if low_memory is not None and not isinstance(low_memory, bool):
+            raise WatchError(f"low_memory must be True, False or None, got {low_memory!r}")
         if overwrite and resume:
             raise WatchError("overwrite=True and resume=True contradict each other; pick one")
         if start_step is not None and (
@@ -125,6 +128,7 @@ class Monitor:
             torch._dynamo.reset()
         self._optimizer = optimizer
         self._scaler = scaler
+        self._low_memory = low_memory
         self._stats = stats
         self._flush_every = flush_every
         self._closed = False
@@ -141,6 +145,8 @@ class Monitor:
                     "that trains this model (e.g. torch.optim.SGD(model.parameters(), ...))"
                 )
         self._device = self.layout.params[0].param.device
+        if low_memory is None:  # freeing and taking again is free under a caching allocator
+            self._low_memory = self._device.type != "cpu"
         self._probes = builtin_probes(stats, scaler) + list(probes)
         columns = [c for p in self._probes for c in p.columns]
         try:
@@ -236,7 +242,7 @@ class Monitor:
             unscale=self._unscale,
             n_backward=lambda: self._backwards,
             note=self._note,
-            next_recorded=lambda: self._schedule(self.step + 1),
+            keep_for_next=self._keep_for_next,
         )
         self._ctx = ctx
         for probe in self._probes:
@@ -301,6 +307,11 @@ class Monitor:
         self._recording = recording
         if self._switch_hooks:
             self.events.probe_hooks(recording)
+
+    def _keep_for_next(self) -> bool:
+        """Whether memory kept for reuse at the next recorded step stays allocated after this
+        one: unless ``low_memory`` and the next step is not recorded."""
+        return not self._low_memory or self._schedule(self.step + 1)
 
     def _capturing(self) -> bool:
         return self._recording and not self._frozen
@@ -576,6 +587,7 @@ class Monitor:
             if opt is None
             else {"type": type(opt).__name__, "defaults": _jsonable(opt.defaults)},
             "amp_scaler": self._scaler is not None,
+            "low_memory": self._low_memory,
             "memory": getattr(self, "_memory_at_close", None) or self.memory(),
             "layers": self.layout.manifest_layers(trainable),
             **{
@@ -609,12 +621,12 @@ class Monitor:
 
         ``snapshot``: the copy of the optimizer's parameters that a recorded step's update is
         measured against (0 before the first step); ``snapshot_held``: how much of it is
-        allocated now: all of it while consecutive steps are recorded (it is refilled, not
-        copied again), none between steps when the next one is not recorded (``every=k > 1``
-        frees it after each recorded step and takes a new one at the next: the way to train
-        without a resident copy). ``activation_buffers``: on the CPU, the stacking buffers of
-        the activation statistics, kept likewise. ``records``: the rows not yet flushed
-        (``flush_every`` rows). ``held``: what is allocated now, in all.
+        allocated now: all of it, refilled at each step, unless ``watch(low_memory=True)``
+        (the default on a GPU) and the next step is not recorded: then it is freed after the
+        recorded step and taken again at the next one (with ``every=k > 1``: no resident
+        copy). ``activation_buffers``: on the CPU, the stacking buffers of the activation
+        statistics, kept likewise. ``records``: the rows not yet flushed (``flush_every``
+        rows). ``held``: what is allocated now, in all.
 
         Example:
             >>> import tempfile, torch, vanishing
@@ -984,6 +996,7 @@ def watch(
     overwrite: bool = False,
     resume: bool = False,
     start_step: int | None = None,
+    low_memory: bool | None = None,
 ) -> Monitor:
     """Watch a model train: per layer and per step, how the gradient flows.
 
@@ -1024,6 +1037,12 @@ def watch(
             directory is always written.
         probes: statistics of your own (:class:`vanishing.probes.Probe`), recorded beside the
             built-in ones as extra columns of the run's tables.
+        low_memory: with ``every`` > 1, hold no copy of the parameters between recorded
+            steps: the copy a recorded step's update is measured against (and, on the CPU,
+            the activation statistics' buffers) is freed after the step and taken again at
+            the next recorded one. Default (None): on a GPU, where the caching allocator makes
+            that free; not on the CPU, where each new allocation costs page faults (a few %
+            with ``every=10``). :meth:`Monitor.memory` says what is held.
 
     Example:
         >>> import torch, tempfile, vanishing
@@ -1048,4 +1067,5 @@ def watch(
         overwrite=overwrite,
         resume=resume,
         start_step=start_step,
+        low_memory=low_memory,
     )

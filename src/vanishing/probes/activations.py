@@ -204,8 +204,8 @@ class ActivationProbe(Probe):
         if self._pending:
             rows = [i for module_rows, _ in self._pending for i in module_rows]
             row.set_modules(self.columns[0].name, rows, torch.cat([v for _, v in self._pending]))
-        if not self.ctx.next_recorded():
-            self._buffers.clear()  # kept for the next step only when it is recorded too
+        if not self.ctx.keep_for_next():
+            self._buffers.clear()
 
     def held_bytes(self) -> dict[str, int]:
         """The CPU stacking buffers kept between recorded steps (see ``Monitor.memory``)."""

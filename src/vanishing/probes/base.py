@@ -61,9 +61,9 @@ class ProbeContext:
     #: ``note(text)``: something the probe could not measure this step, kept in the manifest's
     #: ``notes`` (each text once, with the first step and how many steps it happened)
     note: Callable[[str], None] = lambda text: None
-    #: whether the step after this one is recorded (the schedule): a probe that keeps memory
-    #: for reuse at the next recorded step frees it when that step is not the next one
-    next_recorded: Callable[[], bool] = lambda: True
+    #: whether memory a probe keeps for reuse at the next recorded step stays allocated after
+    #: this one: False under ``watch(low_memory=...)`` when the next step is not recorded
+    keep_for_next: Callable[[], bool] = lambda: True
 
 
 class Probe:

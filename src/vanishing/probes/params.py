@@ -377,7 +377,7 @@ class ParamProbe(Probe):
         rows, tracker, _ = self._trainable()
         if self._weights is not None:  # the snapshot was taken by this step's step_begin
             try:
-                update = tracker.after_step(keep=self.ctx.next_recorded())
+                update = tracker.after_step(keep=self.ctx.keep_for_next())
             except Exception as e:  # noqa: BLE001 - a fused kernel failed: no update this step
                 if tracker.fused is None:
                     raise
