@@ -353,17 +353,19 @@ def setup_floor(task: Task, tmp: Path, args) -> Runner:
             if sync:
                 u.tolist(), w.tolist()
 
-    handles = [
-        opt.register_step_pre_hook(grad_norms),
-        opt.register_step_post_hook(update_norms),
-    ]
+    return _hooked_runner("floor", task, model, opt, grad_norms, update_norms)
+
+
+def _hooked_runner(key: str, task: Task, model, opt, before, after) -> Runner:
+    """A plain step with ``before`` / ``after`` as the optimizer's step pre / post hooks."""
+    handles = [opt.register_step_pre_hook(before), opt.register_step_post_hook(after)]
 
     def close() -> None:
         for h in handles:
             h.remove()
 
     step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
-    return Runner("floor", step, close=close)
+    return Runner(key, step, close=close)
 
 
 def setup_floor_fused(task: Task, tmp: Path, args) -> Runner:
@@ -394,17 +396,7 @@ def setup_floor_fused(task: Task, tmp: Path, args) -> Runner:
     def update_norms(*_args) -> None:
         update_kernel.step()
 
-    handles = [
-        opt.register_step_pre_hook(grad_norms),
-        opt.register_step_post_hook(update_norms),
-    ]
-
-    def close() -> None:
-        for h in handles:
-            h.remove()
-
-    step = plain_step(model, opt, nn.CrossEntropyLoss(), task.x, task.y)
-    return Runner("floor-fused", step, close=close)
+    return _hooked_runner("floor-fused", task, model, opt, grad_norms, update_norms)
 
 
 def setup_wandb(task: Task, tmp: Path, args) -> Runner:

@@ -12,16 +12,23 @@ import vanishing
 from helpers import mlp, row
 
 
-def test_gradient_weight_and_update_norms_match_brute_force(run_dir):
-    torch.manual_seed(0)
-    model = mlp()
+def _twins(model, steps):
+    """``model`` and an un-watched copy, an Adam for each, and ``steps`` batches."""
     twin = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(3)
     batches = [
-        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(steps)
     ]
+    return opt, twin, twin_opt, batches
+
+
+def test_gradient_weight_and_update_norms_match_brute_force(run_dir):
+    torch.manual_seed(0)
+    model = mlp()
+    opt, twin, twin_opt, batches = _twins(model, 4)
     expected = []  # per step: {name: (grad, weight, update)} from the un-watched twin
     for x, y in batches:
         twin_opt.zero_grad()
@@ -263,13 +270,7 @@ def test_no_resident_snapshot_between_recorded_steps_and_updates_stay_exact(run_
         with torch.no_grad():
             model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
         assert not model[0].weight.is_contiguous()
-    twin = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(3)
-    batches = [
-        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(7)
-    ]
+    opt, twin, twin_opt, batches = _twins(model, 7)
     expected = []
     for x, y in batches:
         twin_opt.zero_grad()

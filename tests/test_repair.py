@@ -259,7 +259,9 @@ def test_healthy_model_has_nothing_to_repair():
 
 
 # ------------------------------------------------------------------ apply, to_dict
-def test_recipe_candidate_apply_raises_with_the_loop_change():
+@pytest.fixture(scope="module")
+def recipe_repair():
+    """One repair of a deep sigmoid net prompted by a training-recipe finding."""
     model = deep_sigmoid(depth=4)
     rep = repair(
         model,
@@ -270,6 +272,11 @@ def test_recipe_candidate_apply_raises_with_the_loop_change():
         diagnosis=recipe_diagnosis(),
         progress=False,
     )
+    return model, rep
+
+
+def test_recipe_candidate_apply_raises_with_the_loop_change(recipe_repair):
+    model, rep = recipe_repair
     clip = next(c for c in rep.candidates if c.remedy == "gradient_clipping")
     with pytest.raises(ValueError, match=r"training loop.*clip_grad_norm_"):
         rep.apply(copy.deepcopy(model), clip)
@@ -280,17 +287,8 @@ def test_recipe_candidate_apply_raises_with_the_loop_change():
             rep.apply(model)
 
 
-def test_to_dict_round_trips_through_json():
-    model = deep_sigmoid(depth=4)
-    rep = repair(
-        model,
-        blobs(),
-        F.cross_entropy,
-        optimizer=sgd(0.5),
-        steps=10,
-        diagnosis=recipe_diagnosis(),
-        progress=False,
-    )
+def test_to_dict_round_trips_through_json(recipe_repair):
+    _, rep = recipe_repair
     d = rep.to_dict()
     back = json.loads(json.dumps(d, allow_nan=False))
     assert back == d
