@@ -16,6 +16,7 @@ def step_table(rows: pd.DataFrame, stat: str, columns: str = "layer", *, dropna:
 
     Example:
         >>> import pandas as pd
+        >>> from vanishing.recorder.tables import step_table
         >>> rows = pd.DataFrame({"step": [0, 0, 1, 1], "layer": ["a", "a", "a", "b"],
         ...                      "g": [1.0, 3.0, 5.0, 7.0]})
         >>> step_table(rows, "g").to_dict()

@@ -866,7 +866,7 @@ def render_sweep(
     Example:
         >>> page = render_sweep("sweeps/depth")   # doctest: +SKIP
     """
-    from vanishing.experiments.sweep import read_sweep
+    from vanishing.experiments.store import read_sweep
     from vanishing.report.plots import speed_by_layer, sweep_metric
 
     path = Path(path)
@@ -1059,7 +1059,7 @@ def write_report(target: str | os.PathLike, out: str | os.PathLike | None = None
     if kind == "run":
         text = render_run(p)
     elif kind == "sweep":
-        from vanishing.experiments.sweep import read_sweep
+        from vanishing.experiments.store import read_sweep
 
         _run_reports(p, read_sweep(p))  # each run's own page, linked from the sweep's
         dest = Path(out) if out is not None else p / "report.html"

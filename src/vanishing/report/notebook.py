@@ -305,7 +305,7 @@ def sweep_html(sweep_dir: str | os.PathLike) -> str:
         >>> "2 pending" in page, "model.depth" in page
         (True, True)
     """
-    from vanishing.experiments.sweep import read_sweep
+    from vanishing.experiments.store import read_sweep
     from vanishing.report.plots import sweep_metric
 
     path = Path(sweep_dir)
@@ -370,7 +370,7 @@ class Sweep:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from vanishing.experiments.sweep import read_sweep
+        from vanishing.experiments.store import read_sweep
 
         self.path = Path(path)
         read_sweep(self.path)  # a path that is not a sweep fails here, not at display time
@@ -378,7 +378,7 @@ class Sweep:
     @property
     def rows(self) -> list[dict[str, Any]]:
         """Every row of the results store (see :func:`vanishing.experiments.sweep.read_sweep`)."""
-        from vanishing.experiments.sweep import read_sweep
+        from vanishing.experiments.store import read_sweep
 
         return read_sweep(self.path)
 

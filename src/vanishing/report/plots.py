@@ -761,7 +761,7 @@ def sweep_metric(
     """
     import numpy as np
 
-    from vanishing.experiments.sweep import read_sweep
+    from vanishing.experiments.store import read_sweep
 
     rows = [r for r in read_sweep(sweep) if r["summary"]]
     fields = list(dict.fromkeys(k for r in rows for k in r["params"] if k != "seed"))

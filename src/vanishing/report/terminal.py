@@ -188,7 +188,7 @@ def sweep_table(sweep: str | os.PathLike):
     """
     from rich.table import Table
 
-    from vanishing.experiments.sweep import read_sweep
+    from vanishing.experiments.store import read_sweep
     from vanishing.report.formatting import metric_text
 
     rows = read_sweep(sweep)
