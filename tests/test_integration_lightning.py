@@ -209,6 +209,24 @@ def test_automatic_optimization_records_the_closures_gradients(tmp_path, module)
     assert cb.run_dir == tmp_path / "vanishing"  # logger=False: default_root_dir/vanishing
 
 
+def test_every_k_records_what_every_step_records_at_those_steps(tmp_path):
+    """every=3 under Lightning's closure: the module hooks are detached between recorded steps
+    and attached again before the closure's forward; steps 0, 3, 6 hold exactly what every=1
+    records there (activations and error signals included)."""
+    runs = {}
+    for every in (1, 3):
+        torch.manual_seed(0)
+        cb = VanishingCallback(verbose=False, every=every, run_dir=tmp_path / f"every{every}")
+        _fit(tmp_path / str(every), Net(), [cb], max_steps=8)
+        runs[every] = vanishing.load_run(cb.run_dir)
+    assert runs[3].steps.step.tolist() == [0, 3, 6]
+    full = runs[1].metrics
+    full = full[full.step.isin([0, 3, 6])].reset_index(drop=True)
+    thinned = runs[3].metrics.reset_index(drop=True)
+    assert thinned.error_norm.notna().any() and thinned.act_mean.notna().any()
+    pd.testing.assert_frame_equal(full, thinned)
+
+
 def test_accumulation_one_record_per_step_equal_to_a_plain_loop(tmp_path):
     k, steps = 3, 4
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
@@ -185,6 +186,22 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
         assert [h[key] for h in step_logs(watched)] == [h[key] for h in step_logs(plain)]
     a, b = plain.model.state_dict(), watched.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_k_records_what_every_step_records_at_those_steps(tmp_path):
+    """every=2 with accumulation: the hooks inside GPT-2 are detached between recorded steps;
+    steps 0, 2, 4 hold what every=1 records there (activations, error signals included)."""
+    runs = {}
+    for every in (1, 2):
+        cb = VanishingCallback(tmp_path / f"every{every}", every=every, print_diagnosis=False)
+        train(tmp_path, [cb], name=f"e{every}", gradient_accumulation_steps=2, max_steps=5)
+        runs[every] = vanishing.load_run(cb.run_dir)
+    assert runs[2].steps.step.tolist() == [0, 2, 4]
+    full = runs[1].metrics
+    full = full[full.step.isin([0, 2, 4])].reset_index(drop=True)
+    thinned = runs[2].metrics.reset_index(drop=True)
+    assert thinned.error_norm.notna().any() and thinned.act_mean.notna().any()
+    pd.testing.assert_frame_equal(full, thinned)
 
 
 def test_default_run_dir_diagnosis_printed_once_and_monitor_closed(tmp_path, capsys):

@@ -327,3 +327,40 @@ def test_consecutive_recorded_steps_keep_one_snapshot(run_dir):
             assert m["records"] == mon._buffer.data.numel() * 8
     manifest = vanishing.load_run(run_dir).manifest
     assert manifest["memory"]["snapshot"] == size
+
+
+def test_updates_exact_under_a_fused_optimizer_with_steps_not_recorded(run_dir):
+    """AdamW(fused=True) (the Hugging Face Trainer's default) writes the weights without
+    bumping their version counters: a snapshot kept from step 0 must not pass for step 2's."""
+    torch.manual_seed(0)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.01, fused=True)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g))] * 5
+    expected = []
+    for x, y in batches:
+        twin_opt.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+        twin_opt.step()
+        expected.append(
+            {
+                n: (before[n].norm().item(), (p.detach() - before[n]).norm().item())
+                for n, p in twin.named_parameters()
+            }
+        )
+    with vanishing.watch(model, optimizer=opt, run_dir=run_dir, every=2):
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    run = vanishing.load_run(run_dir)
+    assert run.steps.step.tolist() == [0, 2, 4]
+    for step in (0, 2, 4):
+        for name, (wn, un) in expected[step].items():
+            layer, _, param = name.rpartition(".")
+            r = row(run, step, layer, param)
+            assert r.param_norm == pytest.approx(wn, rel=1e-5), (step, name)
+            assert r.update_norm == pytest.approx(un, rel=1e-4), (step, name)

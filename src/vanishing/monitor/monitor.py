@@ -243,6 +243,7 @@ class Monitor:
             n_backward=lambda: self._backwards,
             note=self._note,
             keep_for_next=self._keep_for_next,
+            step=lambda: self.step,
         )
         self._ctx = ctx
         for probe in self._probes:

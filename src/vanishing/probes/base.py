@@ -64,6 +64,8 @@ class ProbeContext:
     #: whether memory a probe keeps for reuse at the next recorded step stays allocated after
     #: this one: False under ``watch(low_memory=...)`` when the next step is not recorded
     keep_for_next: Callable[[], bool] = lambda: True
+    #: the number of the current step (optimizer steps so far)
+    step: Callable[[], int] = lambda: 0
 
 
 class Probe:

@@ -142,6 +142,12 @@ class UpdateTracker:
             return any(g[2] is not None for g in self._groups)
         return self._snapshot is not None
 
+    def invalidate(self) -> None:
+        """The weights may have changed without a version counter showing it (a fused
+        optimizer's kernel writes the parameters in place without bumping it): the next
+        :meth:`before_step` takes the snapshot again."""
+        self._versions = None
+
     def _current(self) -> bool:
         if self._versions is None:
             return False
@@ -240,6 +246,7 @@ class ParamProbe(Probe):
         self._held = -1
         self._fused_grads: _fused.FusedSquareNorms | None = None
         self._grad_rows: list[ParamRow] = []
+        self._snapshot_step: int | None = None  # the step whose end refilled the snapshot
         # Compiled here, when the monitor attaches (never inside a step), and only at the first
         # attach: a layout revision later reuses kernels compiled for the same shapes, if any.
         first = not hasattr(self, "_measurement")
@@ -362,6 +369,11 @@ class ParamProbe(Probe):
 
     def step_begin(self) -> None:
         rows, tracker, others = self._trainable()
+        if self._snapshot_step != self.ctx.step() - 1:
+            # steps not recorded ran since the snapshot was refilled: their updates changed
+            # the weights, which the version counters miss under fused optimizers
+            # (``AdamW(fused=True)``, the Hugging Face Trainer's default)
+            tracker.invalidate()
         held = tracker.before_step()
         if not others:
             wnorm = held
@@ -384,6 +396,7 @@ class ParamProbe(Probe):
                 self._fused_failed(e)
                 return
             self._update = (tuple(r.index for r in rows), update)
+            self._snapshot_step = self.ctx.step()
 
     def measure(self, row: Row) -> None:
         if self._grads is not None:
