@@ -185,7 +185,8 @@ def autotrainer(case: Case, rep, steps: int) -> dict:
     }
 
 
-def evaluate(case: Case, steps: int, with_autotrainer: bool, **options) -> dict:
+def timed_repair(case: Case, steps: int, **options):
+    """``vanishing.repair`` on a fresh build of the case: (the Repair, its wall seconds)."""
     from vanishing.repair import repair
 
     job = case.build()
@@ -199,7 +200,11 @@ def evaluate(case: Case, steps: int, with_autotrainer: bool, **options) -> dict:
         progress=False,
         **options,
     )
-    seconds = time.perf_counter() - start
+    return rep, time.perf_counter() - start
+
+
+def evaluate(case: Case, steps: int, with_autotrainer: bool, **options) -> dict:
+    rep, seconds = timed_repair(case, steps, **options)
     out = {
         "case": case.name,
         "family": case.family,

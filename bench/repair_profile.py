@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from cases.catalog import CASES
-    from repair import plain_seconds
-    from vanishing.repair import repair
+    from repair import plain_seconds, timed_repair
 
     cases = {c.name: c for c in CASES}
     if args.case not in cases:
@@ -78,18 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     totals, phases, n = [], collections.defaultdict(list), 0
     for r in range(args.repeats + 1):  # the first is a warm-up
         spent.clear()
-        job = case.build()
-        start = time.perf_counter()
-        rep = repair(
-            job.model,
-            job.batches,
-            job.loss_fn,
-            optimizer=job.optimizer,
-            steps=args.steps,
-            progress=False,
-        )
+        rep, seconds = timed_repair(case, args.steps)
         if r:
-            totals.append(time.perf_counter() - start)
+            totals.append(seconds)
             for k, v in spent.items():
                 phases[k].append(v)
         n = len(rep.candidates)

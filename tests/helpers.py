@@ -34,3 +34,19 @@ def row(run, step, layer, param):
     sel = df[(df.step == step) & (df.layer == layer) & (df.param == param)]
     assert len(sel) == 1, (step, layer, param, len(sel))
     return sel.iloc[0]
+
+
+def assert_thinned_run_equals(full, thinned, steps, frames=("metrics",)):
+    """``thinned`` (recorded at ``steps`` only) holds exactly what ``full`` (every step) holds
+    at those steps, every column, with activation statistics and error signals among them."""
+    import pandas as pd
+
+    assert thinned.steps.step.tolist() == list(steps)
+    for frame in frames:
+        a = getattr(full, frame)
+        a = a[a.step.isin(list(steps))].reset_index(drop=True)
+        b = getattr(thinned, frame).reset_index(drop=True)
+        assert len(b) > 0
+        pd.testing.assert_frame_equal(a, b)
+    m = thinned.metrics
+    assert m.error_norm.notna().any() and m.act_mean.notna().any()

@@ -13,7 +13,6 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
@@ -26,6 +25,7 @@ from transformers import (  # noqa: E402
 )
 
 import vanishing  # noqa: E402
+from helpers import assert_thinned_run_equals  # noqa: E402
 from vanishing.integrations.transformers import VanishingCallback  # noqa: E402
 
 
@@ -196,12 +196,7 @@ def test_every_k_records_what_every_step_records_at_those_steps(tmp_path):
         cb = VanishingCallback(tmp_path / f"every{every}", every=every, print_diagnosis=False)
         train(tmp_path, [cb], name=f"e{every}", gradient_accumulation_steps=2, max_steps=5)
         runs[every] = vanishing.load_run(cb.run_dir)
-    assert runs[2].steps.step.tolist() == [0, 2, 4]
-    full = runs[1].metrics
-    full = full[full.step.isin([0, 2, 4])].reset_index(drop=True)
-    thinned = runs[2].metrics.reset_index(drop=True)
-    assert thinned.error_norm.notna().any() and thinned.act_mean.notna().any()
-    pd.testing.assert_frame_equal(full, thinned)
+    assert_thinned_run_equals(runs[1], runs[2], [0, 2, 4])
 
 
 def test_default_run_dir_diagnosis_printed_once_and_monitor_closed(tmp_path, capsys):

@@ -12,17 +12,43 @@ import vanishing
 from helpers import mlp, row
 
 
-def _twins(model, steps):
-    """``model`` and an un-watched copy, an Adam for each, and ``steps`` batches."""
+def _twins(model, steps, optimizer=lambda params: torch.optim.Adam(params, lr=0.01)):
+    """``model`` and an un-watched copy, an optimizer for each, and ``steps`` batches."""
     twin = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
+    opt = optimizer(model.parameters())
+    twin_opt = optimizer(twin.parameters())
     g = torch.Generator().manual_seed(3)
     batches = [
         (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g))
         for _ in range(steps)
     ]
     return opt, twin, twin_opt, batches
+
+
+def _train(model, opt, batches, after_step=lambda: None):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        after_step()
+
+
+def _true_norms(twin, twin_opt, batches):
+    """Per step, per parameter: (weight norm before the step, update norm), trained here."""
+    out = []
+    for x, y in batches:
+        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+        _train(twin, twin_opt, [(x, y)])
+        out.append(
+            {
+                n: (
+                    before[n].double().norm().item(),
+                    (p.detach() - before[n]).double().norm().item(),
+                )
+                for n, p in twin.named_parameters()
+            }
+        )
+    return out
 
 
 def test_gradient_weight_and_update_norms_match_brute_force(run_dir):
@@ -271,40 +297,24 @@ def test_no_resident_snapshot_between_recorded_steps_and_updates_stay_exact(run_
             model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
         assert not model[0].weight.is_contiguous()
     opt, twin, twin_opt, batches = _twins(model, 7)
-    expected = []
-    for x, y in batches:
-        twin_opt.zero_grad()
-        nn.functional.cross_entropy(twin(x), y).backward()
-        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
-        twin_opt.step()
-        expected.append(
-            {n: (p.detach() - before[n]).double().norm().item() for n, p in twin.named_parameters()}
-        )
+    expected = _true_norms(twin, twin_opt, batches)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     held = []
     watch = {"every": 3, "low_memory": True}
     with vanishing.watch(model, optimizer=opt, run_dir=run_dir, **watch) as mon:
-        for x, y in batches:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            held.append(mon.memory()["snapshot_held"])
+        _train(model, opt, batches, lambda: held.append(mon.memory()["snapshot_held"]))
         assert mon.memory()["snapshot"] == size
     # the CPU's default keeps the copy (a new allocation costs page faults there)
     kept = []
     with vanishing.watch(twin, optimizer=twin_opt, run_dir=run_dir.parent / "kept", every=3) as mon:
-        for x, y in batches:
-            twin_opt.zero_grad()
-            nn.functional.cross_entropy(twin(x), y).backward()
-            twin_opt.step()
-            kept.append(mon.memory()["snapshot_held"])
+        _train(twin, twin_opt, batches, lambda: kept.append(mon.memory()["snapshot_held"]))
     assert kept == [size] * 7
     # recorded: 0, 3, 6; each is followed by a step that is not: nothing held after any step
     assert held == [0] * 7
     run = vanishing.load_run(run_dir)
     assert run.steps.step.tolist() == [0, 3, 6]
     for step in (0, 3, 6):
-        for name, un in expected[step].items():
+        for name, (_, un) in expected[step].items():
             layer, _, param = name.rpartition(".")
             assert row(run, step, layer, param).update_norm == pytest.approx(un, rel=1e-4)
 
@@ -334,28 +344,11 @@ def test_updates_exact_under_a_fused_optimizer_with_steps_not_recorded(run_dir):
     bumping their version counters: a snapshot kept from step 0 must not pass for step 2's."""
     torch.manual_seed(0)
     model = mlp()
-    twin = copy.deepcopy(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
-    twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.01, fused=True)
-    g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g))] * 5
-    expected = []
-    for x, y in batches:
-        twin_opt.zero_grad()
-        nn.functional.cross_entropy(twin(x), y).backward()
-        before = {n: p.detach().clone() for n, p in twin.named_parameters()}
-        twin_opt.step()
-        expected.append(
-            {
-                n: (before[n].norm().item(), (p.detach() - before[n]).norm().item())
-                for n, p in twin.named_parameters()
-            }
-        )
+    fused = lambda params: torch.optim.AdamW(params, lr=0.01, fused=True)  # noqa: E731
+    opt, twin, twin_opt, batches = _twins(model, 5, fused)
+    expected = _true_norms(twin, twin_opt, batches)
     with vanishing.watch(model, optimizer=opt, run_dir=run_dir, every=2):
-        for x, y in batches:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        _train(model, opt, batches)
     run = vanishing.load_run(run_dir)
     assert run.steps.step.tolist() == [0, 2, 4]
     for step in (0, 2, 4):

@@ -128,7 +128,6 @@ class Monitor:
             torch._dynamo.reset()
         self._optimizer = optimizer
         self._scaler = scaler
-        self._low_memory = low_memory
         self._stats = stats
         self._flush_every = flush_every
         self._closed = False
@@ -145,8 +144,8 @@ class Monitor:
                     "that trains this model (e.g. torch.optim.SGD(model.parameters(), ...))"
                 )
         self._device = self.layout.params[0].param.device
-        if low_memory is None:  # freeing and taking again is free under a caching allocator
-            self._low_memory = self._device.type != "cpu"
+        # default: on a GPU, where the caching allocator makes freeing and taking again free
+        self._low_memory = self._device.type != "cpu" if low_memory is None else low_memory
         self._probes = builtin_probes(stats, scaler) + list(probes)
         columns = [c for p in self._probes for c in p.columns]
         try:

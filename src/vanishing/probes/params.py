@@ -108,6 +108,7 @@ class UpdateTracker:
             p.device.type == "cpu" and p.is_contiguous() for p in views
         )
         self._versions: list[int] | None = None
+        self._refilled_at = -2  # the number of the step whose end refilled the snapshot
         if fused is not None:
             self.grouped = False
             self._weight_norms: list[float] = []
@@ -142,24 +143,24 @@ class UpdateTracker:
             return any(g[2] is not None for g in self._groups)
         return self._snapshot is not None
 
-    def invalidate(self) -> None:
-        """The weights may have changed without a version counter showing it (a fused
-        optimizer's kernel writes the parameters in place without bumping it): the next
-        :meth:`before_step` takes the snapshot again."""
-        self._versions = None
-
-    def _current(self) -> bool:
-        if self._versions is None:
+    def _current(self, step: int | None) -> bool:
+        """Whether the snapshot holds the weights as they are: refilled at the end of the step
+        just before ``step`` (steps in between changed the weights, which the version counters
+        miss under fused optimizers: ``AdamW(fused=True)``, the Hugging Face Trainer's default,
+        writes the parameters without bumping them), and no version counter moved since."""
+        if self._versions is None or (step is not None and step != self._refilled_at + 1):
             return False
         return all(p._version == v for p, v in zip(self.params, self._versions))
 
     def _in_order(self, grouped: list[float]) -> Tensor:
         return torch.tensor([grouped[pos] for pos in self._position], dtype=torch.float64)
 
-    def before_step(self) -> Tensor:
-        """Take the snapshot (unless the last one is still current); return the weight norms."""
+    def before_step(self, step: int | None = None) -> Tensor:
+        """Take the snapshot (unless the last one is still current); return the weight norms.
+
+        ``step``: the number of the step about to be taken (see :meth:`after_step`)."""
         if self.fused is not None:
-            if not self._current():
+            if not self._current(step):
                 self._weight_norms = self.fused.refill()
             return torch.tensor(self._weight_norms, dtype=torch.float64)
         if not self.grouped:
@@ -169,7 +170,7 @@ class UpdateTracker:
             else:
                 torch._foreach_copy_(self._snapshot, views)
             return l2_norms(views)
-        if not self._current():
+        if not self._current(step):
             self._weight_norms = []
             for g, (idx, flat, snapshot, _) in enumerate(self._groups):
                 if snapshot is None:  # released after the last step: a fresh one
@@ -180,7 +181,7 @@ class UpdateTracker:
                 self._weight_norms += _row_norms(snapshot)
         return self._in_order(self._weight_norms)
 
-    def after_step(self, keep: bool = True) -> Tensor:
+    def after_step(self, keep: bool = True, step: int | None = None) -> Tensor:
         """The norm of the change each parameter went through since :meth:`before_step`.
 
         On the CPU this also measures the new weights' norms while they are in cache: they are
@@ -189,8 +190,11 @@ class UpdateTracker:
         ``keep=False`` (the next step is not recorded, so the snapshot could not be reused):
         the snapshot is freed instead of refilled, and the next :meth:`before_step` takes a new
         one; between steps the monitor then holds no copy of the parameters. The compiled
-        (fused) path keeps its own.
+        (fused) path keeps its own. ``step``: this step's number; a snapshot refilled here is
+        reused only by ``before_step(step + 1)`` (without numbers: whenever no version counter
+        moved).
         """
+        self._refilled_at = step if step is not None else -2
         if self.fused is not None:
             update_norms, self._weight_norms = self.fused.step()
             self._versions = [p._version for p in self.params]
@@ -246,7 +250,6 @@ class ParamProbe(Probe):
         self._held = -1
         self._fused_grads: _fused.FusedSquareNorms | None = None
         self._grad_rows: list[ParamRow] = []
-        self._snapshot_step: int | None = None  # the step whose end refilled the snapshot
         # Compiled here, when the monitor attaches (never inside a step), and only at the first
         # attach: a layout revision later reuses kernels compiled for the same shapes, if any.
         first = not hasattr(self, "_measurement")
@@ -369,12 +372,7 @@ class ParamProbe(Probe):
 
     def step_begin(self) -> None:
         rows, tracker, others = self._trainable()
-        if self._snapshot_step != self.ctx.step() - 1:
-            # steps not recorded ran since the snapshot was refilled: their updates changed
-            # the weights, which the version counters miss under fused optimizers
-            # (``AdamW(fused=True)``, the Hugging Face Trainer's default)
-            tracker.invalidate()
-        held = tracker.before_step()
+        held = tracker.before_step(self.ctx.step())
         if not others:
             wnorm = held
         else:
@@ -389,14 +387,13 @@ class ParamProbe(Probe):
         rows, tracker, _ = self._trainable()
         if self._weights is not None:  # the snapshot was taken by this step's step_begin
             try:
-                update = tracker.after_step(keep=self.ctx.keep_for_next())
+                update = tracker.after_step(keep=self.ctx.keep_for_next(), step=self.ctx.step())
             except Exception as e:  # noqa: BLE001 - a fused kernel failed: no update this step
                 if tracker.fused is None:
                     raise
                 self._fused_failed(e)
                 return
             self._update = (tuple(r.index for r in rows), update)
-            self._snapshot_step = self.ctx.step()
 
     def measure(self, row: Row) -> None:
         if self._grads is not None:
