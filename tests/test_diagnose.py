@@ -622,3 +622,41 @@ def test_the_loss_stagnating_and_weights_drifting_are_evidence_and_notes(tmp_pat
     w = run.metrics[(run.metrics.param == "weight") & (run.metrics.layer == "0")]
     assert w.param_norm.iloc[-1] / w.param_norm.iloc[0] - 1 < -0.5
     assert f.evidence["weight_norm_change"] < -0.5 and "drift toward zero: their" in text
+
+
+def test_a_trained_fixup_stream_adding_up_is_a_note_and_a_flat_one_is_a_finding(tmp_path):
+    """A residual MLP whose branches start at zero (Fixup) trains its loss down 1000x; by then
+    its stream's gradient grows toward the input as the trained branches add theirs (10-100x
+    over 10 blocks, no forward growth): a note, not an explosion. The same weights trained on
+    at a learning rate that cannot move the loss give the same growth, now with a loss that
+    does not fall: then it is reported."""
+    import re
+
+    from cases.catalog import PlainResNet, blobs
+
+    torch.manual_seed(0)
+    model = PlainResNet(10, zero=True)
+    batches = blobs()
+
+    def train(name, opt, steps):
+        with vanishing.watch(model, opt, run_dir=tmp_path / name, every=4) as mon:
+            for i in range(steps):
+                x, y = batches[i % len(batches)]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            run = vanishing.load_run(mon.run_dir)
+            return run, mon.diagnose()
+
+    run, diag = train("trained", torch.optim.Adam(model.parameters(), lr=1e-3), 100)
+    loss = run.steps.sort_values("step")["loss"].to_numpy()
+    assert loss[-10:].mean() / loss[:10].mean() < 0.01  # it trains
+    assert "exploding_gradient" not in diag.kinds
+    (note,) = [n for n in diag.notes if "adding up along the residual stream" in n]
+    growth = float(re.search(r"\(([\d.]+)x first to last", note).group(1))
+    assert 10 <= growth < 100  # the regime the note is about: past the plain 10x criterion
+
+    _, flat = train("flat", torch.optim.SGD(model.parameters(), lr=1e-12), 100)
+    (f,) = [f for f in flat.findings if f.kind == "exploding_gradient"]
+    assert f.severity == "warning" and f.evidence["loss_last_over_first"] > 0.5
+    assert 10 <= f.evidence["first_to_last_ratio"] < 100

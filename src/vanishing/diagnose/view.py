@@ -23,6 +23,7 @@ from vanishing.recorder.semantics import (
     repeated_blocks,
 )
 from vanishing.recorder.tables import step_table
+from vanishing.stats.names import ACTIVATION_STATS
 
 #: a stack of repeated blocks is judged through depth per role across blocks from this many on
 MIN_BLOCKS = 3
@@ -135,7 +136,11 @@ class RunView:
         ``grad_norm``, ``param_norm``, ``update_norm`` (root of the sum of squares over the
         unit's weights), ``update_ratio`` and ``grad_ratio`` (those norms over ``param_norm``;
         a unit of one weight keeps its recorded ratios)."""
-        return self._weight_units(self.recent_metrics)
+        # the window's rows of the whole run's table: each row is one step's, so filtering
+        # after grouping gives what grouping the window's rows gives, and the run's table is
+        # built anyway (the loss and weight-drift signs read it)
+        u = self.all_weight_units
+        return u[u["step"].isin(self.window_steps)].reset_index(drop=True)
 
     @cached_property
     def all_weight_units(self) -> pd.DataFrame:
@@ -427,8 +432,27 @@ class RunView:
         act = self.activation_after.get(layer)
         if act is None:
             return float("nan")
-        vals = self.recent_rows(act, "")[stat].dropna()
-        return float(vals.median()) if not vals.empty else float("nan")
+        if stat not in ACTIVATION_STATS:
+            vals = self.recent_rows(act, "")[stat].dropna()
+            return float(vals.median()) if not vals.empty else float("nan")
+        return self._activation_medians.get((act, stat), float("nan"))
+
+    @cached_property
+    def _activation_medians(self) -> dict[tuple[str, str], float]:
+        """Every module's window median of every activation statistic, in one grouping (the
+        cause attribution asks for three statistics of each hidden layer)."""
+        m = self.recent_metrics
+        cols = [c for c in ACTIVATION_STATS if c in m.columns]
+        if m.empty or not cols or "param" not in m:
+            return {}
+        rows = m[m["param"] == ""]
+        medians = rows.groupby(rows["layer"].astype(str), sort=False)[cols].median()
+        return {
+            (layer, stat): float(v)
+            for stat in cols
+            for layer, v in medians[stat].items()
+            if not math.isnan(v)
+        }
 
     @cached_property
     def normalization_layers(self) -> list[str]:

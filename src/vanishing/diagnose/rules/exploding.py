@@ -36,14 +36,21 @@ MIN_GROWTH_PER_BLOCK = 1.25
 #: contributions adding up: trained pre-/post-LN encoders of 6-10 blocks read 10-20x per role
 #: while their stream's gradient stays within 10x. Only growth beyond this is an explosion there.
 MIN_FIRST_TO_LAST_NORMALIZED_STACK = 100.0
+#: an unnormalised stack whose branches trained away from zero (Fixup, ReZero) adds their
+#: gradients up the same bounded way: growth back below the normalised bound, with no forward
+#: growth, in a run whose loss fell to at most this share of its initial value, is that (a note);
+#: a compounding stream that trains this well is not a problem to report
+MAX_LOSS_SHARE_BOUNDED_STACK = 0.1
 
 
 def check(view: RunView) -> RuleResult:
     """The rule: its findings and its notes (see the module doc)."""
-    return RuleResult(_through_depth(view) + _through_time(view) + _huge_updates(view), [])
+    notes: list[str] = []
+    found = _through_depth(view, notes) + _through_time(view) + _huge_updates(view)
+    return RuleResult(found, notes)
 
 
-def _through_depth(view: RunView) -> list[Finding]:
+def _through_depth(view: RunView, notes: list[str]) -> list[Finding]:
     label, table = view.depth_signal
     grows_back = False
     evidence: dict[str, float] = {}
@@ -99,6 +106,16 @@ def _through_depth(view: RunView) -> list[Finding]:
                     last_to_first_activation_std=10 ** trend_f["span"],
                 )
     if not (grows_back or forward_growth):
+        return []
+    if grows_back and not forward_growth and _bounded_and_training(view, evidence, blocks):
+        notes.append(
+            f"the {label} grows {evidence['growth_per_layer']:.2f}x per block back through "
+            f"{table.shape[1]} blocks ({evidence['first_to_last_ratio']:.1f}x first to last, "
+            f"under {MIN_FIRST_TO_LAST_NORMALIZED_STACK:g}x) while the loss fell to "
+            f"{view.loss_curve['last_over_first']:.2g} of its initial value and the stream's "
+            "activations do not compound: the branches' gradients adding up along the residual "
+            "stream, not an explosion"
+        )
         return []
     members = view.members(layers)
     hidden = [n for n in members if n in view.by_name and view.by_name[n]["role"] == "layer"]
@@ -189,6 +206,19 @@ def _through_depth(view: RunView) -> list[Finding]:
             per_layer=factors,
         )
     ]
+
+
+def _bounded_and_training(view: RunView, evidence: dict[str, float], blocks: bool) -> bool:
+    """A residual stack's growth toward the input that stays within the normalised stacks'
+    bound while the run trains well (see MAX_LOSS_SHARE_BOUNDED_STACK)."""
+    if not blocks or view.block_norms[0]:
+        return False  # a normalised stack has its own bound, already applied
+    fell = view.loss_curve.get("last_over_first")
+    return (
+        evidence["first_to_last_ratio"] < MIN_FIRST_TO_LAST_NORMALIZED_STACK
+        and fell is not None
+        and fell <= MAX_LOSS_SHARE_BOUNDED_STACK
+    )
 
 
 def _through_time(view: RunView) -> list[Finding]:
