@@ -2,6 +2,7 @@
 backprop (BP1-BP4), his update rule, the qualitative result of his chapter 5, and the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,11 +16,14 @@ from vanishing.experiments.reproductions import nielsen
 
 
 def _cli(*args, cwd=None):
+    # a fixed width: the child's COLUMNS otherwise depends on the runner (under pytest 9.2
+    # subprocesses were seen to get COLUMNS=80, which wraps the table headers asserted on)
     return subprocess.run(
         [sys.executable, "-m", "vanishing", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env={**os.environ, "COLUMNS": "120"},
     )
 
 
