@@ -171,8 +171,12 @@ class ResNet(nn.Module):
 
 
 def conv_chain(widths, norm=True, he=False):
+    """3x3 convs (BatchNorm after each when ``norm``), ReLU; "M" in ``widths``: a 2x2 max-pool."""
     layers, c = [], 1
     for w in widths:
+        if w == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
         conv = nn.Conv2d(c, w, 3, padding=1)
         if he:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -240,6 +244,12 @@ MODELS = {
     "gru": (lambda: RecurrentLM(nn.GRU), "tokens", "adam"),
     "resnet": (ResNet, "digits", "sgdm"),
     "vgg_bn": (lambda: conv_chain((16, 16, 32, 32, 64, 64)), "digits", "sgdm"),
+    "vgg_bn_pool": (lambda: conv_chain((16, 16, "M", 32, 32, "M", 64, 64)), "digits", "sgdm"),
+    "vgg_pool": (
+        lambda: conv_chain((16, 16, "M", 32, 32, "M", 64, 64), False, True),
+        "digits",
+        "sgdm",
+    ),
     "mobilenet": (mobile, "digits", "sgdm"),
     "vit": (ViT, "digits", "adamw"),
     "mlp_ln_gelu": (mlp, "digits", "adamw"),
