@@ -227,8 +227,10 @@ def _bounded_and_training(
     stack's or a normalised chain's, within the normalised stacks' bound while the run trains
     well (see MAX_LOSS_SHARE_BOUNDED_STACK)."""
     if blocks:
-        if view.block_norms[0]:
-            return False  # a normalised stack has its own bound, already applied
+        if view.block_norms[0] or view.skip_connections is not True:
+            # a normalised stack has its own bound, already applied; repeated blocks without
+            # a measured skip connection (or no model to measure it on) are no residual stream
+            return False
     elif not _normalized_chain(view, table):
         return False
     fell = view.loss_curve.get("last_over_first")
