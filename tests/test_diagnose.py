@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -714,3 +715,72 @@ def test_a_trained_vgg_bn_chain_adding_up_is_a_note_and_a_deep_bn_mlp_is_a_findi
         (f,) = [f for f in mon.diagnose().findings if f.kind == "exploding_gradient"]
     assert 10 <= f.evidence["first_to_last_ratio"] < 100
     assert f.evidence["loss_last_over_first"] > 0.5
+
+
+def test_the_error_profile_is_the_rms_over_recorded_entries_so_pooling_is_not_growth(tmp_path):
+    """Each layer's error entries (batch x channels x positions) are recorded beside its norm,
+    checked against autograd; the depth profile is the RMS norm / sqrt(entries), so a trained
+    VGG whose 2x2 max-pools shrink the maps 16x between its first and last conv layers (its
+    error norm per channel then grows ~4x toward the input from positions alone) is not read
+    as an exploding gradient."""
+    from sklearn.datasets import load_digits
+
+    from vanishing.diagnose.view import RunView
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    layers, c = [], 1
+    for w in (16, 16, "M", 32, 32, "M", 64, 64):
+        if w == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        conv = nn.Conv2d(c, w, 3, padding=1)
+        _he(conv.weight)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU()]
+        c = w
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    convs = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    outputs = {}
+    hooks = [
+        model[int(n)].register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out))
+        for n in convs
+    ]
+    with vanishing.watch(model, opt, run_dir=tmp_path / "vgg", every=5) as mon:
+        for step in range(300):
+            for group in opt.param_groups:
+                group["lr"] = 0.05 * min(1.0, (step + 1) / 30)
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if step == 0:  # autograd's own gradients w.r.t. each conv output: the oracle
+                for out in outputs.values():
+                    out.retain_grad()
+            loss.backward()
+            if step == 0:
+                truth = {n: (float(o.grad.norm()), o.grad.numel()) for n, o in outputs.items()}
+                for h in hooks:
+                    h.remove()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        diag = mon.diagnose()
+    run = vanishing.load_run(mon.run_dir)
+    m = run.metrics
+    first = m[(m.step == 0) & (m.param == "")].set_index("layer")
+    for n, (norm, numel) in truth.items():
+        assert first.loc[n, "error_numel"] == numel  # 64 x 16 x 64 down to 64 x 64 x 4
+        assert first.loc[n, "error_norm"] == pytest.approx(norm, rel=1e-5)
+    label, table = RunView(run).depth_signal
+    rows = m[(m.param == "") & m.step.isin(table.index)]
+    norm = rows.pivot_table(index="step", columns="layer", values="error_norm")[convs]
+    numel = rows.pivot_table(index="step", columns="layer", values="error_numel")[convs]
+    assert label == "error signal" and list(table.columns) == convs
+    assert np.allclose(table.to_numpy(), (norm / np.sqrt(numel)).to_numpy())
+    # per channel (the profile before the entry counts) the positions add 4x of growth
+    per_channel = norm.median() / np.sqrt([16, 16, 32, 32, 64, 64])
+    assert per_channel.iloc[0] / per_channel.iloc[-1] > 10
+    assert "exploding_gradient" not in diag.kinds

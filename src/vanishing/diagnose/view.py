@@ -354,7 +354,7 @@ class RunView:
             return pd.DataFrame()
         else:
             names = self.hidden
-            if stat == "error_norm":
+            if stat in ("error_norm", "error_numel"):
                 # a layer whose output goes straight into a normalization is read after it:
                 # before it, the gradient carries 1/spread of the layer's own output
                 # (semantics.error_source), e.g. 10x through 4 healthy conv+BN layers
@@ -383,14 +383,35 @@ class RunView:
             table = self.profile(stat, param)
             if not table.empty and table.notna().any().sum() >= 3:
                 table = table.dropna(axis=1, how="all")
-                units = [self.units(c, param or "bias") for c in table.columns]
-                table = table / np.sqrt(np.asarray(units, dtype=float))
+                entries = self._error_entries(table) if stat == "error_norm" else None
+                if entries is not None:
+                    # the gradient's RMS over its entries: a conv map's norm also grows with
+                    # sqrt(positions), which pooling and strides change from layer to layer
+                    table = table / np.sqrt(entries)
+                else:  # per output unit (runs recorded before the entry counts)
+                    units = [self.units(c, param or "bias") for c in table.columns]
+                    table = table / np.sqrt(np.asarray(units, dtype=float))
                 if self.depth_unit == "block":
                     table = self.by_block(table)
                     if table.empty or table.notna().any().sum() < MIN_BLOCKS:
                         continue
                 out.append((label, table))
         return out
+
+    def _error_entries(self, table: pd.DataFrame) -> np.ndarray | None:
+        """The entry counts behind an error-signal table (``error_numel``, read where the table
+        reads the error), cell by cell; None unless every recorded cell has one."""
+        if "error_numel" not in self.metrics:
+            return None
+        numel = self.profile("error_numel")
+        if numel.empty:
+            return None
+        numel = numel.reindex(index=table.index, columns=table.columns)
+        values = numel.to_numpy(dtype=float)
+        recorded = table.notna().to_numpy()
+        if not (np.isfinite(values[recorded]).all() and (values[recorded] > 0).all()):
+            return None
+        return values
 
     @property
     def depth_signal(self) -> tuple[str, pd.DataFrame]:

@@ -25,11 +25,18 @@ class ErrorSignalProbe(Probe):
     backward passes (accumulation) likewise. Values are unscaled under AMP, per backward pass.
     """
 
-    columns = (Column("error_norm", "module", "mean"),)
+    #: ``error_numel``: the entries of the gradient the norm is over (batch x features x
+    #: positions), so that layers whose maps differ in size (pooling, strides) compare by the
+    #: gradient's RMS, not by a norm that grows with the map (docs/run-format.md)
+    columns = (
+        Column("error_norm", "module", "mean"),
+        Column("error_numel", "module", "mean", "linear"),
+    )
 
     def attach(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
         self._hooks: dict[int, Any] = {}
+        self._numel_cache: dict[tuple, Tensor] = {}  # kept across steps (see _numel_tensor)
         for row in ctx.layout.modules:
             if row.owns_params and row.kind is None:
                 ctx.events.on_output(row.module, functools.partial(self._on_output, row))
@@ -38,6 +45,7 @@ class ErrorSignalProbe(Probe):
     def reset(self) -> None:
         self._pending: list[tuple[list[int], Tensor]] = []  # (module rows, norms)
         self._values: list[tuple[int, float]] = []  # CPU: (module row, norm)
+        self._numel: list[tuple[int, float]] = []  # (module row, entries): known without a sync
 
     def _on_output(self, row: ModuleRow, module, args: tuple, output: Any) -> None:
         if not (self.ctx.capturing() and torch.is_grad_enabled()):
@@ -54,6 +62,7 @@ class ErrorSignalProbe(Probe):
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         g = grad.detach()
+        self._numel.append((index, float(g.numel())))
         if g.device.type == "cpu":
             # Measured now, while the gradient is in cache, as a Python float; the floats of
             # all layers become one tensor at the end of the backward pass.
@@ -80,3 +89,23 @@ class ErrorSignalProbe(Probe):
         if self._pending:
             rows = [i for module_rows, _ in self._pending for i in module_rows]
             row.set_modules("error_norm", rows, torch.cat([v for _, v in self._pending]))
+        if self._numel:
+            rows = [i for i, _ in self._numel]
+            row.set_modules("error_numel", rows, self._numel_tensor(row))
+
+    def _numel_tensor(self, row: Row) -> Tensor:
+        """The step's entry counts as a float64 tensor where the buffer lives; the same counts
+        step after step are uploaded to a GPU once (cached by value: no copy per step)."""
+        values = tuple(n for _, n in self._numel)
+        device = torch.device("cpu") if row.host else self._pending_device()
+        key = (values, device)
+        cached = self._numel_cache.get(key)
+        if cached is None:
+            if len(self._numel_cache) > 64:  # shapes that change every step: keep a few
+                self._numel_cache.clear()
+            cached = torch.tensor(values, dtype=torch.float64, device=device)
+            self._numel_cache[key] = cached
+        return cached
+
+    def _pending_device(self) -> torch.device:
+        return self._pending[0][1].device if self._pending else torch.device("cpu")

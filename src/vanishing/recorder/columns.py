@@ -98,7 +98,7 @@ def by_level(columns: Iterable[Column]) -> dict[str, tuple[Column, ...]]:
     Example:
         >>> from vanishing.recorder.columns import BUILTIN, by_level
         >>> {k: len(v) for k, v in by_level(BUILTIN).items()}
-        {'step': 3, 'param': 5, 'module': 8, 'time': 1}
+        {'step': 3, 'param': 5, 'module': 9, 'time': 1}
     """
     out: dict[str, list[Column]] = {level: [] for level in LEVELS}
     seen: dict[tuple[str, str], Column] = {}

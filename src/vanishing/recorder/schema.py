@@ -33,8 +33,10 @@ PARAM_STATS = (
 )
 #: Derived per-parameter ratios, computed when a block is written.
 PARAM_RATIOS = ("grad_ratio", "update_ratio")
-#: Per-module statistics (rows with param == "").
-MODULE_STATS = ("error_norm", *ACTIVATION_STATS)
+#: Per-module statistics (rows with param == ""); ``error_numel``: the entries the error
+#: signal's norm is over, last so that the older columns keep their places (runs recorded
+#: before 2026-12-02 lack it).
+MODULE_STATS = ("error_norm", *ACTIVATION_STATS, "error_numel")
 #: Per-step statistics.
 STEP_STATS = ("loss", "loss_nonfinite", "n_backward")
 

@@ -65,11 +65,18 @@ __all__ = [
 ]
 
 
+#: per-layer columns that are not statistics to show: the error signal's entry count, which
+#: the diagnosis divides the error norm by (docs/run-format.md)
+AUXILIARY = ("error_numel",)
+
+
 def _aggregated(level: str, scale: str) -> tuple[str, ...]:
     # the per-layer columns of the metrics table, by their declared scale; counts (reduce
     # "sum": the non-finite counts) are not averaged: the first non-finite step is read instead
     return tuple(
-        c.name for c in BUILTIN if c.level == level and c.scale == scale and c.reduce != "sum"
+        c.name
+        for c in BUILTIN
+        if c.level == level and c.scale == scale and c.reduce != "sum" and c.name not in AUXILIARY
     )
 
 
