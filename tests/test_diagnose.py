@@ -53,6 +53,35 @@ def _he(w):
     nn.init.kaiming_normal_(w, nonlinearity="relu")
 
 
+def _digit_images():
+    """scikit-learn's digits as 1x8x8 images in [0, 1], and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0, torch.tensor(
+        d.target
+    )
+
+
+def _vgg(widths, norm):
+    """3x3 conv layers on the digits, ReLU, "M" a 2x2 max-pool, a linear head: with ``norm`` a
+    BatchNorm after each conv (PyTorch's init), else no norm and He-initialised convs."""
+    layers, c = [], 1
+    for w in widths:
+        if w == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        conv = nn.Conv2d(c, w, 3, padding=1)
+        if norm:
+            layers += [conv, nn.BatchNorm2d(w), nn.ReLU()]
+        else:
+            _he(conv.weight)
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU()]
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
 def test_deep_sigmoid_vanishes_at_init_and_in_training(run_dir):
     torch.manual_seed(0)
     model = _mlp(10)
@@ -669,17 +698,9 @@ def test_a_trained_vgg_bn_chain_adding_up_is_a_note_and_a_deep_bn_mlp_is_a_findi
     a note; 30 Linear-BN-ReLU layers whose loss stays up read 10-100x too, and are reported."""
     import re
 
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target)
+    x, y = _digit_images()
     torch.manual_seed(0)
-    layers, c = [], 1
-    for w in (16, 16, 32, 32, 64, 64):
-        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
-        c = w
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    model = _vgg((16, 16, 32, 32, 64, 64), norm=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     with vanishing.watch(model, opt, run_dir=tmp_path / "vgg", every=5) as mon:
@@ -723,25 +744,11 @@ def test_the_error_profile_is_the_rms_over_recorded_entries_so_pooling_is_not_gr
     VGG whose 2x2 max-pools shrink the maps 16x between its first and last conv layers (its
     error norm per channel then grows ~4x toward the input from positions alone) is not read
     as an exploding gradient."""
-    from sklearn.datasets import load_digits
-
     from vanishing.diagnose.view import RunView
 
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target)
+    x, y = _digit_images()
     torch.manual_seed(0)
-    layers, c = [], 1
-    for w in (16, 16, "M", 32, 32, "M", 64, 64):
-        if w == "M":
-            layers.append(nn.MaxPool2d(2))
-            continue
-        conv = nn.Conv2d(c, w, 3, padding=1)
-        _he(conv.weight)
-        nn.init.zeros_(conv.bias)
-        layers += [conv, nn.ReLU()]
-        c = w
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    model = _vgg((16, 16, "M", 32, 32, "M", 64, 64), norm=False)
     convs = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
