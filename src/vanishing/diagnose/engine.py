@@ -73,7 +73,8 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
         "is judged"
     ]
     try:
-        label, _ = view.depth_signal
+        label, table = view.depth_signal
+        scale = table.attrs.get("scale", "per unit")
     except Exception:  # noqa: BLE001 - see above
         label = ""
     if label:
@@ -89,7 +90,7 @@ def diagnose_run(run: Any, model: Any = None) -> Diagnosis:
                 f"; not judged through depth: {len(view.stack_blocks)} repeated blocks are too "
                 "few to compare a role across them"
             )
-        notes.append(f"gradient through depth read from the {label} (per unit){where}")
+        notes.append(f"gradient through depth read from the {label} ({scale}){where}")
     elif view.stack_blocks and len(view.stack_blocks) < 3:
         notes.append(
             f"not judged through depth: {len(view.stack_blocks)} repeated blocks are too few to "

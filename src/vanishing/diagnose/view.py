@@ -387,14 +387,15 @@ class RunView:
                 if entries is not None:
                     # the gradient's RMS over its entries: a conv map's norm also grows with
                     # sqrt(positions), which pooling and strides change from layer to layer
-                    table = table / np.sqrt(entries)
+                    table, scale = table / np.sqrt(entries), "RMS over its entries"
                 else:  # per output unit (runs recorded before the entry counts)
                     units = [self.units(c, param or "bias") for c in table.columns]
-                    table = table / np.sqrt(np.asarray(units, dtype=float))
+                    table, scale = table / np.sqrt(np.asarray(units, dtype=float)), "per unit"
                 if self.depth_unit == "block":
                     table = self.by_block(table)
                     if table.empty or table.notna().any().sum() < MIN_BLOCKS:
                         continue
+                table.attrs["scale"] = scale  # how layers were made comparable (the notes say)
                 out.append((label, table))
         return out
 
