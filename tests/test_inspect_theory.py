@@ -234,3 +234,31 @@ def test_the_notebook_view_of_an_inspection_puts_the_model_on_the_phase_diagram(
     assert [p[1] for p in points] == pytest.approx(actual, rel=1e-9)
     assert [p[2] for p in points] == [0.0, 0.0, 0.0]  # biases zeroed
     assert 'alt="phase diagram"' not in diagnosis_html(vanishing.Diagnosis(findings=[]))
+
+
+class _Keyword(nn.Module):
+    """The same deep linear net, its forward taking keyword arguments (a Hugging Face-style
+    batch): ``features`` and a multiplicative ``mask``."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, features, mask):
+        return self.body(features * mask)
+
+
+def test_a_mapping_batch_is_passed_as_keyword_arguments():
+    torch.manual_seed(0)
+    sw2 = [1.0, 0.5, 0.5, 0.5, 1.0]
+    layers = [_linear(128, 128, s) for s in sw2[:-1]] + [_linear(128, 4, sw2[-1])]
+    model = _Keyword(layers)
+    x = torch.randn(64, 128)
+    inputs = {"features": x, "mask": torch.ones_like(x)}
+    diag = vanishing.inspect(model, inputs, torch.randint(0, 4, (64,)), nn.functional.cross_entropy)
+    actual = [m.in_features * float(m.weight.detach().double().square().mean()) for m in layers]
+    # the prediction ran the keyword forward: sqrt(sw2_1 sw2_2 sw2_3) by hand, over hidden 0..3
+    assert diag.theory["predicted_ratio"] == pytest.approx(
+        math.sqrt(math.prod(actual[1:4])), rel=1e-9
+    )
+    assert diag.theory["measured_ratio"] == pytest.approx(diag.theory["predicted_ratio"], rel=0.3)

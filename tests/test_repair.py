@@ -719,3 +719,54 @@ def test_swaps_follow_a_depth_finding_on_a_saturating_net():
     assert _saturating_hidden(tanh, x)
     assert not _saturating_hidden(relu, x)  # the sigmoid after the output layer is its output
     assert not _saturating_hidden(nn.RNN(4, 8), torch.randn(5, 3, 4))  # tanh inside nn.RNN
+
+
+class _KeywordSigmoidNet(nn.Module):
+    """A forward of keyword arguments, as Hugging Face models take a batch: ``features`` and a
+    0/1 ``mask`` over them."""
+
+    def __init__(self, depth=8, width=32, d_in=16, classes=4):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = []
+        for i in range(depth):
+            layers += [nn.Linear(d_in if i == 0 else width, width), nn.Sigmoid()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, features, mask):
+        return self.head(self.body(features * mask))
+
+
+def test_mapping_inputs_are_passed_as_keyword_arguments():
+    batches = [({"features": x, "mask": torch.ones_like(x)}, y) for x, y in blobs()]
+    model = _KeywordSigmoidNet()
+    rep = repair(
+        model,
+        batches,
+        F.cross_entropy,
+        optimizer=sgd(0.5),
+        steps=20,
+        diagnosis=recipe_diagnosis(),
+        progress=False,
+    )
+    # the baseline is the loop that calls model(**inputs), written out
+    base = copy.deepcopy(model)
+    opt = sgd(0.5)(base.parameters())
+    losses = []
+    for step in range(20):
+        inputs, y = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(base(**inputs), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert rep.loss_before == pytest.approx(tail_mean(losses), rel=1e-6)
+    # a model change traces the keyword forward: a norm after each of the 8 hidden layers
+    from vanishing.repair.transforms import apply_remedy
+
+    changed = copy.deepcopy(model)
+    apply_remedy(changed, "batch_norm", example_inputs=batches[0][0])
+    norms = [n for n, m in changed.named_modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms == [f"body.{2 * i}.1" for i in range(8)]
+    assert changed(**batches[0][0]).shape == (64, 4)

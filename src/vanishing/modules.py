@@ -4,10 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["_unwrap"]
+__all__ = ["_unwrap", "call_model"]
 
 #: wrapper types whose ``.module`` is the model the user wrote
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def call_model(model: Any, inputs: Any) -> Any:
+    """``model`` on one batch's inputs, the one way the package calls a user's model on a batch
+    (repair's runs and traces, ``inspect``, the theory's prediction): keyword arguments when
+    ``inputs`` is a mapping (a Hugging Face batch: ``input_ids``, ``attention_mask``...), else
+    ``model(inputs)`` whatever ``inputs`` is (a tensor, a tuple the forward unpacks itself).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.modules import call_model
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x, scale=1.0):
+        ...         return x * scale
+        >>> call_model(Net(), {"x": torch.ones(2), "scale": 3.0}).tolist()
+        [3.0, 3.0]
+    """
+    from collections.abc import Mapping
+
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 def _unwrap(model: Any) -> Any:

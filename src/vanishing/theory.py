@@ -748,6 +748,8 @@ def predict(model: Any, inputs: Any, *, nodes: int = NODES) -> Prediction:
     """
     import torch
 
+    from vanishing.modules import call_model
+
     nodes = _check_nodes(nodes)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"predict() needs a torch.nn.Module, got {type(model).__name__}")
@@ -761,7 +763,7 @@ def predict(model: Any, inputs: Any, *, nodes: int = NODES) -> Prediction:
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            output = model(inputs)
+            output = call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -42,7 +42,7 @@ def inspect(model, inputs, targets, loss_fn: Callable) -> Diagnosis:
     import torch
 
     from vanishing.diagnose.engine import diagnose_run
-    from vanishing.modules import _unwrap
+    from vanishing.modules import _unwrap, call_model
     from vanishing.monitor import Monitor, WatchError
     from vanishing.monitor.monitor import suspended
     from vanishing.recorder.reader import load_run
@@ -68,7 +68,7 @@ def inspect(model, inputs, targets, loss_fn: Callable) -> Diagnosis:
             root.train()
             # a model being trained under a monitor: that one hears nothing of this batch
             with suspended(model), Monitor(model, run_dir=f"{tmp}/run", flush_every=1):
-                loss = loss_fn(model(inputs), targets)
+                loss = loss_fn(call_model(model, inputs), targets)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise WatchError("loss_fn must return a scalar tensor")
                 loss.backward()

@@ -513,6 +513,7 @@ def _train(
 
     import vanishing
     from vanishing.diagnose.findings import Diagnosis
+    from vanishing.modules import call_model
     from vanishing.recorder.reader import load_run
 
     start = time.perf_counter()
@@ -538,7 +539,7 @@ def _train(
         for step in range(steps):
             inputs, targets = batches[step % len(batches)]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs), targets)
+            loss = loss_fn(call_model(model, inputs), targets)
             loss.backward()
             if record_norms and step < norm_steps:
                 grads = [p.grad.detach().norm() for p in params if p.grad is not None]
@@ -1047,8 +1048,9 @@ def repair(
     """Try the diagnosis' remedies on copies of ``model`` and say which one is measured to fix it.
 
     ``batches``: ``(inputs, targets)`` pairs, cycled for ``steps`` (K) steps, the same for the
-    baseline and every candidate (an iterator is read once, up to K batches). ``loss_fn(outputs,
-    targets)`` returns a scalar. ``optimizer``: a function of the parameters returning an
+    baseline and every candidate (an iterator is read once, up to K batches); inputs that are a
+    mapping (a Hugging Face batch) are passed as keyword arguments, ``model(**inputs)``.
+    ``loss_fn(outputs, targets)`` returns a scalar. ``optimizer``: a function of the parameters returning an
     optimizer (default SGD, lr 0.1) or an optimizer instance (a fresh one of its class and
     hyperparameters is made for each copy). ``diagnosis``: the diagnosis to repair (default: the
     baseline's own, after its K steps). ``seed``: ``torch.manual_seed`` before each copy is

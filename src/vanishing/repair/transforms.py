@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,7 @@ from torch import Tensor, nn
 
 from vanishing import activations
 from vanishing.diagnose.findings import REMEDIES
+from vanishing.modules import call_model
 from vanishing.monitor.layout import Layout
 
 __all__ = [
@@ -181,17 +182,14 @@ def _is_weight_layer(m: nn.Module) -> bool:
     return isinstance(m, _WEIGHT_LAYERS)
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    # called as the repair engine's training loop calls it: ``model(inputs)`` of a batch's
-    # (inputs, targets), whatever ``inputs`` is
-    return model(inputs)
-
-
 def _out_shape(out: Any) -> tuple | None:
     if isinstance(out, Tensor):
         return tuple(out.shape)
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return tuple(out[0].shape)  # an RNN's (output, state): the output
+    if isinstance(out, Mapping):  # a Hugging Face ModelOutput: its first field (the logits)
+        first = next((v for v in out.values() if isinstance(v, Tensor)), None)
+        return tuple(first.shape) if first is not None else None
     return None
 
 
@@ -280,7 +278,7 @@ def _run(model: nn.Module, inputs: Any, *, what: str) -> Any:
     model.eval()
     try:
         with torch.no_grad():
-            return _call(model, inputs)
+            return call_model(model, inputs)
     except Exception as e:  # noqa: BLE001 -- any failure of a user's forward is the reason
         raise NotApplicable(f"{what} fails: {type(e).__name__}: {e}".splitlines()[0]) from e
     finally:
