@@ -180,3 +180,29 @@ def test_error_source_is_the_normalization_right_after_a_layer():
              ("4", "ReLU"), ("5", "BatchNorm1d"), ("6", "Linear")]]  # fmt: skip
     # a norm after an activation is not the layer's own normalization
     assert [error_source(info, n) for n in ("0", "3", "6", "missing")] == ["1", "3", "6", "missing"]
+
+
+def test_a_frozen_first_layer_is_passed_over_by_the_ratio_and_the_live_tag(tmp_path):
+    from vanishing.sinks.scalars import ScalarSelector
+
+    torch.manual_seed(0)
+    model = mlp(depth=5)
+    for p in model[0].parameters():  # the first hidden layer, frozen as in fine-tuning
+        p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    by_hand = []  # autograd's own bias gradients: layer 2 (the first that learns) over layer 8
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r") as mon:
+        for _ in range(6):
+            opt.zero_grad()
+            x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            by_hand.append(float(model[2].bias.grad.norm() / model[8].bias.grad.norm()))
+            opt.step()
+    run = vanishing.load_run(mon.run_dir)
+    assert run.hidden[0] == "0"  # still a hidden layer of the model (its error signal counts)
+    assert list(run.speeds().columns) == ["2", "4", "6", "8"]
+    assert run.first_last_ratio() == pytest.approx(float(np.median(by_hand)), rel=1e-5)
+    sel = ScalarSelector()
+    sel.observe_manifest(run.manifest)
+    assert "0" not in sel.units and list(sel.units)[0] == "2"

@@ -389,7 +389,10 @@ def speed_units(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
     more) is one unit per stacked layer, named as :func:`param_unit` names it (``rnn.l0``,
     ``rnn.l1``, ``rnn.l0_reverse``) and read at that layer's own bias (``bias_ih_l1``; its
     weight when it has none). torch runs such a stack as one module, yet its layers are its
-    depth: the first/last ratio of an LSTM stack is its first layer over its last.
+    depth: the first/last ratio of an LSTM stack is its first layer over its last. A unit whose
+    parameter is frozen (``trainable`` false in the manifest: ``requires_grad=False`` or not
+    given to the optimizer) is left out: it does not learn, so the first/last ratio compares
+    the first and last layers that do.
 
     Example:
         >>> from vanishing.recorder.semantics import speed_units
@@ -413,13 +416,22 @@ def speed_units(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
         if len(stacked) > 1:
             for own in stacked.values():
                 param = _speed_param(own)
-                if param is not None:
+                if param is not None and _learns(by_name[layer], param):
                     units.append((param_unit(layer, param), layer, param))
             continue
         src = speed_source(layer_info, layer)
-        if src is not None:
+        if src is not None and _learns(by_name.get(src[0], {}), src[1]):
             units.append((layer, *src))
     return units
+
+
+def _learns(layer: Mapping[str, Any], param: str) -> bool:
+    """Whether ``param`` of ``layer`` is trained (the manifest's ``trainable``; runs that do
+    not say are taken as trained): a frozen layer has no speed of learning to compare."""
+    for p in layer.get("params", []):
+        if str(p.get("name")) == param:
+            return bool(p.get("trainable", True))
+    return True
 
 
 def first_last_ratio(first: Any, last: Any, *, steps: Iterable[int] | None = None) -> float | None:
