@@ -545,7 +545,7 @@ class _Gated(nn.Module):
 
 
 def test_skip_connections_are_found_from_a_trace():
-    from vanishing.diagnose.causes import skip_connections
+    from vanishing.modules import skip_connections
 
     class Bias(nn.Module):  # adding a constant is not a skip connection
         def __init__(self):
@@ -685,11 +685,18 @@ def test_a_trained_fixup_stream_adding_up_is_a_note_and_a_flat_one_is_a_finding(
     (note,) = [n for n in diag.notes if "adding up boundedly along the residual stream" in n]
     growth = float(re.search(r"\(([\d.]+)x first to last", note).group(1))
     assert 10 <= growth < 100  # the regime the note is about: past the plain 10x criterion
+    # without the model (`vanishing diagnose RUN`): the skip connections the monitor traced
+    closed = vanishing.load_run(run.path)  # read after close (`run` was read before it)
+    assert closed.manifest["skip_connections"] is True
+    alone = closed.diagnose()
+    assert "exploding_gradient" not in alone.kinds
+    assert any("adding up boundedly along the residual stream" in n for n in alone.notes)
 
-    _, flat = train("flat", torch.optim.SGD(model.parameters(), lr=1e-12), 100)
+    flat_run, flat = train("flat", torch.optim.SGD(model.parameters(), lr=1e-12), 100)
     (f,) = [f for f in flat.findings if f.kind == "exploding_gradient"]
     assert f.severity == "warning" and f.evidence["loss_last_over_first"] > 0.5
     assert 10 <= f.evidence["first_to_last_ratio"] < 100
+    assert "exploding_gradient" in vanishing.load_run(flat_run.path).diagnose().kinds
 
 
 def test_a_trained_vgg_bn_chain_adding_up_is_a_note_and_a_deep_bn_mlp_is_a_finding(tmp_path):

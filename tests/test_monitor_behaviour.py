@@ -480,3 +480,58 @@ def _hook_count_of(model):
         for m in model.modules()
         if id(m) not in entries
     )
+
+
+class _CountingBlock(nn.Module):
+    """``x + f(x)``, counting its calls as some forwards do (a schedule, a cache)."""
+
+    def __init__(self, width=4, skip=True):
+        super().__init__()
+        self.f = nn.Linear(width, width)
+        self.skip = skip
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.f(x) if self.skip else self.f(x)
+
+
+class _Branchy(nn.Module):
+    """A forward torch.fx cannot trace: control flow on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.f(x) if x.sum() > 0 else self.f(x)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (lambda: nn.Sequential(_CountingBlock(), _CountingBlock(), nn.Linear(4, 2)), True),
+        (lambda: nn.Sequential(_CountingBlock(skip=False), nn.Tanh(), nn.Linear(4, 2)), False),
+        (lambda: nn.Sequential(_Branchy(), nn.Linear(4, 2)), None),
+    ],
+    ids=["residual", "plain", "untraceable"],
+)
+def test_the_manifest_says_whether_the_model_has_skip_connections(tmp_path, model, expected):
+    import json
+
+    torch.manual_seed(0)
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with vanishing.watch(net, opt, run_dir=tmp_path / "r") as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 4)).sum().backward()
+            opt.step()
+        mid = json.loads((tmp_path / "r" / "manifest.json").read_text())
+        assert mid["skip_connections"] is None  # known only once training is over
+    assert (
+        json.loads((tmp_path / "r" / "manifest.json").read_text())["skip_connections"] is expected
+    )
+    assert vanishing.load_run(mon.run_dir).manifest["skip_connections"] is expected
+    # the trace ran the forward's Python, and its call counters read the 3 real calls
+    assert [m.calls for m in net.modules() if isinstance(m, _CountingBlock)] in ([3, 3], [3], [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["_unwrap", "call_model"]
+__all__ = ["_unwrap", "call_model", "skip_connections"]
 
 #: wrapper types whose ``.module`` is the model the user wrote
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
@@ -78,3 +78,84 @@ def local(t: Any) -> Any:
 def is_packed(x: Any) -> bool:
     """Whether ``x`` is a ``torch.nn.utils.rnn.PackedSequence``."""
     return type(x).__name__ == "PackedSequence" and hasattr(x, "batch_sizes")
+
+
+_MISSING = object()
+
+#: modules whose own forward adds a skip connection (their internals are not traced)
+_RESIDUAL_MODULES = ("TransformerEncoderLayer", "TransformerDecoderLayer")
+
+
+def skip_connections(model: Any) -> bool | None:
+    """Whether ``model`` adds a tensor to one computed from it through a layer with parameters
+    (``x + f(x)``: a skip connection), read from a ``torch.fx`` trace; None when the model
+    cannot be traced (data-dependent control flow).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.modules import skip_connections
+        >>> class Block(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.f = torch.nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return x + torch.relu(self.f(x))
+        >>> skip_connections(Block()), skip_connections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        (True, False)
+    """
+    import operator
+    import warnings
+
+    import torch
+    import torch.fx as fx
+
+    if any(type(m).__name__ in _RESIDUAL_MODULES for m in model.modules()):
+        return True
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, name: str) -> bool:
+            return type(m).__name__ in _RESIDUAL_MODULES or super().is_leaf_module(m, name)
+
+    # Tracing runs the forward's Python on proxies: a forward that counts its calls
+    # (``self.calls += 1``) or caches something would keep the change; put every module's
+    # attributes back as they were (rebound ones; a container mutated in place stays)
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means "unknown"
+        return None
+    finally:
+        for m, before in saved:
+            now = m.__dict__
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+    modules = dict(model.named_modules())
+    ancestors: dict[fx.Node, set] = {}
+    for node in graph.nodes:
+        seen: set = set()
+        for source in node.all_input_nodes:
+            seen |= ancestors[source] | {source}
+        ancestors[node] = seen
+
+    def has_params(node: fx.Node) -> bool:
+        return node.op == "call_module" and any(True for _ in modules[node.target].parameters())
+
+    adds = (operator.add, operator.iadd, torch.add)
+    for node in graph.nodes:
+        is_add = (node.op == "call_function" and node.target in adds) or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        )
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if is_add else []
+        if len(operands) != 2:
+            continue
+        for x, y in (operands, operands[::-1]):
+            if x in ancestors[y]:
+                path = (ancestors[y] - ancestors[x] - {x}) | {y}
+                if any(has_params(n) for n in path):
+                    return True
+    return False

@@ -21,7 +21,6 @@ with it.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
@@ -139,67 +138,3 @@ def attribute(view: RunView, layers: list[str], *, growing: bool) -> tuple[str, 
         if not skip:
             cause += "; no skip connection gives the gradient a path around the layers"
     return cause, ev, per_layer
-
-
-#: modules whose own forward adds a skip connection (their internals are not traced)
-_RESIDUAL_MODULES = ("TransformerEncoderLayer", "TransformerDecoderLayer")
-
-
-def skip_connections(model: Any) -> bool | None:
-    """Whether ``model`` adds a tensor to one computed from it through a layer with parameters
-    (``x + f(x)``: a skip connection), read from a ``torch.fx`` trace; None when the model
-    cannot be traced (data-dependent control flow).
-
-    Example:
-        >>> import torch
-        >>> from vanishing.diagnose.causes import skip_connections
-        >>> class Block(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.f = torch.nn.Linear(4, 4)
-        ...     def forward(self, x):
-        ...         return x + torch.relu(self.f(x))
-        >>> skip_connections(Block()), skip_connections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-        (True, False)
-    """
-    import operator
-
-    import torch
-    import torch.fx as fx
-
-    if any(type(m).__name__ in _RESIDUAL_MODULES for m in model.modules()):
-        return True
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: torch.nn.Module, name: str) -> bool:
-            return type(m).__name__ in _RESIDUAL_MODULES or super().is_leaf_module(m, name)
-
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure means "unknown"
-        return None
-    modules = dict(model.named_modules())
-    ancestors: dict[fx.Node, set] = {}
-    for node in graph.nodes:
-        seen: set = set()
-        for source in node.all_input_nodes:
-            seen |= ancestors[source] | {source}
-        ancestors[node] = seen
-
-    def has_params(node: fx.Node) -> bool:
-        return node.op == "call_module" and any(True for _ in modules[node.target].parameters())
-
-    adds = (operator.add, operator.iadd, torch.add)
-    for node in graph.nodes:
-        is_add = (node.op == "call_function" and node.target in adds) or (
-            node.op == "call_method" and node.target in ("add", "add_")
-        )
-        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if is_add else []
-        if len(operands) != 2:
-            continue
-        for x, y in (operands, operands[::-1]):
-            if x in ancestors[y]:
-                path = (ancestors[y] - ancestors[x] - {x}) | {y}
-                if any(has_params(n) for n in path):
-                    return True
-    return False

@@ -125,8 +125,7 @@ def model_facts(model: Any) -> dict[str, dict[str, float]]:
     """
     import torch
 
-    from vanishing.diagnose.causes import skip_connections
-    from vanishing.modules import _unwrap
+    from vanishing.modules import _unwrap, skip_connections
 
     root = _unwrap(model)
     out: dict[str, dict[str, float]] = {}

@@ -547,8 +547,14 @@ class RunView:
 
     @property
     def skip_connections(self) -> bool | None:
-        """Whether the watched model has skip connections (None: not known from the records)."""
+        """Whether the watched model has skip connections: measured on the model when the
+        diagnosis has it, else as the monitor traced it at close (the manifest's
+        ``skip_connections``); None when neither knows (an untraceable forward, an old run)."""
         value = self.facts.get("<model>", {}).get("skip_connections")
+        if value is None:
+            manifest = getattr(self.run, "manifest", None)
+            recorded = manifest.get("skip_connections") if isinstance(manifest, dict) else None
+            value = recorded if isinstance(recorded, bool) else None  # a damaged one: unknown
         return None if value is None else bool(value)
 
     def weight_gain(self, layer: str) -> float:

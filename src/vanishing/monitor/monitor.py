@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from vanishing.modules import _unwrap as unwrap
+from vanishing.modules import skip_connections
 from vanishing.monitor.buffer import Buffer
 from vanishing.monitor.events import Events
 from vanishing.monitor.layout import Layout, entry_modules
@@ -590,6 +591,8 @@ class Monitor:
             "low_memory": self._low_memory,
             "memory": getattr(self, "_memory_at_close", None) or self.memory(),
             "layers": self.layout.manifest_layers(trainable),
+            # known at close (null before, and for a forward torch.fx cannot trace)
+            "skip_connections": getattr(self, "_skip_connections", None),
             **{
                 k: v
                 for p in self._probes
@@ -709,6 +712,13 @@ class Monitor:
         finally:
             self._closed = True
         self._flush_quietly()
+        # Traced once training is over (the hooks removed), so the trace cannot touch a step;
+        # it lets a diagnosis without the model (`vanishing diagnose RUN`) know the model's
+        # skip connections, as one with the model measures them.
+        try:
+            self._skip_connections = skip_connections(self._root)
+        except Exception:  # noqa: BLE001 - unknown, as for an untraceable forward
+            self._skip_connections = None
         # the word a config run's summary uses too; "failed" when the `with` block raised
         self._status = "failed" if self._failed else "completed"
         try:
