@@ -1050,19 +1050,19 @@ def repair(
     ``batches``: ``(inputs, targets)`` pairs, cycled for ``steps`` (K) steps, the same for the
     baseline and every candidate (an iterator is read once, up to K batches); inputs that are a
     mapping (a Hugging Face batch) are passed as keyword arguments, ``model(**inputs)``.
-    ``loss_fn(outputs, targets)`` returns a scalar. ``optimizer``: a function of the parameters returning an
-    optimizer (default SGD, lr 0.1) or an optimizer instance (a fresh one of its class and
-    hyperparameters is made for each copy). ``diagnosis``: the diagnosis to repair (default: the
-    baseline's own, after its K steps). ``seed``: ``torch.manual_seed`` before each copy is
-    changed and trained (the global RNG is restored afterwards). ``progress``: a progress bar
-    (rich), False for none, or ``f(label, done, total)`` called per step. ``workers`` > 1:
-    candidates in that many forked worker processes (the inputs need not pickle; the results
-    do); 0 or 1: in this process, one after the other. ``run_dir``: keep each run's records in
-    ``run_dir/<baseline|NN-remedy>`` (default: a temporary directory, removed after).
-    ``margin``: the fraction by which a loss must be lower (see :func:`verdict`). ``every``:
-    the monitor records every ``every``-th step of each run (default ``max(1, steps //
-    RECORDED_STEPS)``: about 25 recorded steps a run, the regime the diagnosis is validated in,
-    at a fraction of the cost of recording every step).
+    ``loss_fn(outputs, targets)`` returns a scalar. ``optimizer``: a function of the parameters
+    returning an optimizer (default SGD, lr 0.1) or an optimizer instance (a fresh one of its
+    class and hyperparameters is made for each copy). ``diagnosis``: the diagnosis to repair
+    (default: the baseline's own, after its K steps). ``seed``: ``torch.manual_seed`` before
+    each copy is changed and trained (the global RNG is restored afterwards). ``progress``: a
+    progress bar (rich), False for none, or ``f(label, done, total)`` called per step.
+    ``workers`` > 1: candidates in that many forked worker processes (the inputs need not
+    pickle; the results do); 0 or 1: in this process, one after the other. ``run_dir``: keep
+    each run's records in ``run_dir/<baseline|NN-remedy>`` (default: a temporary directory,
+    removed after). ``margin``: the fraction by which a loss must be lower (see
+    :func:`verdict`). ``every``: the monitor records every ``every``-th step of each run
+    (default ``max(1, steps // RECORDED_STEPS)``: about 25 recorded steps a run, the regime the
+    diagnosis is validated in, at a fraction of the cost of recording every step).
 
     The model is never changed (nor its ``.grad``): everything trains on deep copies. Cost:
     (N + 1) x K training steps for N candidates, plus one diagnosis each. A healthy baseline
