@@ -104,6 +104,25 @@ def test_dash_h_is_help_for_every_command():
         assert "Usage:" in short.stdout
 
 
+def test_every_commands_help_paragraphs_are_rewrapped_to_the_terminal():
+    # rich keeps a help text's single newlines: a paragraph written over several source lines
+    # showed in `vanishing --help` as ragged lines of the source's width
+    import typer
+
+    from vanishing.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert len(group.commands) >= 8
+    for name, command in group.commands.items():
+        for paragraph in (command.help or "").strip().split("\n\n"):
+            assert "\n" not in paragraph.strip(), (name, paragraph)
+    listing = _cli("--help", env={"COLUMNS": "80"}).stdout
+    assert (
+        "│ fix        Repair an experiment: its remedies tried for K steps, the best    │"
+        in listing
+    )
+
+
 def test_a_bad_set_is_named_as_the_set_not_the_config_file(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[model]\ndepth = 3\n")

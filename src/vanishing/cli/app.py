@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 import warnings
 
@@ -90,6 +91,17 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _rewrapped(text: str) -> str:
+    """A help text with each paragraph on one line: rich keeps single newlines, so a docstring
+    paragraph written over several source lines would show as ragged lines of the source's
+    width; one line per paragraph is rewrapped to the terminal."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
 for _name in COMMAND_MODULES:
     if importlib.util.find_spec(f"vanishing.cli.{_name}") is not None:
         importlib.import_module(f"vanishing.cli.{_name}").register(app)
+for _info in app.registered_commands:
+    _doc = _info.help or inspect.getdoc(_info.callback)
+    if _doc:
+        _info.help = _rewrapped(_doc)

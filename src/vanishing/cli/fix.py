@@ -21,10 +21,12 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="Output directory (default runs/fix-<name>-<date-time>)."
         ),
     ) -> None:
-        """Repair an experiment: the diagnosis' remedies tried on copies of its model for K
-        steps on the same batches, the best one a config field can express written as
-        fixed.toml and checked on its own, with a before/after report. Exit 0 when a fix was
-        found (or nothing needed fixing), 1 when none was, 2 on bad input."""
+        """Repair an experiment: its remedies tried for K steps, the best written as fixed.toml.
+
+        The diagnosis' remedies are tried on copies of its model for K steps on the same
+        batches; the best one a config field can express is written as fixed.toml and checked
+        on its own, with a before/after report. Exit 0 when a fix was found (or nothing needed
+        fixing), 1 when none was, 2 on bad input."""
 
         from vanishing.cli.app import fail, stdout_console
         from vanishing.experiments.config import ConfigError
