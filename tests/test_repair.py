@@ -338,10 +338,20 @@ def test_workers_give_the_same_candidates_as_one_process():
     model = deep_sigmoid(depth=3)
     kw = dict(optimizer=sgd(0.5), steps=10, diagnosis=recipe_diagnosis(), progress=False)
     one = repair(model, blobs(), F.cross_entropy, **kw)
+    calls = []
+    kw["progress"] = lambda label, done, total: calls.append((label, done, total))
     two = repair(model, blobs(), F.cross_entropy, workers=2, **kw)
     assert [(c.remedy, c.options, c.loss_after) for c in one.candidates] == [
         (c.remedy, c.options, c.loss_after) for c in two.candidates
     ]
+    # the bar moves as each candidate finishes: K steps under its name, not all at the end
+    labels = [label for label, _, _ in calls]
+    assert labels[:10] == ["baseline"] * 10 and [d for _, d, _ in calls] == list(
+        range(1, len(calls) + 1)
+    )
+    blocks = [labels[i : i + 10] for i in range(10, len(labels), 10)]
+    assert len(blocks) == len(two.candidates) and all(len(set(b)) == 1 for b in blocks)
+    assert sorted(b[0] for b in blocks) == sorted(f"{c.remedy} (workers)" for c in two.candidates)
 
 
 # ------------------------------------------------------------------ the verdict rules

@@ -1355,13 +1355,21 @@ def _in_workers(job, plans, workers, advance, first_index: int = 0) -> list[Prob
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures import as_completed
+
     _WORKER_JOB.update(job=job, plans=plans, first_index=first_index)
+    results: list[Probe | None] = [None] * len(plans)
     try:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = list(pool.map(_worker, range(len(plans))))
+            futures = {pool.submit(_worker, i): i for i in range(len(plans))}
+            # the bar moves by a candidate's K steps as each one finishes (the workers' steps
+            # are not reported one by one)
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                for _ in range(job["steps"]):
+                    advance(f"{plans[i].remedy} (workers)")
     finally:
         _WORKER_JOB.clear()
-    for _ in range(job["steps"] * len(plans)):
-        advance("candidates (workers)")
     return results
