@@ -346,3 +346,37 @@ def test_accelerate_wrapper_with_a_grad_scaler_records_unscaled_values(tmp_path)
         got = m[m.step == step].sort_values("depth")["grad_norm"].tolist()
         assert got == pytest.approx(expected, rel=1e-5)
         assert (m[m.step == step]["update_norm"] > 0).all()
+
+
+def test_llama_silu_activations_are_measured(tmp_path):
+    # transformers' ACT2FN["silu"] is its own SiLUActivation class (F.silu): the MLPs of Llama,
+    # Mistral and Qwen; their activation statistics equal the hooked outputs' own, by hand
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    act = model.model.layers[1].mlp.act_fn
+    assert type(act).__name__ == "SiLUActivation"
+    seen = {}
+    act.register_forward_hook(lambda m, a, out: seen.update(z=a[0].detach(), y=out.detach()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    name = "model.layers.1.mlp.act_fn"
+    row = run.metrics.query("step == 1 and layer == @name and param == ''").iloc[0]
+    z, y = seen["z"].double(), seen["y"].double()
+    zg = z.clone().requires_grad_(True)
+    (dphi,) = torch.autograd.grad(torch.nn.functional.silu(zg).sum(), zg)
+    assert row["act_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
+    assert row["act_deriv_mean"] == pytest.approx(float(dphi.mean()), rel=1e-5)
+    assert not any("SiLUActivation" in n for n in run.diagnose(model).notes)

@@ -358,10 +358,10 @@ UNMEASURED: tuple[str, ...] = (
     "QuickGELUActivation",
     "ClippedGELUActivation",
     "MishActivation",
-    "SiLUActivation",
     "LaplaceActivation",
     "ReLUSquaredActivation",
     "XIELUActivation",
+    "SqrtSoftplusActivation",
 )
 
 
@@ -647,7 +647,15 @@ for _activation in (
         **_HE,
     ),
     Activation(
-        "silu", ("SiLU",), _silu, 1.0998393, input_needed=True, tails="lower", signed=True, **_HE
+        "silu",
+        # Hugging Face's SiLUActivation (ACT2FN["silu"]: Llama, Mistral, Qwen MLPs) is F.silu
+        ("SiLU", "SiLUActivation"),
+        _silu,
+        1.0998393,
+        input_needed=True,
+        tails="lower",
+        signed=True,
+        **_HE,
     ),
 ):
     register(_activation)
