@@ -372,8 +372,9 @@ def test_llama_silu_activations_are_measured(tmp_path):
             loss.backward()
             opt.step()
     run = vanishing.load_run(tmp_path / "r")
-    name = "model.layers.1.mlp.act_fn"
-    row = run.metrics.query("step == 1 and layer == @name and param == ''").iloc[0]
+    m = run.metrics
+    at = (m["step"] == 1) & (m["layer"] == "model.layers.1.mlp.act_fn") & (m["param"] == "")
+    row = m[at].iloc[0]
     z, y = seen["z"].double(), seen["y"].double()
     zg = z.clone().requires_grad_(True)
     (dphi,) = torch.autograd.grad(torch.nn.functional.silu(zg).sum(), zg)

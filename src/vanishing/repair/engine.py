@@ -1353,9 +1353,7 @@ def _worker(index: int) -> Probe:
 def _in_workers(job, plans, workers, advance, first_index: int = 0) -> list[Probe]:
     """Candidates in forked processes: the job is inherited, only the results are pickled."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from concurrent.futures import as_completed
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     _WORKER_JOB.update(job=job, plans=plans, first_index=first_index)
     results: list[Probe | None] = [None] * len(plans)
