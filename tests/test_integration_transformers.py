@@ -381,3 +381,13 @@ def test_llama_silu_activations_are_measured(tmp_path):
     assert row["act_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
     assert row["act_deriv_mean"] == pytest.approx(float(dphi.mean()), rel=1e-5)
     assert not any("SiLUActivation" in n for n in run.diagnose(model).notes)
+    # its LlamaRMSNorm modules are normalisation layers, not hidden layers of the depth profile
+    from vanishing.recorder.semantics import hidden_layers, is_normalization
+
+    norms = [x["name"] for x in run.layer_info if is_normalization(x["type"])]
+    assert norms == [
+        "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+        "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+        "model.norm",
+    ]  # fmt: skip
+    assert not set(norms) & set(hidden_layers(run.layer_info))

@@ -492,6 +492,19 @@ def test_norms_that_cannot_apply_say_why():
         apply_remedy(normed, "batch_norm", example_inputs=X)
     with pytest.raises(NotApplicable, match="no hidden"):
         apply_remedy(nn.Linear(4, 1), "layer_norm")
+
+    class LlamaRMSNorm(nn.Module):  # a model's own norm class (Hugging Face's, by its name)
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    for norm in (nn.RMSNorm(8), LlamaRMSNorm(8)):
+        own = nn.Sequential(nn.Linear(4, 8), norm, nn.Tanh(), nn.Linear(8, 1))
+        with pytest.raises(NotApplicable, match="already normalised"):
+            apply_remedy(own, "layer_norm", example_inputs=X)
     with pytest.raises(NotApplicable, match="inside TransformerEncoderLayer"):
         apply_remedy(encoder(), "layer_norm", example_inputs=torch.randn(2, 5, 16))
 

@@ -53,6 +53,12 @@ def test_normalization_and_embedding_types():
         True
     ] * 3
     assert not is_normalization("Linear") and not is_normalization("Embedding")
+    # a model's own norm classes (Hugging Face's, torchvision's, ConvNeXt's) are norms too; a
+    # fused norm + projection that owns the projection's weight is not
+    own = ("LlamaRMSNorm", "T5LayerNorm", "SyncBatchNorm", "FrozenBatchNorm2d", "LayerNorm2d")
+    assert all(is_normalization(t) for t in own)
+    for t in ("LayerNormLinear", "LayerNormMLP", "NormalizedLinear", "BatchNormalizer"):
+        assert not is_normalization(t), t
     assert is_embedding("Embedding") and is_embedding("EmbeddingBag")
     assert is_embedding("PositionalEmbedding") and not is_embedding("Linear")
 

@@ -51,8 +51,12 @@ __all__ = [
     "first_nonfinite_step",
 ]
 
-#: Module type-name prefixes of normalisation layers (``BatchNorm1d``, ``LayerNorm``, ...): they
-#: rescale activations, so their gradient is not a step of the gradient's path through depth.
+#: Module type names of normalisation layers (``BatchNorm1d``, ``LayerNorm``, ...): they rescale
+#: activations, so their gradient is not a step of the gradient's path through depth. A type
+#: name is one when it ends in one of these, optionally with a dimension (``2d``): a model's own
+#: class (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``; ``SyncBatchNorm``,
+#: ``FrozenBatchNorm2d``, ConvNeXt's ``LayerNorm2d``) is one too, while a fused layer that
+#: starts with a norm and owns a projection (``LayerNormLinear``) is not.
 NORMALIZATION_TYPES = (
     "BatchNorm",
     "LayerNorm",
@@ -71,10 +75,15 @@ def is_normalization(layer_type: str) -> bool:
 
     Example:
         >>> from vanishing.recorder.semantics import is_normalization
-        >>> is_normalization("BatchNorm2d"), is_normalization("Linear")
-        (True, False)
+        >>> is_normalization("BatchNorm2d"), is_normalization("LlamaRMSNorm")
+        (True, True)
+        >>> is_normalization("Linear"), is_normalization("LayerNormLinear")
+        (False, False)
     """
-    return str(layer_type).startswith(NORMALIZATION_TYPES)
+    return _NORMALIZATION_NAME.search(str(layer_type)) is not None
+
+
+_NORMALIZATION_NAME = re.compile(rf"(?:{'|'.join(NORMALIZATION_TYPES)})(?:[123]d)?$")
 
 
 def is_embedding(layer_type: str) -> bool:
@@ -374,7 +383,9 @@ def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[s
     nxt = layer_info[i + 1] if i + 1 < len(layer_info) else None
     if (
         nxt is not None
-        and str(nxt.get("type", "")).startswith("BatchNorm")
+        and is_normalization(str(nxt.get("type", "")))
+        and "BatchNorm" in str(nxt.get("type", ""))  # SyncBatchNorm too; a LayerNorm's input
+        # mean is over features, so it leaves the layer's bias a gradient
         and any(p["name"] == "bias" for p in nxt.get("params", []))
     ):
         return str(nxt["name"]), "bias"

@@ -83,6 +83,7 @@ from vanishing import activations
 from vanishing.diagnose.findings import REMEDIES
 from vanishing.modules import call_model
 from vanishing.monitor.layout import Layout
+from vanishing.recorder.semantics import is_normalization
 
 __all__ = [
     "MODEL_REMEDIES",
@@ -180,6 +181,14 @@ _RESIDUAL_CLASSES = (
 
 def _is_weight_layer(m: nn.Module) -> bool:
     return isinstance(m, _WEIGHT_LAYERS)
+
+
+def _is_norm(m: Any) -> bool:
+    """A normalisation layer: torch's, or a model's own by its class name (``nn.RMSNorm``,
+    Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``: one definition, ``is_normalization``)."""
+    return isinstance(m, _NORMS) or (
+        isinstance(m, nn.Module) and is_normalization(type(m).__name__)
+    )
 
 
 def _out_shape(out: Any) -> tuple | None:
@@ -684,7 +693,7 @@ def _norm_remedy(kind: str):
                 ),
                 None,
             )
-            if isinstance(nxt, _NORMS):
+            if _is_norm(nxt):
                 skipped.append(f"{name} (already normalised)")
                 continue
             norm = _norm_for(mods[name], kind, trace.out_shape.get(name))
@@ -728,7 +737,7 @@ def _residual_blocks(model: nn.Module) -> list[str]:
 
 
 def _owns_weights(m: nn.Module) -> bool:
-    return not isinstance(m, _NORMS) and next(m.parameters(), None) is not None
+    return not _is_norm(m) and next(m.parameters(), None) is not None
 
 
 def _residual(model: nn.Module, *, example_inputs=None, generator=None) -> Applied:
@@ -857,11 +866,7 @@ def _zero_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
         cls = {c.__name__ for c in type(m).__mro__}
         if isinstance(m, Residual):
             subs = list(m.block.named_modules())
-            norms = [
-                n
-                for n, s in subs
-                if isinstance(s, _NORMS) and getattr(s, "weight", None) is not None
-            ]
+            norms = [n for n, s in subs if _is_norm(s) and getattr(s, "weight", None) is not None]
             lins = [n for n, s in subs if _is_weight_layer(s)]
             last = norms[-1] if norms else lins[-1] if lins else None
             if last is None:
@@ -881,9 +886,9 @@ def _zero_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
                 if getattr(m.get_submodule(s), p, None) is not None
             ]
             targets.append((name, params))
-        elif "Bottleneck" in cls and isinstance(getattr(m, "bn3", None), _NORMS):
+        elif "Bottleneck" in cls and _is_norm(getattr(m, "bn3", None)):
             targets.append((name, [f"{pre}bn3.weight"]))
-        elif "BasicBlock" in cls and isinstance(getattr(m, "bn2", None), _NORMS):
+        elif "BasicBlock" in cls and _is_norm(getattr(m, "bn2", None)):
             targets.append((name, [f"{pre}bn2.weight"]))
     return targets
 
