@@ -391,3 +391,27 @@ def test_llama_silu_activations_are_measured(tmp_path):
         "model.norm",
     ]  # fmt: skip
     assert not set(norms) & set(hidden_layers(run.layer_info))
+
+
+def test_hugging_face_blocks_are_skip_connections_for_the_diagnosis_and_repair(tmp_path):
+    # every HF block derives from GradientCheckpointingLayer and computes x + f(x); plain
+    # torch.fx cannot trace these models, so the class is what tells
+    from vanishing.modules import skip_connections
+    from vanishing.repair.transforms import NotApplicable, apply_remedy
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    )
+    assert skip_connections(model) is True
+    ids = torch.randint(0, 32, (2, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+    assert vanishing.load_run(tmp_path / "r").manifest["skip_connections"] is True
+    with pytest.raises(
+        NotApplicable, match=r"already has residual structure \(GPT2Block at transformer.h.0\)"
+    ):
+        apply_remedy(model, "residual", example_inputs={"input_ids": ids})

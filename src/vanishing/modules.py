@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["_unwrap", "call_model", "skip_connections"]
+__all__ = ["_unwrap", "call_model", "skip_connections", "is_residual_module", "RESIDUAL_MODULES"]
 
 #: wrapper types whose ``.module`` is the model the user wrote
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
@@ -82,8 +82,28 @@ def is_packed(x: Any) -> bool:
 
 _MISSING = object()
 
-#: modules whose own forward adds a skip connection (their internals are not traced)
-_RESIDUAL_MODULES = ("TransformerEncoderLayer", "TransformerDecoderLayer")
+#: Module classes (matched by name along the class's MRO) whose own forward adds a skip
+#: connection, so their internals are not traced: torch's Transformer layers, and Hugging Face's
+#: blocks, which all derive from ``GradientCheckpointingLayer`` (``LlamaDecoderLayer``,
+#: ``GPT2Block``, ``BertLayer``, ``T5Block``, ``ViTLayer``: ``x + attn(x)``, ``x + mlp(x)``)
+#: and are not fx-traceable themselves.
+RESIDUAL_MODULES = (
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "GradientCheckpointingLayer",
+)
+
+
+def is_residual_module(module: Any) -> bool:
+    """Whether ``module`` is of a class known to add a skip connection (:data:`RESIDUAL_MODULES`).
+
+    Example:
+        >>> import torch
+        >>> from vanishing.modules import is_residual_module
+        >>> is_residual_module(torch.nn.TransformerEncoderLayer(8, 2)), is_residual_module(torch.nn.Linear(2, 2))
+        (True, False)
+    """
+    return any(c.__name__ in RESIDUAL_MODULES for c in type(module).__mro__)
 
 
 def skip_connections(model: Any) -> bool | None:
@@ -109,12 +129,12 @@ def skip_connections(model: Any) -> bool | None:
     import torch
     import torch.fx as fx
 
-    if any(type(m).__name__ in _RESIDUAL_MODULES for m in model.modules()):
+    if any(is_residual_module(m) for m in model.modules()):
         return True
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: torch.nn.Module, name: str) -> bool:
-            return type(m).__name__ in _RESIDUAL_MODULES or super().is_leaf_module(m, name)
+            return is_residual_module(m) or super().is_leaf_module(m, name)
 
     # Tracing runs the forward's Python on proxies: a forward that counts its calls
     # (``self.calls += 1``) or caches something would keep the change; put every module's

@@ -81,7 +81,7 @@ from torch import Tensor, nn
 
 from vanishing import activations
 from vanishing.diagnose.findings import REMEDIES
-from vanishing.modules import call_model
+from vanishing.modules import RESIDUAL_MODULES, call_model
 from vanishing.monitor.layout import Layout
 from vanishing.recorder.semantics import is_normalization
 
@@ -168,15 +168,10 @@ class Residual(nn.Module):
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-# Known residual blocks by class name (torchvision's, ours, torch's Transformer layers): a model
-# holding one already has residual structure, so ``residual`` does not add more.
-_RESIDUAL_CLASSES = (
-    "Residual",
-    "BasicBlock",
-    "Bottleneck",
-    "TransformerEncoderLayer",
-    "TransformerDecoderLayer",
-)
+# Known residual blocks by class name (torchvision's, ours, torch's Transformer layers, Hugging
+# Face's blocks): a model holding one already has residual structure, so ``residual`` does not
+# add more.
+_RESIDUAL_CLASSES = ("Residual", "BasicBlock", "Bottleneck", *RESIDUAL_MODULES)
 
 
 def _is_weight_layer(m: nn.Module) -> bool:
