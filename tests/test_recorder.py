@@ -157,8 +157,8 @@ def test_run_files_are_readable_by_others_as_with_open(run_dir):
 
 @pytest.mark.parametrize("dropna", [False, True])
 def test_step_table_is_pandas_pivot_table(dropna):
-    """The diagnosis' fast pivot against pandas' own pivot_table, on frames with NaN values,
-    all-NaN layers and steps, and repeated (step, layer) rows."""
+    """The diagnosis' fast pivot against pandas' own pivot_table, on frames with NaN and
+    infinite values, all-NaN layers and steps, and repeated (step, layer) rows."""
     import numpy as np
     import pandas as pd
 
@@ -175,6 +175,9 @@ def test_step_table_is_pandas_pivot_table(dropna):
                 "v": np.where(rng.random(n) < 0.4, np.nan, rng.normal(size=n)),
             }
         )
+        # overflowed statistics: +-inf (whose sum with -+inf is NaN, as pandas' mean gives)
+        df.loc[rng.random(n) < 0.05, "v"] = np.inf
+        df.loc[rng.random(n) < 0.05, "v"] = -np.inf
         expected = df.pivot_table(
             index="step", columns="layer", values="v", aggfunc="mean", dropna=dropna
         )
@@ -185,3 +188,58 @@ def test_step_table_is_pandas_pivot_table(dropna):
         pd.testing.assert_frame_equal(got, expected, check_column_type=False, check_dtype=False)
         checked += 1
     assert checked > 150
+
+
+def test_speeds_equal_a_brute_force_mean_per_unit_and_step(tmp_path):
+    """Run.speeds() (one bincount over the rows) against the plain definition: per speed unit,
+    the mean over its source rows of ``grad_norm`` at each step, read where speed_units says
+    (a batch-normalised layer at the norm's bias, a stacked LSTM per layer at ``bias_ih_lK``),
+    on a run with steps where some layers get no gradient (a detached branch every other step)
+    and a bounded read of it."""
+    import numpy as np
+    import pandas as pd
+
+    from vanishing.recorder.reader import Run
+    from vanishing.recorder.semantics import speed_units
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 8)
+            self.bn = torch.nn.BatchNorm1d(8)
+            self.b = torch.nn.Linear(8, 8)
+            self.rnn = torch.nn.LSTM(8, 6, num_layers=2, batch_first=True)
+            self.head = torch.nn.Linear(6, 1)
+
+        def forward(self, x, cut=False):
+            h = torch.sigmoid(self.bn(self.a(x)))
+            h = torch.tanh(self.b(h.detach() if cut else h))
+            return self.head(self.rnn(h.unsqueeze(1).repeat(1, 3, 1))[0][:, -1])
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with vanishing.watch(net, opt, run_dir=tmp_path / "r", every=2):
+        for step in range(12):
+            opt.zero_grad()
+            net(torch.randn(16, 4), cut=step % 4 == 2).pow(2).mean().backward()
+            opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    m = run.metrics
+    expected = {}
+    for name, layer, param in speed_units(run.layer_info):
+        rows = m[(m["layer"] == layer) & (m["param"] == param)]
+        if len(rows):
+            expected[name] = rows.groupby("step")["grad_norm"].mean()
+    expected = pd.DataFrame(expected)
+    expected.index.name = "step"
+    got = run.speeds()
+    assert list(got.columns) == [n for n, _, _ in speed_units(run.layer_info)]
+    assert {"rnn.l0", "rnn.l1"} <= set(got.columns) and len(got) == 6
+    assert got.isna().any().any()  # the cut steps: no gradient before the detach
+    pd.testing.assert_frame_equal(got, expected[got.columns], check_dtype=False)
+    bounded = Run(tmp_path / "r", max_steps=3).speeds()
+    pd.testing.assert_frame_equal(bounded, got, check_dtype=False)
+    first, last = got.columns[0], got.columns[-1]
+    ratios = (got[first] / got[last]).to_numpy()
+    assert run.first_last_ratio() == pytest.approx(float(np.median(ratios[np.isfinite(ratios)])))

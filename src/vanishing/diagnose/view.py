@@ -77,14 +77,34 @@ class RunView:
         return m[m["step"].isin(self.window_steps)]
 
     @cached_property
-    def _recent_rows(self) -> dict[tuple[str, str], pd.DataFrame]:
+    def _recent_rows(self) -> dict[tuple[str, str], np.ndarray]:
+        # positions only: a DataFrame per group costs ~0.1 ms each, and the rules read a few
+        # of the hundreds of groups (each is taken when asked for)
         m = self.recent_metrics
-        return {key: rows for key, rows in m.groupby(["layer", "param"], sort=False)}
+        return m.groupby(["layer", "param"], sort=False).indices
 
-    def recent_rows(self, layer: str, param: str) -> pd.DataFrame:
-        """The window's metrics rows of one (layer, param); ``param == ""`` for module rows."""
-        rows = self._recent_rows.get((layer, param))
-        return rows if rows is not None else self.recent_metrics.iloc[:0]
+    def recent_values(self, layer: str, param: str, stat: str) -> np.ndarray:
+        """The window's values of ``stat`` of one (layer, param), in the table's (step) order
+        (float; NaN where not recorded; empty when the run has no such rows or column);
+        ``param == ""`` for module rows."""
+        at = self._recent_rows.get((layer, param))
+        if at is None or stat not in self.recent_metrics:
+            return np.empty(0)
+        return self._recent_column(stat)[at]
+
+    def _recent_param_rows(self, param: str) -> pd.DataFrame:
+        """The window's rows of one parameter name (``""``: module rows), filtered once."""
+        by_param = self.__dict__.setdefault("_by_param", {})
+        if param not in by_param:
+            m = self.recent_metrics
+            by_param[param] = m[m["param"] == param]
+        return by_param[param]
+
+    def _recent_column(self, stat: str) -> np.ndarray:
+        columns = self.__dict__.setdefault("_recent_columns", {})
+        if stat not in columns:
+            columns[stat] = self.recent_metrics[stat].to_numpy(dtype=float, na_value=np.nan)
+        return columns[stat]
 
     @cached_property
     def loss_curve(self) -> dict[str, float]:
@@ -156,23 +176,23 @@ class RunView:
         # per distinct name, not per row: a long run has thousands of rows per parameter
         params = m["param"].astype(str)
         weight = {p: bool(p) and is_weight_param(p) for p in params.unique()}
-        w = m[params.map(weight).to_numpy(dtype=bool)]
-        w = w[w["layer"].isin(layers)].copy()
-        if w.empty:
+        keep = params.map(weight).to_numpy(dtype=bool) & m["layer"].isin(layers).to_numpy()
+        if not keep.any():
             return pd.DataFrame(columns=cols)
-        for c in ("grad_norm", "param_norm", "update_norm", "update_ratio", "grad_ratio"):
-            if c not in w:
-                w[c] = np.nan
-        pairs = list(zip(w["layer"].astype(str), w["param"].astype(str)))
+        # one table built from arrays: each pandas filter, copy or column assignment costs
+        # ~0.1 ms whatever the size, and a repair diagnoses every candidate's short run
+        nan = np.full(int(keep.sum()), np.nan)
+        data = {c: m[c].to_numpy()[keep] for c in ("step", "layer")}
+        pairs = list(zip(data["layer"].astype(str), params.to_numpy()[keep]))
         unit_of = {pair: param_unit(*pair) for pair in dict.fromkeys(pairs)}
-        w["unit"] = [unit_of[pair] for pair in pairs]
+        data["unit"] = [unit_of[pair] for pair in pairs]
+        for c in cols[3:]:
+            data[c] = m[c].to_numpy(dtype=float, na_value=np.nan)[keep] if c in m else nan
+        w = pd.DataFrame(data)
         if len(set(unit_of.values())) == len(unit_of):
             # every unit is one weight matrix (no stacked recurrent layer, no split attention
             # weights): its norms and ratios are the recorded ones, no group sums needed
-            out = w[cols].reset_index(drop=True)
-            for c in cols[3:]:
-                out[c] = out[c].astype(float)
-            return out
+            return w[cols]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             sq = w[["grad_norm", "param_norm", "update_norm"]].astype(float) ** 2
         sq[["step", "unit", "layer"]] = w[["step", "unit", "layer"]]
@@ -340,8 +360,7 @@ class RunView:
     def profile(self, stat: str, param: str | None = None) -> pd.DataFrame:
         """step x hidden layer table of ``stat`` over the window (NaN where missing); the
         layers of the main stack (``depth_unit == "block"``) in place of the hidden layers."""
-        df = self.recent(self.metrics)
-        rows = df[df["param"] == (param or "")]
+        rows = self._recent_param_rows(param or "")
         if rows.empty:
             return pd.DataFrame()
         table = step_table(rows, stat, dropna=True)
@@ -455,8 +474,9 @@ class RunView:
         if act is None:
             return float("nan")
         if stat not in ACTIVATION_STATS:
-            vals = self.recent_rows(act, "")[stat].dropna()
-            return float(vals.median()) if not vals.empty else float("nan")
+            vals = self.recent_values(act, "", stat)
+            vals = vals[~np.isnan(vals)]
+            return float(np.median(vals)) if len(vals) else float("nan")
         return self._activation_medians.get((act, stat), float("nan"))
 
     @cached_property
@@ -467,7 +487,7 @@ class RunView:
         cols = [c for c in ACTIVATION_STATS if c in m.columns]
         if m.empty or not cols or "param" not in m:
             return {}
-        rows = m[m["param"] == ""]
+        rows = self._recent_param_rows("")
         medians = rows.groupby(rows["layer"].astype(str), sort=False)[cols].median()
         return {
             (layer, stat): float(v)
@@ -520,10 +540,10 @@ class RunView:
         hh = next((p for p in info.get("params", []) if p["name"] == "weight_hh_l0"), None)
         if hh is None:
             return out
-        rows = self.recent_rows(layer, "weight_hh_l0")
-        if not rows.empty:
+        norms = self.recent_values(layer, "weight_hh_l0", "param_norm")
+        if len(norms):
             gates = max(1, hh["shape"][0] // hh["shape"][1])  # 1 RNN, 3 GRU, 4 LSTM blocks
-            norm = float(rows["param_norm"].iloc[0])
+            norm = float(norms[0])
             out["rms_singular_value_recurrent"] = norm / math.sqrt(hh["shape"][1] * gates)
         return out
 
@@ -536,14 +556,18 @@ class RunView:
         return self.by_name.get(layer, {}).get("activation")
 
     def activation_rows(self) -> pd.DataFrame:
-        df = self.recent(self.metrics)
-        names = [
-            layer["name"]
-            for layer in self.layers
-            if layer["role"] == "activation"
-            or (layer.get("activation") and layer["type"].startswith("PReLU"))
-        ]
-        return df[(df["param"] == "") & (df["layer"].isin(names))]
+        """The window's rows of the activation modules (a PReLU layer's too); three rules
+        read them, so they are filtered once."""
+        if "_activation_rows" not in self.__dict__:
+            names = [
+                layer["name"]
+                for layer in self.layers
+                if layer["role"] == "activation"
+                or (layer.get("activation") and layer["type"].startswith("PReLU"))
+            ]
+            rows = self._recent_param_rows("")
+            self.__dict__["_activation_rows"] = rows[rows["layer"].isin(names)]
+        return self.__dict__["_activation_rows"]
 
     @property
     def skip_connections(self) -> bool | None:
@@ -564,10 +588,10 @@ class RunView:
         if weight is None or len(weight["shape"]) < 2:
             return float("nan")
         fan_in = int(np.prod(weight["shape"][1:]))
-        rows = self.recent_rows(layer, "weight")
-        if rows.empty:
+        norms = self.recent_values(layer, "weight", "param_norm")
+        if not len(norms):
             return float("nan")
-        norm = float(rows["param_norm"].iloc[0])  # the earliest weight in the window
+        norm = float(norms[0])  # the earliest weight in the window
         return norm / math.sqrt(weight["numel"]) * math.sqrt(fan_in)
 
 

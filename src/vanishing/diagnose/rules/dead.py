@@ -26,7 +26,8 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     rows = rows[rows["act_dead"].notna()]
     # only units that pass no gradient at all when off (ReLU, ReLU6); leaky ReLU, PReLU, ELU and
     # SELU units still pass some
-    rows = rows[rows["layer"].map(lambda n: dies_outright(view.activation_of(n)))]
+    judged = {n: dies_outright(view.activation_of(n)) for n in rows["layer"].unique()}
+    rows = rows[rows["layer"].map(judged).to_numpy(dtype=bool)]
     if rows.empty:
         return []
     small = {

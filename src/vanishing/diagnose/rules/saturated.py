@@ -20,7 +20,8 @@ def _findings(view: RunView) -> list[Finding]:
     rows = rows[rows["act_saturated"].notna()]
     # ReLU6's recorded share counts its off side (z <= 0), which is a ReLU's normal half, not a
     # flat tail: activations whose units die outright are judged by dead_units instead
-    rows = rows[rows["layer"].map(lambda n: not dies_outright(view.activation_of(n)))]
+    judged = {n: not dies_outright(view.activation_of(n)) for n in rows["layer"].unique()}
+    rows = rows[rows["layer"].map(judged).to_numpy(dtype=bool)]
     if rows.empty:
         return []
     med = rows.groupby("layer")[["act_saturated", "act_deriv_mean", "act_mean"]].median()

@@ -33,7 +33,7 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     med = med[med.map(math.isfinite)]
     med = med[[not is_embedding(view.by_name[module_of[n]]["type"]) for n in med.index]]
     # a layer with no gradient at all in the window is not slow but unused (or detached)
-    no_grad = u.groupby("unit")["grad_norm"].apply(lambda g: bool(g.isna().all()))
+    no_grad = ~u["grad_norm"].notna().groupby(u["unit"]).any()
     silent = [n for n in med.index if no_grad.get(n, False)]
     if silent:
         notes.append(
