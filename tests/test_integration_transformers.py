@@ -415,3 +415,52 @@ def test_hugging_face_blocks_are_skip_connections_for_the_diagnosis_and_repair(t
         NotApplicable, match=r"already has residual structure \(GPT2Block at transformer.h.0\)"
     ):
         apply_remedy(model, "residual", example_inputs={"input_ids": ids})
+
+
+def test_a_transformers_first_last_ratio_compares_each_role_with_itself(tmp_path):
+    """A GPT-2's first hidden layer is block 0's attention and its last the last block's MLP
+    output: their bias gradients differ by role (the ratio read ~0.06 on a healthy model).
+    The ratio now divides each role of block 0 by the same role of the last block, median over
+    roles per step, median over steps; the oracle is the loop's own bias gradients, and the
+    logger tag is that per-step curve."""
+    import numpy as np
+
+    from vanishing.sinks.scalars import ScalarSelector
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=4, n_head=2)
+    )
+    roles = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = []
+    tags = []
+
+    class Tags:  # a sink: the scalars a logger gets
+        def open(self, manifest):
+            selector.observe_manifest(manifest)
+
+        def write(self, block):
+            tags.extend(v.get("vanishing/first_last_ratio") for _, v in selector.scalars(block))
+
+        def close(self):
+            pass
+
+    selector = ScalarSelector()
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r", sinks=[Tags()]):
+        for _ in range(5):
+            ids = torch.randint(0, 32, (4, 12))
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            named = dict(model.named_parameters())
+            g = {
+                (b, r): named[f"transformer.h.{b}.{r}.bias"].grad.double().norm().item()
+                for b in (0, 3)
+                for r in roles
+            }
+            seen.append(float(np.median([g[(0, r)] / g[(3, r)] for r in roles])))
+            opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    assert run.first_last_ratio() == pytest.approx(float(np.median(seen)), rel=1e-5)
+    assert 0.3 < run.first_last_ratio() < 3  # healthy at init: each role learns alike
+    assert tags == pytest.approx(seen, rel=1e-5)

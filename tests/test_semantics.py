@@ -17,7 +17,9 @@ from vanishing.recorder.semantics import (
     is_embedding,
     is_normalization,
     nonfinite_steps,
+    ratio_pairs,
     speed_source,
+    step_ratios,
 )
 
 
@@ -212,3 +214,41 @@ def test_a_frozen_first_layer_is_passed_over_by_the_ratio_and_the_live_tag(tmp_p
     sel = ScalarSelector()
     sel.observe_manifest(run.manifest)
     assert "0" not in sel.units and list(sel.units)[0] == "2"
+
+
+def test_ratio_pairs_compare_each_block_role_with_itself():
+    """A stem, four blocks of (attention, norm, MLP) and a head: the pairs are block 0's
+    attention and MLP over block 3's, in forward order; a role missing from the last block is
+    not compared; a chain of layers (and a stacked LSTM's layers) keeps first over last."""
+    stem = [_layer("embed", "Embedding", params=("weight",)), _layer("conv", "Linear")]
+    blocks = [
+        _layer(f"enc.{b}.{r}", t)
+        for b in range(4)
+        for r, t in (("attn", "Linear"), ("ln", "LayerNorm"), ("mlp", "Linear"))
+    ]
+    head = [_layer("pooler", "Linear"), _layer("head", "Linear")]
+    assert ratio_pairs(stem + blocks + head) == [
+        ("enc.0.attn", "enc.3.attn"),
+        ("enc.0.mlp", "enc.3.mlp"),
+    ]
+    # the last block without its MLP (a pruned or truncated model): attention only
+    cut = [b for b in blocks if b["name"] != "enc.3.mlp"]
+    assert ratio_pairs(stem + cut + head) == [("enc.0.attn", "enc.3.attn")]
+    chain = [_layer(str(i), "Linear") for i in range(0, 8, 2)]
+    assert ratio_pairs(chain) == [("0", "4")]
+    rnn = _layer(
+        "rnn", "LSTM", params=[f"{k}_l{i}" for i in (0, 1, 2) for k in ("weight_ih", "bias_ih")]
+    )
+    assert ratio_pairs([rnn, _layer("out", "Linear")]) == [("rnn.l0", "rnn.l2")]
+    assert ratio_pairs([_layer("0", "Linear"), _layer("1", "Linear")]) == []
+
+
+def test_step_ratios_are_the_median_over_pairs_of_the_finite_ratios():
+    first = [[1.0, 2.0, np.nan, 1.0], [4.0, 1.0, 1.0, 0.0], [8.0, 0.0, np.inf, 1.0]]
+    last = [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]
+    # step 0: 1, 4, 8 -> 4; step 1: 2, 1, (0/0) -> 1.5; step 2: none finite; step 3: 0 only
+    # where the last speed is not zero: none -> NaN
+    got = step_ratios(first, last)
+    assert got[:2].tolist() == [4.0, 1.5] and np.isnan(got[2]) and np.isnan(got[3])
+    one = step_ratios([[1.0, 3.0]], [[2.0, 0.0]])
+    assert one[0] == 0.5 and np.isnan(one[1])

@@ -22,8 +22,10 @@ from vanishing.recorder.semantics import (
     first_last_ratio,
     first_nonfinite_step,
     hidden_layers,
+    ratio_pairs,
     speed_source,
     speed_units,
+    step_ratios,
 )
 from vanishing.recorder.tables import step_table
 
@@ -669,22 +671,31 @@ class Run:
 
     def first_last_ratio(self) -> float | None:
         """The speed of learning of the first over the last hidden layer (a stacked LSTM's
-        first layer over its last: :func:`vanishing.recorder.semantics.speed_units`): the
-        median over the recorded steps of the per-step ratio (see
+        first layer over its last: :func:`vanishing.recorder.semantics.speed_units`; in a
+        stack of repeated blocks, each role of the first block over the same role of the last,
+        the median over roles: :func:`vanishing.recorder.semantics.ratio_pairs`): the median
+        over the recorded steps of the per-step ratio (see
         :func:`vanishing.recorder.semantics.first_last_ratio`); None with fewer than two such
-        units or no step where both are finite.
+        units or no step where it is finite.
 
         Example:
             >>> vanishing.load_run("runs/my-run").first_last_ratio()   # doctest: +SKIP
             0.0021
         """
-        units = [name for name, _, _ in speed_units(self.layer_info)]
-        if len(units) < 2:
+        pairs = ratio_pairs(self.layer_info)
+        speeds = self.speeds(list(dict.fromkeys(u for pair in pairs for u in pair)))
+        pairs = [(a, b) for a, b in pairs if a in speeds.columns and b in speeds.columns]
+        if not pairs:
             return None
-        speeds = self.speeds([units[0], units[-1]])
-        if speeds.shape[1] < 2:
-            return None
-        return first_last_ratio(speeds[units[0]], speeds[units[-1]])
+        if len(pairs) == 1:
+            return first_last_ratio(speeds[pairs[0][0]], speeds[pairs[0][1]])
+        import numpy as np
+
+        per_step = step_ratios(
+            [speeds[a].to_numpy() for a, _ in pairs], [speeds[b].to_numpy() for _, b in pairs]
+        )
+        per_step = per_step[np.isfinite(per_step)]
+        return float(np.median(per_step)) if len(per_step) else None
 
     def _repr_html_(self) -> str:
         """Rich display in Jupyter: summary, layer table and the depth profile (inline)."""

@@ -46,6 +46,8 @@ __all__ = [
     "recurrent_layer_of",
     "param_unit",
     "error_source",
+    "ratio_pairs",
+    "step_ratios",
     "first_last_ratio",
     "nonfinite_steps",
     "first_nonfinite_step",
@@ -443,6 +445,73 @@ def _learns(layer: Mapping[str, Any], param: str) -> bool:
         if str(p.get("name")) == param:
             return bool(p.get("trainable", True))
     return True
+
+
+def ratio_pairs(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The pairs of speed units (:func:`speed_units`) whose speeds the first/last ratio
+    divides: ``[(first unit, last unit)]``; for a model whose hidden layers form a stack of
+    repeated blocks (the main stack of :func:`layer_placement`: a transformer's layers, a
+    ResNet's blocks), one pair per role that is in the stack's first and last blocks, in forward
+    order. A transformer's layers are not a chain of like layers: its first hidden layer is the
+    first block's attention and its last the last block's MLP output, whose gradients differ by
+    their role (a healthy 4-block GPT-2 at init: 0.06), so each role is compared with itself,
+    as the diagnosis' per-block profile does. Empty with fewer than two units.
+
+    Example:
+        >>> from vanishing.recorder.semantics import ratio_pairs
+        >>> def layer(name):
+        ...     return {"name": name, "role": "layer", "type": "Linear", "num_params": 2,
+        ...             "params": [{"name": "weight"}, {"name": "bias"}]}
+        >>> names = ["h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp", "h.2.attn", "h.2.mlp", "head"]
+        >>> ratio_pairs([layer(n) for n in names])
+        [('h.0.attn', 'h.2.attn'), ('h.0.mlp', 'h.2.mlp')]
+        >>> ratio_pairs([layer(n) for n in ["0", "2", "4", "6"]])
+        [('0', '4')]
+    """
+    units = [name for name, _, _ in speed_units(layer_info)]
+    if len(units) < 2:
+        return []
+    placement = layer_placement(layer_info)
+    blocks = repeated_blocks([str(x["name"]) for x in layer_info])
+    roles: dict[str, dict[int, str]] = {}
+    for unit in units:
+        if unit in blocks and placement.get(unit) == "block":
+            _block, index, role = blocks[unit]
+            roles.setdefault(role, {}).setdefault(index, unit)
+    indices = sorted({i for by_index in roles.values() for i in by_index})
+    if len(indices) >= 2:
+        first, last = indices[0], indices[-1]
+        pairs = [(m[first], m[last]) for m in roles.values() if first in m and last in m]
+        if pairs:
+            order = {u: i for i, u in enumerate(units)}
+            return sorted(pairs, key=lambda pair: order[pair[0]])
+    return [(units[0], units[-1])]
+
+
+def step_ratios(first: Sequence[Any], last: Sequence[Any]) -> Any:
+    """Per step, the ratio the first/last ratio is the median of: ``first[k] / last[k]`` for
+    each pair ``k`` of :func:`ratio_pairs` (equal-length arrays of speeds per step), and of
+    several pairs their median. Ratios that are not finite (a layer not recorded, NaN/inf, a
+    zero last speed) are left out; NaN at a step where none is left.
+
+    Example:
+        >>> from vanishing.recorder.semantics import step_ratios
+        >>> step_ratios([[1.0, 2.0], [4.0, 1.0], [8.0, 0.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]).tolist()
+        [4.0, 1.5]
+    """
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.asarray(first, dtype=float).reshape(len(first), -1) / np.asarray(
+            last, dtype=float
+        ).reshape(len(last), -1)
+    r = np.where(np.isfinite(r), r, np.nan)
+    if r.shape[0] == 1:
+        return r[0]
+    out = np.full(r.shape[1], np.nan)
+    known = ~np.isnan(r).all(axis=0)
+    out[known] = np.nanmedian(r[:, known], axis=0)
+    return out
 
 
 def first_last_ratio(first: Any, last: Any, *, steps: Iterable[int] | None = None) -> float | None:

@@ -17,7 +17,9 @@ from vanishing.recorder.semantics import (
     is_embedding,
     is_normalization,
     param_unit,
+    ratio_pairs,
     speed_units,
+    step_ratios,
 )
 
 #: Optional step columns (the clipping and GradScaler probes) copied as they are when present.
@@ -47,7 +49,9 @@ class ScalarSelector:
     - ``P/loss``: the step's loss;
     - ``P/first_last_ratio``: that step's speed of learning of the first hidden layer over that
       of the last hidden layer (a stacked LSTM's layers apart; speeds read where
-      :func:`vanishing.recorder.semantics.speed_units` says). The run's headline number,
+      :func:`vanishing.recorder.semantics.speed_units` says; in a stack of repeated blocks,
+      the median over roles of each role's first-block over last-block speed:
+      :func:`~vanishing.recorder.semantics.ratio_pairs`). The run's headline number,
       ``Run.first_last_ratio()``, is the median over steps of this curve;
     - ``P/worst_update_ratio``: the smallest ``update_norm / param_norm`` that step over the
       trainable weight-like parameters (name contains ``weight``) of layers that are neither
@@ -100,6 +104,8 @@ class ScalarSelector:
         #: the speed units (hidden layers, a stacked LSTM's layers apart): name -> source
         self.units: dict[str, tuple[str, str]] = {}
         self.hidden: list[str] = []
+        #: the (first, last) units the first/last ratio divides (semantics.ratio_pairs)
+        self.pairs: list[tuple[str, str]] = []
         #: the layers given per-layer tags, fixed at the first block that has them
         self.chosen: list[str] | None = None
 
@@ -110,6 +116,7 @@ class ScalarSelector:
             self.layers = list(manifest["layers"])
             self.units = {name: (m, p) for name, m, p in speed_units(self.layers)}
             self.hidden = list(self.units)
+            self.pairs = ratio_pairs(self.layers)
 
     # ------------------------------------------------------------------ helpers
     def _weight_rows(self, index: Mapping[tuple[str, str], int]) -> list[int]:
@@ -188,9 +195,10 @@ class ScalarSelector:
             for layer, src in self.units.items():
                 if src in index:
                     speed[layer] = grad[:, index[src]].astype(float)
-        if len(self.hidden) >= 2 and self.hidden[0] in speed and self.hidden[-1] in speed:
-            ratio = _ratio(speed[self.hidden[0]], speed[self.hidden[-1]])
-            put(f"{P}/first_last_ratio", np.where(np.isfinite(ratio), ratio, np.nan))
+        pairs = [(a, b) for a, b in self.pairs if a in speed and b in speed]
+        if pairs:
+            ratio = step_ratios([speed[a] for a, _ in pairs], [speed[b] for _, b in pairs])
+            put(f"{P}/first_last_ratio", ratio)
 
         update, norm = pvals.get("update_norm"), pvals.get("param_norm")
         update_ratio = None
