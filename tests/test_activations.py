@@ -294,9 +294,17 @@ def test_hugging_face_gelus_are_gelu_with_their_form(module, approximate):
     torch.testing.assert_close(got, _autograd(module, z), rtol=1e-9, atol=1e-12)
 
 
-def test_quick_gelu_is_recognised_but_not_measured():
-    assert activations.for_module(QuickGELUActivation()) is None
-    assert activations.unmeasured(QuickGELUActivation()) == "QuickGELUActivation"
+def test_quick_gelu_is_measured_with_its_own_derivative():
+    # CLIP's x * sigmoid(1.702 x): SiLU's derivative at 1.702 z, so SiLU's bound too
+    module = QuickGELUActivation()
+    entry = activations.for_module(module)
+    assert entry.kind == "quick_gelu" and activations.unmeasured(module) is None
+    z = _random_z()
+    got = entry.derivative(z, module(z), **entry.params(module))
+    torch.testing.assert_close(got, _autograd(module, z), rtol=1e-9, atol=1e-12)
+    grid = torch.linspace(-20, 20, 400001, dtype=torch.float64)
+    peak = float(entry.derivative(grid, None).abs().max())
+    assert peak == pytest.approx(entry.max_derivative(module), abs=1e-6)
     assert activations.unmeasured(nn.Hardswish()) == "Hardswish"
 
 

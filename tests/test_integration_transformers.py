@@ -464,3 +464,43 @@ def test_a_transformers_first_last_ratio_compares_each_role_with_itself(tmp_path
     assert run.first_last_ratio() == pytest.approx(float(np.median(seen)), rel=1e-5)
     assert 0.3 < run.first_last_ratio() < 3  # healthy at init: each role learns alike
     assert tags == pytest.approx(seen, rel=1e-5)
+
+
+def test_clip_quick_gelu_activations_are_measured(tmp_path):
+    # CLIP's MLPs use transformers' QuickGELUActivation, x * sigmoid(1.702 x) (was listed
+    # unmeasured); its statistics equal the hooked outputs' own and autograd's derivative
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    model = CLIPTextModel(cfg)
+    # (the module path moved between transformers versions: found by its tail)
+    name, act = next(
+        (n, m) for n, m in model.named_modules() if n.endswith("layers.1.mlp.activation_fn")
+    )
+    assert type(act).__name__ == "QuickGELUActivation"
+    seen = {}
+    act.register_forward_hook(lambda m, a, out: seen.update(z=a[0].detach(), y=out.detach()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(2):
+            loss = model(input_ids=ids).pooler_output.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    info = {x["name"]: x for x in run.layer_info}[name]
+    assert info["activation"] == "quick_gelu"
+    m = run.metrics
+    row = m[(m["step"] == 1) & (m["layer"] == name) & (m["param"] == "")].iloc[0]
+    z, y = seen["z"].double(), seen["y"].double()
+    zg = z.clone().requires_grad_(True)
+    (dphi,) = torch.autograd.grad((zg * torch.sigmoid(1.702 * zg)).sum(), zg)
+    assert row["act_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
+    assert row["act_deriv_mean"] == pytest.approx(float(dphi.mean()), rel=1e-5)
+    assert not any("QuickGELUActivation" in n for n in run.diagnose(model).notes)

@@ -49,6 +49,11 @@ ORACLE = {
         (),
     ),
     "silu": (lambda x: x * _sig(x), lambda x: _sig(x) * (1 + x * (1 - _sig(x))), ()),
+    "quick_gelu": (
+        lambda x: x * _sig(1.702 * x),
+        lambda x: _sig(1.702 * x) * (1 + 1.702 * x * (1 - _sig(1.702 * x))),
+        (),
+    ),
     "softplus": (lambda x: np.logaddexp(0, x), _sig, ()),
 }
 

@@ -21,6 +21,7 @@ elu            1 if z > 0 else y + alpha                     max(1, alpha)    lo
 selu           s if z > 0 else y + s alpha                   s alpha          lower  yes
 gelu           Phi(z) + z phi(z)  (or the tanh form)         1.1289 (1.1290)  lower  no
 silu           sigmoid(z) (1 + z (1 - sigmoid(z)))           1.0998           lower  no
+quick_gelu     s (1 + 1.702 z (1 - s)), s=sigmoid(1.702z)    1.0998           lower  no
 =============  ===========================================  ===============  =====  =========
 
 The statistics themselves (:mod:`vanishing.stats.activations`) are pure: they take what an
@@ -354,8 +355,7 @@ UNMEASURED: tuple[str, ...] = (
     "Hardshrink",
     "Threshold",
     "GLU",
-    # Hugging Face transformers.activations: x * sigmoid(1.702 x), clipped or other formulas
-    "QuickGELUActivation",
+    # Hugging Face transformers.activations: clipped or other formulas
     "ClippedGELUActivation",
     "MishActivation",
     "LaplaceActivation",
@@ -490,6 +490,17 @@ def _silu(z, y):
         return None
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
+
+
+#: QuickGELU's slope (Hugging Face's QuickGELUActivation, CLIP's MLPs): x * sigmoid(1.702 x)
+_QUICK_GELU = 1.702
+
+
+def _quick_gelu(z, y):
+    # d/dz z sigmoid(a z) = s + a z s (1 - s): SiLU's derivative at a z, so the same bound
+    if z is None:
+        return None
+    return _silu(_QUICK_GELU * z, None)
 
 
 def _prelu_bound(p: Mapping[str, Any]) -> float:
@@ -651,6 +662,18 @@ for _activation in (
         # Hugging Face's SiLUActivation (ACT2FN["silu"]: Llama, Mistral, Qwen MLPs) is F.silu
         ("SiLU", "SiLUActivation"),
         _silu,
+        1.0998393,
+        input_needed=True,
+        tails="lower",
+        signed=True,
+        **_HE,
+    ),
+    Activation(
+        "quick_gelu",
+        # x * sigmoid(1.702 x): Hugging Face's QuickGELUActivation (ACT2FN["quick_gelu"]), the
+        # MLPs of CLIP's text and vision towers
+        ("QuickGELUActivation",),
+        _quick_gelu,
         1.0998393,
         input_needed=True,
         tails="lower",

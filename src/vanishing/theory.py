@@ -75,6 +75,7 @@ KINDS = (
     "selu",
     "gelu",
     "silu",
+    "quick_gelu",
     "softplus",
 )
 _ALIASES = {"swish": "silu", "identity": "linear"}
@@ -163,6 +164,8 @@ class _Phi:
             return F.gelu(x, **p)
         if k == "silu":
             return F.silu(x)
+        if k == "quick_gelu":
+            return x * torch.sigmoid(1.702 * x)
         if k == "softplus":
             return F.softplus(x, **p)
         raise AssertionError(k)  # _resolve admits only KINDS
