@@ -348,6 +348,31 @@ def test_accelerate_wrapper_with_a_grad_scaler_records_unscaled_values(tmp_path)
         assert (m[m.step == step]["update_norm"] > 0).all()
 
 
+def _check_activation_statistics(model, name, phi, loss_of, tmp_path):
+    """Two watched AdamW steps; the activation module ``name``'s recorded statistics at step 1
+    against its hooked input and output and autograd's derivative of ``phi``; the run."""
+    seen = {}
+    model.get_submodule(name).register_forward_hook(
+        lambda m, a, out: seen.update(z=a[0].detach(), y=out.detach())
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(2):
+            loss = loss_of()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    m = run.metrics
+    row = m[(m["step"] == 1) & (m["layer"] == name) & (m["param"] == "")].iloc[0]
+    z, y = seen["z"].double(), seen["y"].double()
+    zg = z.clone().requires_grad_(True)
+    (dphi,) = torch.autograd.grad(phi(zg).sum(), zg)
+    assert row["act_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
+    assert row["act_deriv_mean"] == pytest.approx(float(dphi.mean()), rel=1e-5)
+    return run
+
+
 def test_llama_silu_activations_are_measured(tmp_path):
     # transformers' ACT2FN["silu"] is its own SiLUActivation class (F.silu): the MLPs of Llama,
     # Mistral and Qwen; their activation statistics equal the hooked outputs' own, by hand
@@ -359,27 +384,13 @@ def test_llama_silu_activations_are_measured(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg)
-    act = model.model.layers[1].mlp.act_fn
-    assert type(act).__name__ == "SiLUActivation"
-    seen = {}
-    act.register_forward_hook(lambda m, a, out: seen.update(z=a[0].detach(), y=out.detach()))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    name = "model.layers.1.mlp.act_fn"
+    assert type(model.get_submodule(name)).__name__ == "SiLUActivation"
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
-        for _ in range(2):
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    run = vanishing.load_run(tmp_path / "r")
-    m = run.metrics
-    at = (m["step"] == 1) & (m["layer"] == "model.layers.1.mlp.act_fn") & (m["param"] == "")
-    row = m[at].iloc[0]
-    z, y = seen["z"].double(), seen["y"].double()
-    zg = z.clone().requires_grad_(True)
-    (dphi,) = torch.autograd.grad(torch.nn.functional.silu(zg).sum(), zg)
-    assert row["act_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
-    assert row["act_deriv_mean"] == pytest.approx(float(dphi.mean()), rel=1e-5)
+    run = _check_activation_statistics(
+        model, name, torch.nn.functional.silu, lambda: model(input_ids=ids, labels=ids).loss,
+        tmp_path,
+    )  # fmt: skip
     assert not any("SiLUActivation" in n for n in run.diagnose(model).notes)
     # its LlamaRMSNorm modules are normalisation layers, not hidden layers of the depth profile
     from vanishing.recorder.semantics import hidden_layers, is_normalization
@@ -483,24 +494,10 @@ def test_clip_quick_gelu_activations_are_measured(tmp_path):
         (n, m) for n, m in model.named_modules() if n.endswith("layers.1.mlp.activation_fn")
     )
     assert type(act).__name__ == "QuickGELUActivation"
-    seen = {}
-    act.register_forward_hook(lambda m, a, out: seen.update(z=a[0].detach(), y=out.detach()))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
-        for _ in range(2):
-            loss = model(input_ids=ids).pooler_output.pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    run = vanishing.load_run(tmp_path / "r")
-    info = {x["name"]: x for x in run.layer_info}[name]
-    assert info["activation"] == "quick_gelu"
-    m = run.metrics
-    row = m[(m["step"] == 1) & (m["layer"] == name) & (m["param"] == "")].iloc[0]
-    z, y = seen["z"].double(), seen["y"].double()
-    zg = z.clone().requires_grad_(True)
-    (dphi,) = torch.autograd.grad((zg * torch.sigmoid(1.702 * zg)).sum(), zg)
-    assert row["act_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
-    assert row["act_deriv_mean"] == pytest.approx(float(dphi.mean()), rel=1e-5)
+    run = _check_activation_statistics(
+        model, name, lambda z: z * torch.sigmoid(1.702 * z),
+        lambda: model(input_ids=ids).pooler_output.pow(2).mean(), tmp_path,
+    )  # fmt: skip
+    assert {x["name"]: x for x in run.layer_info}[name]["activation"] == "quick_gelu"
     assert not any("QuickGELUActivation" in n for n in run.diagnose(model).notes)
