@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vanishing.recorder.semantics import param_unit, recurrent_layer_of
+from vanishing.recorder.semantics import param_unit, ratio_pairs, recurrent_layer_of
 from vanishing.report.data import RunData, finite_or_none
 from vanishing.report.formatting import DASH, metric_text, stat_text
 
@@ -36,6 +36,23 @@ __all__ = [
 
 #: how the report labels :func:`vanishing.recorder.semantics.first_last_ratio`
 RATIO_LABEL = "speed of learning, first / last hidden layer (median of per-step ratios)"
+#: the same for a stack of blocks compared role by role (:func:`~vanishing.recorder.semantics.ratio_pairs`)
+RATIO_LABEL_BY_ROLE = (
+    "speed of learning, first / last block, role by role (median of per-step ratios)"
+)
+
+
+def ratio_label(layer_info: list[dict]) -> str:
+    """The label of a run's first/last ratio: by role when it compares several roles of a
+    stack's first and last blocks (a transformer), else first / last hidden layer.
+
+    Example:
+        >>> from vanishing.report.html import ratio_label
+        >>> ratio_label([])
+        'speed of learning, first / last hidden layer (median of per-step ratios)'
+    """
+    return RATIO_LABEL_BY_ROLE if len(ratio_pairs(layer_info)) > 1 else RATIO_LABEL
+
 
 #: Runs with more metric rows than this are diagnosed from the sampled steps, i.e. from the
 #: bounded run that :class:`RunData` holds (the rules read whole tables into pandas: a 100-layer
@@ -393,7 +410,7 @@ def _summary_rows(data: RunData, diag: Any) -> list[tuple[str, str]]:
         )
     ratio = data.first_last_ratio()
     if ratio is not None:
-        rows.append((RATIO_LABEL, _num(ratio, "{:.3g}")))
+        rows.append((ratio_label(data.layer_info), _num(ratio, "{:.3g}")))
     damaged = data.run.damaged
     if damaged:
         rows.append(

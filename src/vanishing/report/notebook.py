@@ -230,7 +230,7 @@ def run_html(run: Any) -> str:
         >>> "Sequential" in page, "<code>10</code>" in page, page.count("<img")
         (True, True, 1)
     """
-    from vanishing.report.html import RATIO_LABEL
+    from vanishing.report.html import ratio_label
 
     data = as_run_data(run)
     m = data.manifest
@@ -255,7 +255,7 @@ def run_html(run: Any) -> str:
     if len(loss):
         summary.append(("loss, first → last", f"{_num(loss.iloc[0])} → {_num(loss.iloc[-1])}"))
     if steps:
-        summary.append((RATIO_LABEL, _num(data.first_last_ratio())))
+        summary.append((ratio_label(data.layer_info), _num(data.first_last_ratio())))
     infos = data.layer_info
     rows = [
         [

@@ -144,6 +144,7 @@ def run_table(run: Any):
     from rich.table import Table
     from rich.text import Text
 
+    from vanishing.recorder.semantics import ratio_pairs
     from vanishing.report.data import as_run_data
 
     data = as_run_data(run)
@@ -166,7 +167,13 @@ def run_table(run: Any):
             f"first hidden '{first_name}' {_fmt(last[0])}, last hidden '{last_name}' "
             f"{_fmt(last[-1])}",
         )
-        table.add_row("first / last (median of per-step ratios)", _fmt(data.first_last_ratio()))
+        by_role = len(ratio_pairs(data.layer_info)) > 1  # a stack's blocks, role by role
+        table.add_row(
+            "first / last"
+            + (" block, role by role" if by_role else "")
+            + " (median of per-step ratios)",
+            _fmt(data.first_last_ratio()),
+        )
         table.add_row("strip (input → output)", Text("[" + gradient_strip(list(last)) + "]"))
     summary = data.summary or {}
     if summary.get("test_metric") is not None:
