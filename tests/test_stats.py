@@ -91,6 +91,16 @@ def test_temporal_profile_packed_sequence():
     assert profile[:5].tolist() == pytest.approx(expected)
 
 
+class QuickGELU(nn.Module):
+    """Hugging Face's QuickGELUActivation (CLIP), written out: x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+QuickGELU.__name__ = "QuickGELUActivation"  # the registry recognises classes by name
+
+
 _MODULES = {
     "sigmoid": nn.Sigmoid(),
     "tanh": nn.Tanh(),
@@ -104,6 +114,7 @@ _MODULES = {
     "selu": nn.SELU(),
     "gelu": nn.GELU(),
     "silu": nn.SiLU(),
+    "quick_gelu": QuickGELU(),
 }
 
 
@@ -131,7 +142,7 @@ def test_derivative_matches_autograd(kind):
     (expected,) = torch.autograd.grad(y.sum(), z)
     got = _derivative(kind, z.detach(), y.detach(), **_kwargs(kind, module))
     torch.testing.assert_close(got.to(torch.float64), expected, rtol=1e-6, atol=1e-9)
-    if kind not in ("prelu", "gelu", "silu"):  # these need the input
+    if kind not in ("prelu", "gelu", "silu", "quick_gelu"):  # these need the input
         got_y = _derivative(kind, None, y.detach(), **_kwargs(kind, module))
         torch.testing.assert_close(got_y.to(torch.float64), expected, rtol=1e-6, atol=1e-9)
 
