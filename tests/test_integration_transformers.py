@@ -506,3 +506,37 @@ def test_clip_quick_gelu_activations_are_measured(tmp_path):
     )  # fmt: skip
     assert {x["name"]: x for x in run.layer_info}[name]["activation"] == "quick_gelu"
     assert not any("QuickGELUActivation" in n for n in run.diagnose(model).notes)
+
+
+def test_layer_norm_gains_of_a_healthy_gpt2_under_sgd_are_not_stalled_layers(tmp_path):
+    """Under SGD a LayerNorm's gain (started at one, norm sqrt(width)) moves lr * |grad| /
+    sqrt(width) a step: measured from the loop's own weights below, most blocks' gains move
+    ~1e-4 of the matrices' rate, under the stalled rule's 1e-3 line. That is the gain's scale, not a gradient lost
+    through depth (every block's gains read alike): it is not a finding, and the diagnosis
+    said 'stalled_layers ... he_init' for it."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=4, n_head=4)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 64, (8, 32))
+    rates = {}
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(5):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            for n, p in model.named_parameters():
+                if n.endswith(".weight"):
+                    d = (p.detach() - before[n]).double().norm() / before[n].double().norm()
+                    rates.setdefault(n, []).append(float(d))
+    med = {n: float(np.median(v)) for n, v in rates.items()}
+    gains = [v for n, v in med.items() if ".ln_" in n]
+    matrices = [v for n, v in med.items() if ".attn." in n or ".mlp." in n]
+    line = 1e-3 * float(np.quantile(matrices, 0.9))  # the rule's line
+    assert sum(g < line for g in gains) >= 4, (gains, line)  # crossed by the blocks' gains
+    diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
+    assert diagnosis.healthy, str(diagnosis)

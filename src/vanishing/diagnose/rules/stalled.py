@@ -6,7 +6,7 @@ import math
 
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult
 from vanishing.diagnose.view import RunView
-from vanishing.recorder.semantics import is_embedding
+from vanishing.recorder.semantics import is_embedding, is_normalization
 
 MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
 MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
@@ -21,6 +21,10 @@ def check(view: RunView) -> RuleResult:
     return RuleResult(_findings(view, notes), notes)
 
 
+def _judged(layer_type: str) -> bool:
+    return not is_embedding(layer_type) and not is_normalization(layer_type)
+
+
 def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     # every weight matrix (weight, weight_ih_l0, in_proj_weight...), per unit: a module, or one
     # layer (rnn.l0) of a stacked recurrent module, so that a stack's lower layer can stall
@@ -31,7 +35,11 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     module_of = dict(zip(u["unit"], u["layer"]))
     med = w.groupby("unit", sort=False)["update_ratio"].median()
     med = med[med.map(math.isfinite)]
-    med = med[[not is_embedding(view.by_name[module_of[n]]["type"]) for n in med.index]]
+    # an embedding is a lookup table whose rows move only when their tokens occur; a
+    # normalisation layer's weight is a gain vector started at one, whose update/weight under
+    # SGD is lr * |grad| / sqrt(width) whatever the depth (a healthy GPT-2's LayerNorms read
+    # ~4e-4 of its matrices'): neither is a step of the gradient's path through depth
+    med = med[[_judged(view.by_name[module_of[n]]["type"]) for n in med.index]]
     # a layer with no gradient at all in the window is not slow but unused (or detached)
     no_grad = ~u["grad_norm"].notna().groupby(u["unit"]).any()
     silent = [n for n in med.index if no_grad.get(n, False)]
