@@ -480,6 +480,18 @@ def test_a_transformers_first_last_ratio_compares_each_role_with_itself(tmp_path
 
     page = write_report(tmp_path / "r").read_text()
     assert f"<th>{RATIO_LABEL_BY_ROLE}</th><td>{run.first_last_ratio():.3g}</td>" in page
+    # so does the terminal, whose last-step row is that step's ratio over the 4 roles (the
+    # raw speeds of block 0's attention and the last MLP are not comparable)
+    from rich.console import Console
+
+    from vanishing.report.terminal import run_table
+
+    console = Console(width=200, record=True)
+    console.print(run_table(run))
+    text = console.export_text()
+    assert f"first / last block, median over 4 roles {seen[-1]:.3g}" in text
+    row = next(line for line in text.splitlines() if RATIO_LABEL_BY_ROLE in line)
+    assert row.split("│")[-2].strip() == f"{run.first_last_ratio():.3g}"
 
 
 def test_clip_quick_gelu_activations_are_measured(tmp_path):

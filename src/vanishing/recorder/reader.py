@@ -19,7 +19,6 @@ from vanishing.recorder.schema import (
     TEMPORAL_COLUMNS,
 )
 from vanishing.recorder.semantics import (
-    first_last_ratio,
     first_nonfinite_step,
     hidden_layers,
     ratio_pairs,
@@ -682,20 +681,27 @@ class Run:
             >>> vanishing.load_run("runs/my-run").first_last_ratio()   # doctest: +SKIP
             0.0021
         """
+        import numpy as np
+
+        per_step = self._step_ratios().to_numpy()
+        per_step = per_step[np.isfinite(per_step)]
+        return float(np.median(per_step)) if len(per_step) else None
+
+    def _step_ratios(self) -> pd.Series:
+        """Per recorded step, the ratio :meth:`first_last_ratio` is the median of (one pair's
+        ratio, or the median over the roles' pairs: :func:`~vanishing.recorder.semantics.step_ratios`),
+        indexed by step; NaN where it is not defined. Empty with no pair recorded."""
+        import pandas as pd
+
         pairs = ratio_pairs(self.layer_info)
         speeds = self.speeds(list(dict.fromkeys(u for pair in pairs for u in pair)))
         pairs = [(a, b) for a, b in pairs if a in speeds.columns and b in speeds.columns]
         if not pairs:
-            return None
-        if len(pairs) == 1:
-            return first_last_ratio(speeds[pairs[0][0]], speeds[pairs[0][1]])
-        import numpy as np
-
+            return pd.Series(dtype=float)
         per_step = step_ratios(
             [speeds[a].to_numpy() for a, _ in pairs], [speeds[b].to_numpy() for _, b in pairs]
         )
-        per_step = per_step[np.isfinite(per_step)]
-        return float(np.median(per_step)) if len(per_step) else None
+        return pd.Series(per_step, index=speeds.index, dtype=float)
 
     def _repr_html_(self) -> str:
         """Rich display in Jupyter: summary, layer table and the depth profile (inline)."""

@@ -17,10 +17,32 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["DASH", "metric_text", "stat_text"]
+__all__ = ["DASH", "RATIO_LABEL", "RATIO_LABEL_BY_ROLE", "metric_text", "ratio_label", "stat_text"]
 
 #: What a cell shows where a number does not apply.
 DASH = "—"
+
+#: How every view labels :meth:`vanishing.Run.first_last_ratio` of a chain of layers.
+RATIO_LABEL = "speed of learning, first / last hidden layer (median of per-step ratios)"
+#: The same for a stack of blocks compared role by role
+#: (:func:`~vanishing.recorder.semantics.ratio_pairs`).
+RATIO_LABEL_BY_ROLE = (
+    "speed of learning, first / last block, role by role (median of per-step ratios)"
+)
+
+
+def ratio_label(layer_info: list[dict]) -> str:
+    """The label of a run's first/last ratio: by role when it compares several roles of a
+    stack's first and last blocks (a transformer), else first / last hidden layer.
+
+    Example:
+        >>> from vanishing.report.formatting import ratio_label
+        >>> ratio_label([])
+        'speed of learning, first / last hidden layer (median of per-step ratios)'
+    """
+    from vanishing.recorder.semantics import ratio_pairs
+
+    return RATIO_LABEL_BY_ROLE if len(ratio_pairs(layer_info)) > 1 else RATIO_LABEL
 
 
 def _float(value: Any) -> float | None:

@@ -20,9 +20,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vanishing.recorder.semantics import param_unit, ratio_pairs, recurrent_layer_of
+from vanishing.recorder.semantics import param_unit, recurrent_layer_of
 from vanishing.report.data import RunData, finite_or_none
-from vanishing.report.formatting import DASH, metric_text, stat_text
+from vanishing.report.formatting import (  # noqa: F401 (the labels: the page's own names too)
+    DASH,
+    RATIO_LABEL,
+    RATIO_LABEL_BY_ROLE,
+    metric_text,
+    ratio_label,
+    stat_text,
+)
 
 __all__ = [
     "write_report",
@@ -33,26 +40,6 @@ __all__ = [
     "render_compare",
     "target_kind",
 ]
-
-#: how the report labels :func:`vanishing.recorder.semantics.first_last_ratio`
-RATIO_LABEL = "speed of learning, first / last hidden layer (median of per-step ratios)"
-#: the same for a stack of blocks compared role by role (:func:`~vanishing.recorder.semantics.ratio_pairs`)
-RATIO_LABEL_BY_ROLE = (
-    "speed of learning, first / last block, role by role (median of per-step ratios)"
-)
-
-
-def ratio_label(layer_info: list[dict]) -> str:
-    """The label of a run's first/last ratio: by role when it compares several roles of a
-    stack's first and last blocks (a transformer), else first / last hidden layer.
-
-    Example:
-        >>> from vanishing.report.html import ratio_label
-        >>> ratio_label([])
-        'speed of learning, first / last hidden layer (median of per-step ratios)'
-    """
-    return RATIO_LABEL_BY_ROLE if len(ratio_pairs(layer_info)) > 1 else RATIO_LABEL
-
 
 #: Runs with more metric rows than this are diagnosed from the sampled steps, i.e. from the
 #: bounded run that :class:`RunData` holds (the rules read whole tables into pandas: a 100-layer

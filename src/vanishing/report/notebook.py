@@ -230,7 +230,7 @@ def run_html(run: Any) -> str:
         >>> "Sequential" in page, "<code>10</code>" in page, page.count("<img")
         (True, True, 1)
     """
-    from vanishing.report.html import ratio_label
+    from vanishing.report.formatting import ratio_label
 
     data = as_run_data(run)
     m = data.manifest

@@ -146,6 +146,7 @@ def run_table(run: Any):
 
     from vanishing.recorder.semantics import ratio_pairs
     from vanishing.report.data import as_run_data
+    from vanishing.report.formatting import RATIO_LABEL_BY_ROLE, ratio_label
 
     data = as_run_data(run)
     table = Table(title=f"Run {data.path.name}", show_header=False)
@@ -161,19 +162,25 @@ def run_table(run: Any):
     speed = data.speed().mean
     if speed.shape[1]:
         last = speed.iloc[-1].to_numpy(float)
-        first_name, last_name = speed.columns[0], speed.columns[-1]
-        table.add_row(
-            "speed of learning, last step",
-            f"first hidden '{first_name}' {_fmt(last[0])}, last hidden '{last_name}' "
-            f"{_fmt(last[-1])}",
-        )
-        by_role = len(ratio_pairs(data.layer_info)) > 1  # a stack's blocks, role by role
-        table.add_row(
-            "first / last"
-            + (" block, role by role" if by_role else "")
-            + " (median of per-step ratios)",
-            _fmt(data.first_last_ratio()),
-        )
+        label = ratio_label(data.layer_info)
+        if label == RATIO_LABEL_BY_ROLE:
+            # a stack's first and last layers have different roles (a transformer's block 0
+            # attention, its last block's MLP): their raw speeds are not comparable, the
+            # ratio of each role with itself is
+            per_step = data.run._step_ratios()
+            table.add_row(
+                "speed of learning, last step",
+                f"first / last block, median over {len(ratio_pairs(data.layer_info))} roles "
+                f"{_fmt(per_step.iloc[-1] if len(per_step) else None)}",
+            )
+        else:
+            first_name, last_name = speed.columns[0], speed.columns[-1]
+            table.add_row(
+                "speed of learning, last step",
+                f"first hidden '{first_name}' {_fmt(last[0])}, last hidden '{last_name}' "
+                f"{_fmt(last[-1])}",
+            )
+        table.add_row(label, _fmt(data.first_last_ratio()))
         table.add_row("strip (input → output)", Text("[" + gradient_strip(list(last)) + "]"))
     summary = data.summary or {}
     if summary.get("test_metric") is not None:
