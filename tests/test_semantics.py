@@ -83,6 +83,63 @@ def test_speed_source_reads_the_bias_or_the_batch_norm_that_cancels_it():
     assert speed_source(INFO, "missing") is None
 
 
+@pytest.mark.parametrize(
+    "build, first",
+    [
+        # Linear -> BN -> ReLU: the Linear's bias is cancelled by the norm; the norm's is not
+        (lambda: [nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()], ("1", "bias")),
+        # Linear -> BN -> Linear -> BN: the second norm cancels the first norm's bias too
+        (
+            lambda: [
+                nn.Linear(8, 16),
+                nn.BatchNorm1d(16),
+                nn.Linear(16, 16),
+                nn.BatchNorm1d(16),
+                nn.ReLU(),
+            ],
+            ("1", "weight"),
+        ),  # fmt: skip
+        (
+            lambda: [
+                nn.Conv1d(2, 4, 3),
+                nn.BatchNorm1d(4),
+                nn.Conv1d(4, 4, 3),
+                nn.BatchNorm1d(4),
+                nn.ReLU(),
+                nn.Flatten(),
+            ],
+            ("1", "weight"),
+        ),  # fmt: skip
+    ],
+)
+def test_speed_is_never_read_where_a_batch_norm_makes_the_gradient_structurally_zero(
+    tmp_path, build, first
+):
+    """The oracle is autograd on the model itself: the parameter the speed of the first layer is
+    read at has a gradient of the loss's order, and every bias the batch norms cancel (the
+    layer's own, and the first norm's when a second norm follows an affine layer) has one at
+    float32 rounding level. Reading one of those made a healthy Linear-BN-Linear-BN net's
+    first/last ratio 1e-7."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*build(), nn.LazyLinear(3))
+    x = torch.randn(32, 8) if isinstance(model[0], nn.Linear) else torch.randn(32, 2, 9)
+    model(x)  # materialise the lazy head
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        grads = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
+        opt.step()
+    run = vanishing.load_run(tmp_path / "r")
+    assert speed_source(run.layer_info, "0") == first
+    chosen = grads[f"{first[0]}.{first[1]}"]
+    assert chosen > 1e-4
+    assert run.speeds()["0"].iloc[0] == pytest.approx(chosen, rel=1e-5)
+    zero = ["0.bias"] + (["1.bias"] if first == ("1", "weight") else [])
+    for name in zero:
+        assert grads[name] < 1e-5 * chosen, name  # structurally zero: float32 rounding
+
+
 def test_first_last_ratio_is_the_median_of_per_step_ratios():
     first = pd.Series([1.0, 2.0, 3.0, 100.0, 5.0], index=[0, 1, 2, 3, 4])
     last = pd.Series([10.0, 10.0, 10.0, 10.0, 0.0, 7.0], index=[0, 1, 2, 3, 4, 5])

@@ -366,7 +366,12 @@ def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[s
     ``||dC/db||``); else of a bias-like parameter (``in_proj_bias``, ``bias_ih_l0``); else of
     its ``weight``; else of a weight-like one. A layer whose output goes straight into a batch
     norm is read at the norm's bias: the norm subtracts the mean, so the layer's own bias gets
-    no gradient, and the norm's bias is what shifts those pre-activations.
+    no gradient, and the norm's bias is what shifts those pre-activations; at the norm's gain
+    (``weight``) when that bias gets no gradient either (the norm's output goes through an
+    affine layer straight into another batch norm, which removes the shift), and at the layer's
+    weight when the norm has no affine parameters. (The manifest lists modules that own
+    parameters, so a ``BatchNorm(affine=False)`` is not seen, and the layer before it is read at
+    its own, cancelled bias.)
 
     Example:
         >>> from vanishing.recorder.semantics import speed_source
@@ -377,22 +382,52 @@ def speed_source(layer_info: Sequence[Mapping[str, Any]], layer: str) -> tuple[s
         >>> info = [lin("0"), bn, lin("3"), lin("5")]
         >>> speed_source(info, "0"), speed_source(info, "3")
         (('1', 'bias'), ('3', 'bias'))
+        >>> info = [lin("0"), bn, lin("3"), dict(bn, name="4")]  # Linear -> BN -> Linear -> BN
+        >>> speed_source(info, "0"), speed_source(info, "3")
+        (('1', 'weight'), ('4', 'bias'))
     """
     names = [str(x["name"]) for x in layer_info]
     if layer not in names:
         return None
     i = names.index(layer)
-    nxt = layer_info[i + 1] if i + 1 < len(layer_info) else None
-    if (
-        nxt is not None
-        and is_normalization(str(nxt.get("type", "")))
-        and "BatchNorm" in str(nxt.get("type", ""))  # SyncBatchNorm too; a LayerNorm's input
-        # mean is over features, so it leaves the layer's bias a gradient
-        and any(p["name"] == "bias" for p in nxt.get("params", []))
-    ):
-        return str(nxt["name"]), "bias"
-    param = _speed_param([str(p["name"]) for p in layer_info[i].get("params", [])])
+    params = [str(p["name"]) for p in layer_info[i].get("params", [])]
+    norm = _batch_norm_after(layer_info, i)
+    if norm is not None:
+        own = {str(p["name"]) for p in norm.get("params", [])}
+        # the norm's bias shifts the pre-activations, unless its output goes through an affine
+        # layer straight into another batch norm (Linear -> BN -> Linear -> BN), which removes
+        # that shift too: then only the norm's gain reaches the loss
+        shift_removed = _is_affine(layer_info, i + 2) and _batch_norm_after(layer_info, i + 2)
+        if "bias" in own and not shift_removed:
+            return str(norm["name"]), "bias"
+        if "weight" in own:
+            return str(norm["name"]), "weight"
+        # a norm without affine parameters (listed only when its owner gives it a parameter
+        # row; torch's BatchNorm(affine=False) owns none and is not in the manifest): the
+        # layer's bias gets no gradient, its weight does
+        weights = [n for n in params if "bias" not in n]
+        return (layer, _speed_param(weights)) if weights else None
+    param = _speed_param(params)
     return (layer, param) if param is not None else None
+
+
+def _batch_norm_after(layer_info: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, Any] | None:
+    # the module after the i-th, when it is a batch norm (SyncBatchNorm too): it subtracts the
+    # batch mean of its input per channel. A LayerNorm's mean is over features, so it leaves
+    # the layer's bias a gradient
+    if i + 1 >= len(layer_info):
+        return None
+    nxt = layer_info[i + 1]
+    kind = str(nxt.get("type", ""))
+    return nxt if is_normalization(kind) and "BatchNorm" in kind else None
+
+
+def _is_affine(layer_info: Sequence[Mapping[str, Any]], i: int) -> bool:
+    # a linear map plus a bias: adding a constant to its input adds a constant to its output
+    if i >= len(layer_info):
+        return False
+    kind = str(layer_info[i].get("type", ""))
+    return kind.endswith("Linear") or kind.startswith(("Conv", "LazyConv", "LazyLinear"))
 
 
 def speed_units(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
