@@ -11,6 +11,8 @@ same number:
   stem, block, head, ...), so that depth compares like with like;
 - :data:`NORMALIZATION_TYPES`, :func:`is_normalization`, :func:`is_embedding`: the module
   types that are not part of the gradient's path through depth;
+- :func:`attention_score_projections`: an attention's query and key projections, whose
+  gradient is bilinear in each other's weights;
 - :func:`speed_source`, :func:`speed_units`: where a hidden layer's speed of learning is read,
   and the units the speed views compare (a stacked LSTM's layers apart);
 - :func:`is_weight_param`, :func:`recurrent_layer_of`, :func:`param_unit`: which parameters
@@ -40,6 +42,7 @@ __all__ = [
     "tied_owners",
     "repeated_blocks",
     "layer_placement",
+    "attention_score_projections",
     "speed_source",
     "speed_units",
     "is_weight_param",
@@ -196,6 +199,46 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
             for name, rest in members:
                 role = ".".join(x for x in (prefix, "*", rest) if x)
                 out[name] = (block, index, role)
+    return out
+
+
+def _projection(stem: str) -> re.Pattern[str]:
+    # HF and torch spell an attention's projections q / q_proj / query / q_lin / to_q / wq /
+    # query_proj / linear_q ...
+    return re.compile(rf"^(?:to_|w_?|linear_)?(?:{stem})(?:_proj|_lin|_linear)?$")
+
+
+_QUERY, _KEY, _VALUE = _projection("q|query"), _projection("k|key"), _projection("v|value")
+
+
+def attention_score_projections(names: Iterable[str]) -> set[str]:
+    """The query and key projections of the model's attention layers, by module name: the
+    children of one module named as a query, a key and a value projection (``q_proj``,
+    ``k_proj``, ``v_proj``; ``query``, ``key``, ``value``; T5's ``q``, ``k``, ``v``; ...), the
+    first two returned. Their weights enter the loss only through the scores ``q . k``, so
+    each one's gradient is proportional to the other's weight: at a small init (std 0.02) the
+    scores are near zero and both learn orders of magnitude more slowly than the value and
+    output projections under SGD, in every block alike. That is the attention's algebra, not
+    a gradient lost through depth. A fused projection (GPT-2's ``c_attn``, ``in_proj_weight``,
+    ``query_key_value``) carries the values too and is not one.
+
+    Example:
+        >>> from vanishing.recorder.semantics import attention_score_projections
+        >>> names = ["h.0.attn.q_proj", "h.0.attn.k_proj", "h.0.attn.v_proj", "h.0.attn.o_proj",
+        ...          "h.0.mlp.q", "h.0.mlp.k"]
+        >>> sorted(attention_score_projections(names))
+        ['h.0.attn.k_proj', 'h.0.attn.q_proj']
+    """
+    children: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, child = str(name).rpartition(".")
+        children.setdefault(parent, []).append(child)
+    out: set[str] = set()
+    for parent, kids in children.items():
+        queries = [k for k in kids if _QUERY.match(k)]
+        keys = [k for k in kids if _KEY.match(k)]
+        if queries and keys and any(_VALUE.match(k) for k in kids):
+            out |= {f"{parent}.{k}" if parent else k for k in queries + keys}
     return out
 
 

@@ -6,7 +6,11 @@ import math
 
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult
 from vanishing.diagnose.view import RunView
-from vanishing.recorder.semantics import is_embedding, is_normalization
+from vanishing.recorder.semantics import (
+    attention_score_projections,
+    is_embedding,
+    is_normalization,
+)
 
 MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
 MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
@@ -38,8 +42,17 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     # an embedding is a lookup table whose rows move only when their tokens occur; a
     # normalisation layer's weight is a gain vector started at one, whose update/weight under
     # SGD is lr * |grad| / sqrt(width) whatever the depth (a healthy GPT-2's LayerNorms read
-    # ~4e-4 of its matrices'): neither is a step of the gradient's path through depth
-    med = med[[_judged(view.by_name[module_of[n]]["type"]) for n in med.index]]
+    # ~4e-4 of its matrices'): neither is a step of the gradient's path through depth. Nor
+    # are an attention's query and key projections: each one's gradient is proportional to
+    # the other's weight, so at a small init they move ~1e-4 as fast as the rest, in every
+    # block alike (a stock ELECTRA, BART or Swin under SGD)
+    scores = attention_score_projections(x["name"] for x in view.layers)
+    med = med[
+        [
+            _judged(view.by_name[module_of[n]]["type"]) and module_of[n] not in scores
+            for n in med.index
+        ]
+    ]
     # a layer with no gradient at all in the window is not slow but unused (or detached)
     no_grad = ~u["grad_norm"].notna().groupby(u["unit"]).any()
     silent = [n for n in med.index if no_grad.get(n, False)]
