@@ -74,7 +74,9 @@ VARIANTS: dict[str, str] = {
     "cockpit": "cockpit (economy)",
 }
 MODELS = ("mlp", "transformer")
-EXTRA_MODELS = ("transformer-large",)  # GPU-sized; only when named in --models
+#: only when named in --models: GPU-sized, and a small net whose steps are bound by Python
+#: (the size of repair's probes and of teaching examples)
+EXTRA_MODELS = ("transformer-large", "mlp-small")
 
 
 class Skip(Exception):
@@ -109,6 +111,14 @@ def _mlp() -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _mlp_small() -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(32, 32)]
+    for _ in range(9):
+        layers += [nn.Sigmoid(), nn.Linear(32, 32)]
+    layers += [nn.Sigmoid(), nn.Linear(32, 10)]
+    return nn.Sequential(*layers)
+
+
 class MeanPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1)
@@ -136,6 +146,10 @@ def make_task(name: str) -> Task:
         x = torch.randn(128, 256, generator=gen).to(DEVICE)
         y = torch.randint(0, 10, (128,), generator=gen).to(DEVICE)
         return Task(name, _mlp, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), x, y)
+    if name == "mlp-small":  # 11 Linear + 10 Sigmoid, width 32, batch 64
+        x = torch.randn(64, 32, generator=gen).to(DEVICE)
+        y = torch.randint(0, 10, (64,), generator=gen).to(DEVICE)
+        return Task(name, _mlp_small, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), x, y)
     if name == "transformer":
         x = torch.randn(32, 32, 128, generator=gen).to(DEVICE)  # batch 32, seq 32, d_model 128
         y = torch.randint(0, 10, (32,), generator=gen).to(DEVICE)
