@@ -161,7 +161,10 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
     replaced (``encoder.layer.*.attention.self.query``), so block 0's query is compared with
     block 3's query, not with block 0's FFN. The outermost number counts (in
     ``block.2.layer.0.q`` the block is ``block.2``); a plain ``nn.Sequential`` of layers
-    (``0``, ``2``, ...) has no blocks. A container needs at least two blocks.
+    (``0``, ``2``, ...) has no blocks. A container needs at least two blocks. Containers named
+    alike but for a trailing number (torchvision's ResNet ``layer1`` ... ``layer4``) are the
+    stages of one stack: their blocks are numbered on across the stages, and a role is a name
+    inside a block (``layer*.*.conv1``).
 
     Example:
         >>> from vanishing.recorder.semantics import repeated_blocks
@@ -170,6 +173,9 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
         ('enc.1', 1, 'enc.*.ffn')
         >>> repeated_blocks(["0", "2", "4"])
         {}
+        >>> stages = ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.1.conv1"]
+        >>> repeated_blocks(stages)["layer2.0.conv1"]
+        ('layer2.0', 2, 'layer*.*.conv1')
     """
     groups: dict[str, dict[int, list[tuple[str, str]]]] = {}
     for name in names:
@@ -181,24 +187,59 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
                 groups.setdefault(prefix, {}).setdefault(int(part), []).append((name, rest))
                 break
     out: dict[str, tuple[str, int, str]] = {}
-    for prefix, blocks in groups.items():
-        nested = any(rest for members in blocks.values() for _, rest in members)
+    for stack, blocks in _merge_stages(groups):
+        nested = any(rest for _, members in blocks for _, rest in members)
         if len(blocks) < 2 or not nested:
             continue
         # a numbered sibling with nothing in common with the others (a Sequential's final
         # Linear after its numbered blocks) is not one of the blocks
         count: dict[str, int] = {}
-        for members in blocks.values():
+        for _, members in blocks:
             for rest in {r for _, r in members}:
                 count[rest] = count.get(rest, 0) + 1
-        blocks = {i: m for i, m in blocks.items() if any(count[r] >= 2 for _, r in m)}
+        blocks = [(b, m) for b, m in blocks if any(count[r] >= 2 for _, r in m)]
         if len(blocks) < 2:
             continue
-        for index, members in blocks.items():
-            block = f"{prefix}.{index}" if prefix else str(index)
+        for index, (block, members) in enumerate(blocks):
             for name, rest in members:
-                role = ".".join(x for x in (prefix, "*", rest) if x)
+                role = ".".join(x for x in (stack, "*", rest) if x)
                 out[name] = (block, index, role)
+    return out
+
+
+_STAGE = re.compile(r"^(.*\D)(\d+)$")
+
+
+def _merge_stages(
+    groups: dict[str, dict[int, list[tuple[str, str]]]],
+) -> list[tuple[str, list[tuple[str, list[tuple[str, str]]]]]]:
+    """Stacks of blocks as ``(stack, [(block name, members)...])`` in block order. Containers
+    named alike but for a trailing number (torchvision's ResNet ``layer1`` ... ``layer4``,
+    ``stage1``, ``stage2``) are the stages of one stack, in the order of that number: a
+    ResNet-18's 8 blocks are one stack of 8 (``layer*.*.conv1`` a role of each), not four
+    stacks of 2 (too few to compare a role through depth). Other containers are stacks of
+    their own (named by their prefix)."""
+    stems: dict[str, list[tuple[int, str]]] = {}
+    for prefix in groups:
+        m = _STAGE.match(prefix)
+        if m:
+            stems.setdefault(m.group(1), []).append((int(m.group(2)), prefix))
+    staged = {p: stem for stem, ps in stems.items() if len(ps) >= 2 for _, p in ps}
+    out = []
+    for stem, ps in stems.items():
+        if len(ps) >= 2:
+            blocks = [
+                (f"{prefix}.{i}", groups[prefix][i])
+                for _, prefix in sorted(ps)
+                for i in sorted(groups[prefix])
+            ]
+            out.append((stem + "*", blocks))
+    for prefix, by_index in groups.items():
+        if prefix not in staged:
+            blocks = [
+                (f"{prefix}.{i}" if prefix else str(i), by_index[i]) for i in sorted(by_index)
+            ]
+            out.append((prefix, blocks))
     return out
 
 
