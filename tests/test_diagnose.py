@@ -798,3 +798,35 @@ def test_the_error_profile_is_the_rms_over_recorded_entries_so_pooling_is_not_gr
     per_channel = norm.median() / np.sqrt([16, 16, 32, 32, 64, 64])
     assert per_channel.iloc[0] / per_channel.iloc[-1] > 10
     assert "exploding_gradient" not in diag.kinds
+
+
+def test_a_diverging_run_has_no_stalled_layer_that_moves_many_times_its_own_norm(tmp_path):
+    """lr 50 on a ReLU MLP: the loss grows 1e26-fold in 5 steps, then NaN. The stalled rule
+    compares each layer's update/weight with the others' 90th percentile only, so a layer
+    moving 5.8e4 times its norm a step read as 'barely moving' beside one moving 1.4e8 times
+    (with he_init, residual... as remedies). The oracle: the loop's own update/weight of
+    every layer before the NaN, all far above any stall."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+        nn.Linear(64, 4),
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    moved = []
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for s in range(12):
+            g = torch.Generator().manual_seed(s)
+            x = torch.randn(64, 32, generator=g)
+            y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+            before = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            if torch.isfinite(loss) and s >= 2:
+                after = [m.weight.detach() for m in model if isinstance(m, nn.Linear)]
+                moved += [((a - b).norm() / b.norm()).item() for a, b in zip(after, before)]
+    assert moved and min(v for v in moved if math.isfinite(v)) > 1e-2  # nothing stalls
+    diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
+    assert "non_finite" in diagnosis.kinds
+    assert "stalled_layers" not in diagnosis.kinds, str(diagnosis)

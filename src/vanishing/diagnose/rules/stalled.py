@@ -14,6 +14,9 @@ from vanishing.recorder.semantics import (
 
 MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
 MIN_LEARNING = 1e-5  # the learning layers' update ratio: they do learn
+#: a layer whose update is this share of its weight a step is not barely moving, however much
+#: faster the others move (a diverging run's layers move 1e2 to 1e8 times their norm)
+MAX_STALLED = 1e-3
 #: when a stalled layer's gradient (relative to its weight) is this much closer to the learning
 #: layers' than its update is, the step size, not the gradient, is what holds it back
 LR_GAP = 100.0
@@ -69,7 +72,7 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     typical = float(med.quantile(0.9))
     if not typical >= MIN_LEARNING:
         return []
-    stalled = med[med <= typical * MAX_RELATIVE]
+    stalled = med[(med <= typical * MAX_RELATIVE) & (med < MAX_STALLED)]
     if stalled.empty:
         return []
     order = {x["name"]: i for i, x in enumerate(view.layers)}
