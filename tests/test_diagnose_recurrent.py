@@ -232,3 +232,55 @@ def test_error_signal_of_a_layer_feeding_a_batch_norm_is_read_after_it(tmp_path)
     g1, g4 = torch.autograd.grad(loss, [outs[1], outs[4]])
     assert float(table["0"].iloc[0]) == pytest.approx(float(g1.norm()), rel=1e-4)
     assert float(table["3"].iloc[0]) == pytest.approx(float(g4.norm()), rel=1e-4)
+
+
+class _BiSeq(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.rnn = nn.GRU(2, 8, num_layers=layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_bidirectional_layers_reverse_direction_is_not_the_next_layer_of_a_stack(
+    tmp_path, layers
+):
+    """torch names a bidirectional GRU's reverse direction l0_reverse: the same depth as l0.
+    A 1-layer bidirectional GRU was shown as '2 stacked layers' and its first/last ratio was
+    forward over reverse. The oracle is autograd: the stack's layers are the forward ones, each
+    direction measured against its own top layer, the ratio the forward layers' bias
+    gradients."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _BiSeq(layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(16, 12, 2), torch.rand(16)
+    grads = []
+    with vanishing.watch(model, optimizer=opt, run_dir=tmp_path / "r") as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            grads.append(
+                {n: p.grad.double().norm().item() for n, p in model.rnn.named_parameters()}
+            )
+            opt.step()
+        diag = mon.diagnose()
+    run = vanishing.load_run(tmp_path / "r")
+    view = RunView(run)
+    stack = view.recurrent_stack("rnn")
+    if layers == 1:
+        assert stack == {}
+        assert run.first_last_ratio() is None  # one hidden depth: nothing to divide
+        assert not any("stacked layers" in n for n in diag.notes)
+        return
+    assert list(stack) == ["rnn.l0", "rnn.l0_reverse", "rnn.l1", "rnn.l1_reverse"]
+    assert stack["rnn.l1"]["grad_vs_top_layer"] == pytest.approx(1.0)
+    assert stack["rnn.l1_reverse"]["grad_vs_top_layer"] == pytest.approx(1.0)
+    truth = np.median([g["bias_ih_l0"] / g["bias_ih_l1"] for g in grads])
+    assert run.first_last_ratio() == pytest.approx(truth, rel=1e-5)
+    note = next(n for n in diag.notes if "stacked layers" in n)
+    assert "2 bidirectional stacked layers" in note and "(l0 gets" in note and "of l1's)" in note

@@ -213,24 +213,28 @@ class RunView:
         return out[cols]
 
     def recurrent_stack(self, layer: str) -> dict[str, dict[str, float]]:
-        """Per layer of a recurrent module (``l0``, ``l1``, ... as torch names them), medians
-        over the window of its weights' gradient norm, update/weight and gradient/weight, and
-        its gradient relative to the top layer's: the stack's depth, which the time profile
+        """Per layer of a recurrent module (``l0``, ``l1``, ... as torch names them; with
+        ``l0_reverse``... for a bidirectional one), medians over the window of its weights'
+        gradient norm, update/weight and gradient/weight, and its gradient relative to the top
+        layer's (of the same direction): the stack's depth, which the time profile
         (measured at the stack's input, through every layer) cannot show.
 
         Keys: ``"<module>.l0"`` ...; empty when the module has one layer or none recorded."""
         u = self.weight_units
         rows = u[u["layer"] == layer]
         subs = [s for s in rows["unit"].unique() if s != layer]
-        if len(subs) < 2:
+        # a bidirectional layer's two directions (l0, l0_reverse) are one depth: a stack needs
+        # two layers, and each direction is compared with its own top layer
+        if len({_layer_index(s)[0] for s in subs}) < 2:
             return {}
         med = rows.groupby("unit")[["grad_norm", "update_ratio", "grad_ratio"]].median()
         order = sorted(subs, key=lambda s: _layer_index(s))
-        top = float(med.loc[order[-1], "grad_norm"]) if order else float("nan")
+        tops = {s.endswith("_reverse"): float(med.loc[s, "grad_norm"]) for s in order}
         out = {}
         for s in order:
             row = med.loc[s]
             g = float(row["grad_norm"])
+            top = tops[s.endswith("_reverse")]
             out[s] = {
                 "weight_grad_norm": g,
                 "update_ratio": float(row["update_ratio"]),

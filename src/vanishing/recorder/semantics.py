@@ -545,8 +545,12 @@ def speed_units(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
             sub = recurrent_layer_of(p)
             if sub is not None:
                 stacked.setdefault(sub, []).append(p)
-        if len(stacked) > 1:
-            for own in stacked.values():
+        # a stack's depth is its layers (l0, l1, ...); a bidirectional layer's reverse
+        # direction (l0_reverse) runs beside its forward one, at the same depth: the speed
+        # views compare the forward direction's layers
+        forward = {sub: own for sub, own in stacked.items() if not sub.endswith("_reverse")}
+        if len(forward) > 1:
+            for own in forward.values():
                 param = _speed_param(own)
                 if param is not None and _learns(by_name[layer], param):
                     units.append((param_unit(layer, param), layer, param))

@@ -53,9 +53,13 @@ def _stack_notes(view: RunView) -> list[str]:
         grads = ", ".join(f"{s} {v['weight_grad_norm']:.2g}" for s, v in zip(subs, stack.values()))
         ups = ", ".join(f"{s} {v['update_ratio']:.2g}" for s, v in zip(subs, stack.values()))
         low = next(iter(stack.values()))["grad_vs_top_layer"]
+        forward = [s for s in subs if not s.endswith("_reverse")]  # l0 against the top layer
+        both = " bidirectional" if len(forward) < len(subs) else ""
         out.append(
-            f"{x['name'] or 'the model'} ({x.get('type', '')}, {len(stack)} stacked layers), per "
-            f"layer: weight gradient {grads} ({subs[0]} gets {low:.2g}x of {subs[-1]}'s), "
+            f"{x['name'] or 'the model'} ({x.get('type', '')}, {len(forward)}{both} stacked "
+            "layers), "
+            f"per layer: weight gradient {grads} ({forward[0]} gets {low:.2g}x of "
+            f"{forward[-1]}'s), "
             f"update/weight {ups}; its time profile is measured at the stack's input, through "
             "every layer: torch runs the layers in one fused op, so no profile per layer "
             "through time is recorded"
