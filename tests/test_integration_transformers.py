@@ -476,7 +476,8 @@ def test_a_transformers_first_last_ratio_compares_each_role_with_itself(tmp_path
     assert 0.3 < run.first_last_ratio() < 3  # healthy at init: each role learns alike
     assert tags == pytest.approx(seen, rel=1e-5)
     # the report says what the number compares
-    from vanishing.report.html import RATIO_LABEL_BY_ROLE, write_report
+    from vanishing.report.formatting import RATIO_LABEL_BY_ROLE
+    from vanishing.report.html import write_report
 
     page = write_report(tmp_path / "r").read_text()
     assert f"<th>{RATIO_LABEL_BY_ROLE}</th><td>{run.first_last_ratio():.3g}</td>" in page

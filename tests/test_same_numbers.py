@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import vanishing
-from vanishing.report.formatting import stat_text
-from vanishing.report.html import RATIO_LABEL, write_report
+from vanishing.report.formatting import RATIO_LABEL, stat_text
+from vanishing.report.html import write_report
 from vanishing.report.names import short_names
 
 CONFIG = """name = "same-numbers"

@@ -22,14 +22,7 @@ from typing import Any
 
 from vanishing.recorder.semantics import param_unit, recurrent_layer_of
 from vanishing.report.data import RunData, finite_or_none
-from vanishing.report.formatting import (  # noqa: F401 (the labels: the page's own names too)
-    DASH,
-    RATIO_LABEL,
-    RATIO_LABEL_BY_ROLE,
-    metric_text,
-    ratio_label,
-    stat_text,
-)
+from vanishing.report.formatting import DASH, metric_text, ratio_label, stat_text
 
 __all__ = [
     "write_report",

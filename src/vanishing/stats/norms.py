@@ -327,22 +327,20 @@ def cpu_norm(t: Tensor) -> float:
         >>> cpu_norm(torch.tensor([3.0, 4.0])), f"{cpu_norm(torch.full((4,), 3e-23)):.3g}"
         (5.0, '6e-23')
     """
+    kwargs = {} if t.dtype in _EXACT_DTYPES else {"dtype": torch.float32}
     if _FLUSH_PAYS is False:
         # called once per layer inside backward hooks, where each Python step costs 2-3x what
         # it costs outside: with flushing measured not to pay, the context (7 us there, half a
         # norm) is skipped, and the user's own setting is read only where it matters (_trusted)
-        if t.dtype in _EXACT_DTYPES:
-            value = torch.linalg.vector_norm(t).item()  # host sync: CPU only, it is free
-        else:
-            value = torch.linalg.vector_norm(t, dtype=torch.float32).item()
-        # the common case, a mean square well inside float32's range, without a call
-        if value < _INF and value * value >= _TRUSTED_MEAN_SQUARE_FLUSHED * t.numel():
-            return value
+        value = torch.linalg.vector_norm(t, **kwargs).item()  # host sync: CPU only, it is free
         flushed = None
     else:
-        kwargs = {} if t.dtype in _EXACT_DTYPES else {"dtype": torch.float32}
         with flush_denormals() as flushed:
-            value = torch.linalg.vector_norm(t, **kwargs).item()
+            value = torch.linalg.vector_norm(t, **kwargs).item()  # host sync: CPU only, free
+    # the common case, a mean square well inside float32's range (trusted flushed or not),
+    # without the call
+    if value < _INF and value * value >= _TRUSTED_MEAN_SQUARE_FLUSHED * t.numel():
+        return value
     return value if _trusted(value, t.numel(), True, flushed) else _exact_norm(t)
 
 
