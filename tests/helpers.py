@@ -50,3 +50,29 @@ def assert_thinned_run_equals(full, thinned, steps, frames=("metrics",)):
         pd.testing.assert_frame_equal(a, b)
     m = thinned.metrics
     assert m.error_norm.notna().any() and m.act_mean.notna().any()
+
+
+def retain_outputs(model, names):
+    """Forward hooks that keep each named submodule's output with its gradient retained: the
+    autograd oracle for the error signal. Returns (outputs by name, hook handles)."""
+    outputs = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.retain_grad()
+            outputs[name] = output
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    return outputs, handles
+
+
+class QuickGELU(nn.Module):
+    """Hugging Face's QuickGELUActivation (CLIP), written out: x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+QuickGELU.__name__ = "QuickGELUActivation"  # the registry recognises classes by name

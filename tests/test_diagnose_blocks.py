@@ -1,5 +1,6 @@
 """Depth compares like with like: repeated blocks, roles, tied output layers (no training)."""
 
+from helpers import retain_outputs
 from vanishing.recorder.semantics import hidden_layers, layer_placement, repeated_blocks
 
 
@@ -144,17 +145,7 @@ def test_torchvision_resnet_stages_are_one_stack_of_blocks_judged_through_depth(
 
     torch.manual_seed(0)
     sick = _staged_resnet(skip=False, act=nn.Sigmoid)
-    outputs = {}
-
-    def keep(name):
-        def hook(module, args, out):
-            out.retain_grad()
-            outputs[name] = out
-
-        return hook
-
-    for name in ("layer1.0.conv2", "layer4.1.conv2"):
-        sick.get_submodule(name).register_forward_hook(keep(name))
+    outputs, _ = retain_outputs(sick, ["layer1.0.conv2", "layer4.1.conv2"])
     nn.functional.cross_entropy(sick(x), y).backward()
     rms = {n: (o.grad.norm() / o.grad.numel() ** 0.5).item() for n, o in outputs.items()}
     truth = rms["layer1.0.conv2"] / rms["layer4.1.conv2"]

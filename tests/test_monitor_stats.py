@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import vanishing
-from helpers import mlp, row
+from helpers import mlp, retain_outputs, row
 
 
 def _twins(model, steps, optimizer=lambda params: torch.optim.Adam(params, lr=0.01)):
@@ -141,21 +141,10 @@ def test_error_signal_is_the_gradient_at_each_layer_output(run_dir):
     torch.manual_seed(0)
     model = mlp(depth=3)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
-    outs = {}
-
-    def keep(name):
-        def hook(module, args, output):
-            output.retain_grad()
-            outs[name] = output
-
-        return hook
-
     twin = copy.deepcopy(model)
-    handles = [
-        m.register_forward_hook(keep(n))
-        for n, m in twin.named_modules()
-        if isinstance(m, nn.Linear)
-    ]
+    outs, handles = retain_outputs(
+        twin, [n for n, m in twin.named_modules() if isinstance(m, nn.Linear)]
+    )
     nn.functional.cross_entropy(twin(x), y).backward()
     for h in handles:
         h.remove()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import vanishing
-from helpers import mlp, train
+from helpers import QuickGELU, mlp, train
 from vanishing.report import data as data_mod
 from vanishing.report import plots
 from vanishing.report.data import RunData
@@ -284,7 +284,7 @@ def test_activation_bound_matches_the_stats_module():
         entry = activations.get(kind)
         assert plots.MAX_DERIVATIVE[kind] == pytest.approx(entry.max_derivative(), rel=1e-6)
         if kind == "quick_gelu":  # Hugging Face's class (CLIP), no torch module of its own
-            module = lambda t: t * torch.sigmoid(1.702 * t)  # noqa: E731
+            module = QuickGELU().double()
         else:
             module = getattr(torch.nn, entry.classes[0])().double()  # the stock torch module
         x = z.clone().requires_grad_(True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import QuickGELU
 from vanishing import activations
 from vanishing.stats import l2_norms, nonfinite_counts, summarize, temporal_profile
 from vanishing.stats.norms import l2_norm, time_points
@@ -89,16 +90,6 @@ def test_temporal_profile_packed_sequence():
     assert T == 5
     expected = [math.sqrt(sum(brute_norm(s[t]) ** 2 for s in seqs if t < len(s))) for t in range(5)]
     assert profile[:5].tolist() == pytest.approx(expected)
-
-
-class QuickGELU(nn.Module):
-    """Hugging Face's QuickGELUActivation (CLIP), written out: x * sigmoid(1.702 x)."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-QuickGELU.__name__ = "QuickGELUActivation"  # the registry recognises classes by name
 
 
 _MODULES = {
