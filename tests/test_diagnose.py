@@ -564,6 +564,38 @@ def test_skip_connections_are_found_from_a_trace():
     assert skip_connections(_Gated()) is None
 
 
+class _SkipSequential(nn.Sequential):  # a Sequential whose own forward adds its input
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 4)),
+        lambda: nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Dropout(0.1), nn.GELU()),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        ),
+        lambda: _SkipSequential(nn.Linear(4, 4), nn.Tanh()),
+        lambda: nn.Sequential(nn.Linear(4, 4), _SkipSequential(nn.Linear(4, 4), nn.Tanh())),
+        lambda: nn.Sequential(nn.Linear(3, 3), _BasicBlock(3).conv1),
+    ],
+    ids=["mlp", "nested-cnn", "own-forward-adds", "nested-own-forward", "leaf-of-a-block"],
+)
+def test_a_chain_of_torch_layers_is_answered_without_a_trace_as_the_trace_answers(
+    build, monkeypatch
+):
+    import vanishing.modules as modules
+
+    fast = modules.skip_connections(build())
+    monkeypatch.setattr(modules, "_plain_chain", lambda m: False)  # the trace, always
+    assert fast is modules.skip_connections(build())
+
+
 def test_vanishing_cause_names_the_missing_skip_connection():
     torch.manual_seed(0)
     layers = []

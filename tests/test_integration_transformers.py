@@ -475,6 +475,7 @@ def test_a_transformers_first_last_ratio_compares_each_role_with_itself(tmp_path
     assert run.first_last_ratio() == pytest.approx(float(np.median(seen)), rel=1e-5)
     assert 0.3 < run.first_last_ratio() < 3  # healthy at init: each role learns alike
     assert tags == pytest.approx(seen, rel=1e-5)
+    assert run.step_ratios().tolist() == pytest.approx(seen, rel=1e-5)
     # the report says what the number compares
     from vanishing.report.formatting import RATIO_LABEL_BY_ROLE
     from vanishing.report.html import write_report
@@ -493,6 +494,10 @@ def test_a_transformers_first_last_ratio_compares_each_role_with_itself(tmp_path
     assert f"first / last block, median over 4 roles {seen[-1]:.3g}" in text
     row = next(line for line in text.splitlines() if RATIO_LABEL_BY_ROLE in line)
     assert row.split("│")[-2].strip() == f"{run.first_last_ratio():.3g}"
+    # and `compare`'s caption
+    from vanishing.report.terminal import compare_table
+
+    assert "role by role" in compare_table([run], ["gpt2"]).caption
 
 
 def test_clip_quick_gelu_activations_are_measured(tmp_path):

@@ -165,3 +165,25 @@ def test_summary_tables(tmp_path):
     text = _render(table)
     assert "sigmoid" in text and "failed" in text and "0.8125" in text and "2.5e-07" in text
     assert "healthy" in text
+
+
+def test_compare_table_names_each_kind_once_styled_by_its_worst_finding(tmp_path):
+    from vanishing import Diagnosis, Finding
+    from vanishing.report.data import example_run
+    from vanishing.report.terminal import compare_table
+
+    # two findings of one kind (a NaN step, and the growth before it), then another kind
+    diag = Diagnosis(
+        [
+            Finding("exploding_gradient", ["0"], "warning", "grows 30x"),
+            Finding("exploding_gradient", ["0"], "critical", "NaN at step 3"),
+            Finding("dead_units", ["1"], "warning", "40% dead"),
+        ]
+    )
+    table = compare_table([example_run()], ["nan-run"], [diag])
+    cell = table.columns[-1]._cells[0]
+    assert cell.plain.splitlines() == ["exploding_gradient", "dead_units"]
+    styles = {cell.plain[s.start : s.end].strip(): str(s.style) for s in cell.spans}
+    assert styles == {"exploding_gradient": "bold red", "dead_units": "yellow"}
+    assert _render(table).count("exploding_gradient") == 1
+    assert "role by role" not in table.caption  # a chain of layers: first / last hidden

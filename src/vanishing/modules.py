@@ -106,6 +106,19 @@ def is_residual_module(module: Any) -> bool:
     return any(c.__name__ in RESIDUAL_MODULES for c in type(module).__mro__)
 
 
+def _plain_chain(module: Any) -> bool:
+    """Whether ``module`` is an ``nn.Sequential`` (its own forward) of ``torch.nn`` layers and
+    such Sequentials: a chain in which one output feeds the next and nothing is added. The
+    layers are those ``torch.fx`` treats as leaves by default."""
+    import torch
+
+    if isinstance(module, torch.nn.Sequential):
+        return type(module).forward is torch.nn.Sequential.forward and all(
+            _plain_chain(child) for child in module.children()
+        )
+    return type(module).__module__.startswith(("torch.nn.", "torch.ao.nn."))
+
+
 def skip_connections(model: Any) -> bool | None:
     """Whether ``model`` adds a tensor to one computed from it through a layer with parameters
     (``x + f(x)``: a skip connection), read from a ``torch.fx`` trace; None when the model
@@ -131,6 +144,10 @@ def skip_connections(model: Any) -> bool | None:
 
     if any(is_residual_module(m) for m in model.modules()):
         return True
+    if _plain_chain(model):
+        # what the trace below finds for a Sequential of torch.nn layers (each a leaf of the
+        # trace: nothing inside it is seen), without the trace's ~5 ms: no addition at all
+        return False
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: torch.nn.Module, name: str) -> bool:

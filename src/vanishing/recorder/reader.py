@@ -683,14 +683,23 @@ class Run:
         """
         import numpy as np
 
-        per_step = self._step_ratios().to_numpy()
+        per_step = self.step_ratios().to_numpy()
         per_step = per_step[np.isfinite(per_step)]
         return float(np.median(per_step)) if len(per_step) else None
 
-    def _step_ratios(self) -> pd.Series:
+    def step_ratios(self) -> pd.Series:
         """Per recorded step, the ratio :meth:`first_last_ratio` is the median of (one pair's
         ratio, or the median over the roles' pairs: :func:`~vanishing.recorder.semantics.step_ratios`),
-        indexed by step; NaN where it is not defined. Empty with no pair recorded."""
+        indexed by step; NaN where it is not defined. Empty with no pair recorded. The curve
+        loggers get as ``vanishing/first_last_ratio``.
+
+        Example:
+            >>> import vanishing
+            >>> from vanishing.report.data import example_run
+            >>> ratios = vanishing.load_run(example_run()).step_ratios()
+            >>> len(ratios), bool((ratios < 1e-2).all())   # 20 steps, the first layer slower
+            (20, True)
+        """
         import pandas as pd
 
         pairs = ratio_pairs(self.layer_info)

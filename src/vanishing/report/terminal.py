@@ -167,7 +167,7 @@ def run_table(run: Any):
             # a stack's first and last layers have different roles (a transformer's block 0
             # attention, its last block's MLP): their raw speeds are not comparable, the
             # ratio of each role with itself is
-            per_step = data.run._step_ratios()
+            per_step = data.run.step_ratios()
             table.add_row(
                 "speed of learning, last step",
                 f"first / last block, median over {len(ratio_pairs(data.layer_info))} roles "
@@ -245,6 +245,7 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
 
     from vanishing.recorder.reader import Run, load_run
     from vanishing.report.data import distinct_labels
+    from vanishing.report.formatting import RATIO_LABEL_BY_ROLE, ratio_label
 
     runs = [r if isinstance(r, Run) else load_run(getattr(r, "path", r)) for r in runs]
     labels = list(labels) if labels is not None else distinct_labels([r.path for r in runs])
@@ -257,12 +258,18 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
     table.add_column("final loss", justify="right")
     table.add_column("first / last", justify="right")
     table.add_column("findings", overflow="fold")
+    by_role = False
     for run, label, diag in zip(runs, labels, diagnoses):
         loss = run.all_steps.get("loss", [])
+        # one line per kind, in the order found, styled by its worst finding: a run can hold
+        # two findings of one kind (a NaN step and the growth before it)
+        critical: dict[str, bool] = {}
+        for f in diag.findings:
+            critical[f.kind] = critical.get(f.kind, False) or f.severity == "critical"
         findings = Text()
-        for i, f in enumerate(diag.findings):
-            style = "bold red" if f.severity == "critical" else "yellow"
-            findings += Text(("\n" if i else "") + f.kind, style=style)
+        for i, (kind, worst) in enumerate(critical.items()):
+            findings += Text(("\n" if i else "") + kind, style="bold red" if worst else "yellow")
+        by_role = by_role or ratio_label(run.layer_info) == RATIO_LABEL_BY_ROLE
         table.add_row(
             label,
             str(len(run.all_steps)),
@@ -270,7 +277,9 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
             _fmt(run.first_last_ratio()),
             findings if diag.findings else Text("healthy", style="green"),
         )
-    table.caption = "first / last: speed of learning, first over last hidden layer"
+    table.caption = "first / last: speed of learning, first over last hidden layer" + (
+        " (a stack of blocks: first over last block, role by role)" if by_role else ""
+    )
     return table
 
 
