@@ -560,25 +560,78 @@ def _electra_small():
     }
 
 
+def _deberta_small():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(
+        vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, relative_attention=True,
+        position_buckets=16, pos_att_type=["p2c", "c2p"], num_labels=3,
+    )  # fmt: skip
+    return DebertaV2ForSequenceClassification(config), lambda ids: {
+        "input_ids": ids,
+        "labels": ids[:, 0] % 3,
+    }
+
+
+def _convbert_small():
+    from transformers import ConvBertConfig, ConvBertForSequenceClassification
+
+    config = ConvBertConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, embedding_size=64, head_ratio=2, conv_kernel_size=9,
+        num_groups=1, max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    return ConvBertForSequenceClassification(config), lambda ids: {
+        "input_ids": ids,
+        "labels": ids[:, 0] % 3,
+    }
+
+
+def _mamba_small():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=64, hidden_size=64, state_size=8, num_hidden_layers=4, conv_kernel=4,
+        expand=2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return MambaForCausalLM(config), lambda ids: {"input_ids": ids, "labels": ids}
+
+
 @pytest.mark.parametrize(
     "build, slow",
     [
         (_gpt2_small, (".ln_",)),  # LayerNorm gains
         (_bart_small, (".q_proj.", ".k_proj.")),  # attention scores' projections
         (_electra_small, (".query.", ".key.")),
+        # the relative-position query and key: they enter only the scores (c2p, p2c)
+        (_deberta_small, ("_proj.",)),
+        # the span-based dynamic convolution: its kernel is a softmax of a product
+        (_convbert_small, (".query.", ".key.", "conv_attn_layer.", "conv_kernel_layer.")),
+        # the selective scan's step size, softplus(dt_proj(x) + b) with b set for 1e-3..1e-1
+        (_mamba_small, (".dt_proj.",)),
     ],
-    ids=["gpt2-layernorm", "bart-query-key", "electra-query-key"],
+    ids=[
+        "gpt2-layernorm",
+        "bart-query-key",
+        "electra-query-key",
+        "deberta-position-query-key",
+        "convbert-span-kernel",
+        "mamba-step-size",
+    ],  # fmt: skip
 )
 def test_what_a_healthy_transformer_moves_slowly_under_sgd_is_not_stalled_layers(
     tmp_path, build, slow
 ):
-    """Under SGD at init two kinds of weight move ~1e-4 as fast as a transformer's other
-    matrices, in every block alike: a LayerNorm's gain (started at one, norm sqrt(width): it
-    moves lr * |grad| / sqrt(width)), and an attention's query and key projections (each one's
-    gradient is proportional to the other's weight, and the scores start near zero). Measured
-    from the loop's own weights below, they cross the stalled rule's line (1/1000 of the 90th
-    percentile); neither is a gradient lost through depth, and the diagnosis said
-    'stalled_layers ... he_init' for them."""
+    """Under SGD at init some weights move ~1e-4 as fast as a transformer's other matrices, in
+    every block alike: a LayerNorm's gain (started at one, norm sqrt(width): it moves
+    lr * |grad| / sqrt(width)), an attention's query and key projections (each one's gradient
+    is proportional to the other's weight, and the scores start near zero), and the roles
+    whose output reaches the loss the same way, through another layer's small weights or a
+    saturating step size (DeBERTa's relative-position projections, ConvBERT's span kernel,
+    Mamba's dt_proj). Measured from the loop's own weights below, they cross the stalled
+    rule's line (1/1000 of the 90th percentile); none is a gradient lost through depth (the
+    last block's move as slowly), and the diagnosis said 'stalled_layers ... he_init'."""
     import numpy as np
 
     torch.manual_seed(0)
@@ -603,6 +656,70 @@ def test_what_a_healthy_transformer_moves_slowly_under_sgd_is_not_stalled_layers
     assert all(any(k in n for k in slow) for n in below), below  # only those kinds cross
     diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
     assert diagnosis.healthy, str(diagnosis)
+
+
+def test_a_role_held_back_by_its_learning_rate_in_every_block_is_still_stalled(tmp_path):
+    """The other side of the line above: ELECTRA's FFN input matrices in a parameter group at
+    lr 1e-7 (the rest at 0.1) stall in every block alike too, but their gradient is a normal
+    one (measured from the loop: the step size holds them back), so they are stalled_layers,
+    with the learning rate as the remedy."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model, batch = _electra_small()
+    slow = [p for n, p in model.named_parameters() if ".intermediate.dense." in n]
+    rest = [p for n, p in model.named_parameters() if ".intermediate.dense." not in n]
+    opt = torch.optim.SGD([{"params": rest, "lr": 0.1}, {"params": slow, "lr": 1e-7}])
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(5):
+            opt.zero_grad()
+            model(**batch(ids)).loss.backward()
+            for n, p in model.named_parameters():
+                if n.endswith(".weight") and "embed" not in n and "LayerNorm" not in n:
+                    grads.setdefault(n, []).append(float(p.grad.norm() / p.detach().norm()))
+            opt.step()
+    med = {n: float(np.median(v)) for n, v in grads.items()}
+    typical = float(np.quantile(list(med.values()), 0.9))
+    held = {n: v / typical for n, v in med.items() if ".intermediate.dense." in n}
+    assert len(held) == 4 and min(held.values()) > 1e-2, held  # a normal gradient
+    diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
+    (finding,) = [f for f in diagnosis.findings if f.kind == "stalled_layers"]
+    assert sorted(finding.layers) == sorted(n.rsplit(".", 1)[0] for n in held)
+    assert finding.remedies[0].name == "higher_learning_rate"
+
+
+def test_a_layer_whose_output_never_reaches_the_loss_is_unused_not_stalled(tmp_path):
+    """A stock Longformer classifier reads only the CLS token, a global one, which the last
+    layer computes with its ``*_global`` projections: that layer's local value projection gets
+    an exactly zero gradient at every step (the loop's own gradients say so). It is unused, not
+    stalled (it was a critical stalled_layers finding); the diagnosis says it in a note."""
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LongformerConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=70, attention_window=8, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, sep_token_id=2, num_labels=3,
+    )  # fmt: skip
+    model = LongformerForSequenceClassification(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    unused = "longformer.encoder.layer.3.attention.self.value"
+    zero = []
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(5):
+            ids = torch.randint(3, 64, (4, 32), generator=gen)
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids[:, 1] % 3).loss.backward()
+            grad = dict(model.named_parameters())[f"{unused}.weight"].grad
+            zero.append(grad is not None and not grad.any())
+            opt.step()
+    assert all(zero)
+    diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
+    assert "stalled_layers" not in diagnosis.kinds, str(diagnosis)
+    assert any("received no gradient" in n and unused in n for n in diagnosis.notes)
 
 
 def test_attention_score_projections_are_found_in_real_models_by_their_names():

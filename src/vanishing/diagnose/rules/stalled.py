@@ -32,6 +32,52 @@ def _judged(layer_type: str) -> bool:
     return not is_embedding(layer_type) and not is_normalization(layer_type)
 
 
+def _structural_roles(
+    view: RunView, med, stalled: set[str], module_of: dict[str, str], step_bound
+) -> dict[str, list[str]]:
+    """Roles of the main stack of blocks that stall in every block they occur in, the last
+    block included, held back by their gradient (not their step size), while some other role
+    of the stack learns in every block: ``{role: units}``.
+
+    Depth cannot explain such a role: the last block is the one nearest the loss, and the
+    other roles of the same blocks learn. What does is how the role's output reaches the loss:
+    through a product with another layer's small weights (a DeBERTa's relative-position query
+    and key, ConvBERT's span-kernel layers, MobileBERT's shared query/key bottleneck) or a
+    saturating step size (Mamba's ``dt_proj``), under SGD at a small init. A role whose step
+    size holds it back (a parameter group at a tiny learning rate) stays judged; so do the
+    stalled early blocks of a vanishing stack, whose last block learns.
+    """
+    stack = view.stack
+    if len(view.stack_blocks) < 2:
+        return {}
+    last = len(view.stack_blocks) - 1
+    by_role: dict[str, list[tuple[int, str]]] = {}
+    for n in med.index:
+        entry = stack.get(module_of[n])
+        if entry is not None:
+            by_role.setdefault(entry[2], []).append((entry[1], n))
+    learning = [
+        role
+        for role, members in by_role.items()
+        if not any(n in stalled for _, n in members)
+        and {i for i, _ in members} == set(range(last + 1))
+    ]
+    if not learning:
+        return {}
+    out: dict[str, list[str]] = {}
+    for role, members in by_role.items():
+        blocks = {i for i, _ in members}
+        units = [n for _, n in members]
+        if (
+            len(blocks) >= 2
+            and last in blocks
+            and all(n in stalled for n in units)
+            and not any(step_bound(n) for n in units)
+        ):
+            out[role] = units
+    return out
+
+
 def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     # every weight matrix (weight, weight_ih_l0, in_proj_weight...), per unit: a module, or one
     # layer (rnn.l0) of a stacked recurrent module, so that a stack's lower layer can stall
@@ -56,15 +102,18 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
             for n in med.index
         ]
     ]
-    # a layer with no gradient at all in the window is not slow but unused (or detached)
-    no_grad = ~u["grad_norm"].notna().groupby(u["unit"]).any()
-    silent = [n for n in med.index if no_grad.get(n, False)]
+    # a layer with no gradient in the window (none, or exactly zero at every step) is not slow
+    # but unused: not in the forward pass, detached, or its output never reaches the loss (a
+    # stock Longformer's last local value projection, when only the global token is read)
+    reached = (u["grad_norm"].fillna(0.0) != 0).groupby(u["unit"]).any()
+    silent = [n for n in med.index if not reached.get(n, True)]
     if silent:
         notes.append(
             f"{len(silent)} layer(s) received no gradient in the window ("
             + ", ".join(f"'{n}'" for n in silent[:5])
             + (", ..." if len(silent) > 5 else "")
-            + "): not used in the forward pass, or detached from the loss; not judged as stalled"
+            + "): not used in the forward pass, or their output does not reach the loss "
+            "(detached, or read by nothing the loss depends on); not judged as stalled"
         )
         med = med.drop(silent)
     if len(med) < 3:
@@ -75,21 +124,47 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
     stalled = med[(med <= typical * MAX_RELATIVE) & (med < MAX_STALLED)]
     if stalled.empty:
         return []
+    grads = w.groupby("unit")["grad_ratio"].median()
+    grads = grads[grads.index.isin(med.index)]
+    typical_grad = float(grads.quantile(0.9)) if not grads.empty else float("nan")
+
+    def relative_gradient(n: str) -> float:
+        g = float(grads.get(n, float("nan")))
+        return g / typical_grad if typical_grad > 0 else float("nan")
+
+    def step_bound(n: str) -> bool:
+        # the gradient alone would not stall it, yet the update is far smaller than it says
+        rel_grad, rel_update = relative_gradient(n), float(med[n]) / typical
+        return (
+            math.isfinite(rel_grad) and rel_grad > MAX_RELATIVE and rel_grad >= LR_GAP * rel_update
+        )
+
+    structural = _structural_roles(view, med, set(stalled.index), module_of, step_bound)
+    if structural:
+        notes.append(
+            "; ".join(
+                f"'{role}' moves {float(med[units].median()) / typical:.1e} as fast as the layers "
+                f"that learn in all {len(units)} blocks alike, the last one too, while the other "
+                "roles of those blocks learn"
+                for role, units in structural.items()
+            )
+            + ": a property of the role (its output enters the loss through another layer's "
+            "weights: attention scores, a gate, a step size) under this optimizer, not a "
+            "gradient lost through depth; not judged as stalled"
+        )
+        stalled = stalled.drop([n for units in structural.values() for n in units])
+        if stalled.empty:
+            return []
     order = {x["name"]: i for i, x in enumerate(view.layers)}
     units = sorted(stalled.index, key=lambda n: (order.get(module_of[n], 0), n))
     layers = list(dict.fromkeys(module_of[n] for n in units))
     slowest = float(stalled.min())
     rel = slowest / typical
-    grads = w.groupby("unit")["grad_ratio"].median()
-    grads = grads[grads.index.isin(med.index)]
-    typical_grad = float(grads.quantile(0.9)) if not grads.empty else float("nan")
     per_layer = {
         n: {
             "update_ratio": float(med[n]),
             "relative_update": float(med[n]) / typical,
-            "relative_gradient": float(grads.get(n, float("nan"))) / typical_grad
-            if typical_grad > 0
-            else float("nan"),
+            "relative_gradient": relative_gradient(n),
         }
         for n in units
     }
@@ -101,11 +176,7 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
         if slowest == 0
         else ""
     )
-    # the gradient alone would not stall it, yet the update is far smaller than the gradient says
-    step_bound = (
-        math.isfinite(rel_grad) and rel_grad > MAX_RELATIVE and rel_grad >= LR_GAP * rel_first
-    )
-    if step_bound:
+    if step_bound(first):
         cause = (
             f"step size: '{first}' gets {rel_grad:.1e} of the learning layers' gradient (relative "
             f"to its weight) but moves only {rel_first:.1e} as fast: its learning rate (parameter "
