@@ -776,3 +776,51 @@ def test_attention_score_projections_are_found_in_real_models_by_their_names():
         expected = {f"{a}.{c}" for a in attention for c in children}
         assert attention_score_projections(names) == expected, label
         assert expected or label == "gpt2"
+
+
+def test_a_gradient_that_mirrors_shrinking_activations_before_a_final_norm_is_not_vanishing():
+    """A stock PoolFormer at init: its layer-scale gains (1e-5) make each block nearly the
+    identity, so the trunk is a chain of four small-gain downsampling convs, then a GroupNorm
+    before the classifier. Measured with autograd: the error signal at the first stage is
+    ~1/70 of the last's (the vanishing rule's line is 1/10), but each conv's weight gradient
+    relative to its weight is larger at the first stage than at the last: the activations
+    shrink forward as the error signal shrinks back, and the final norm makes their scale
+    irrelevant. `inspect` said vanishing_gradient (warning) for it; now it is a note. The
+    control: a deep sigmoid chain with the same final norm still vanishes (its relative
+    weight gradients shrink too)."""
+    from transformers import PoolFormerConfig, PoolFormerForImageClassification
+
+    from helpers import retain_outputs
+
+    torch.manual_seed(0)
+    model = PoolFormerForImageClassification(
+        PoolFormerConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=3)
+    )
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    stages = [f"poolformer.encoder.patch_embeddings.{i}.projection" for i in range(4)]
+    outputs, handles = retain_outputs(model, stages)
+    model(pixel_values=x, labels=y).loss.backward()
+    for h in handles:
+        h.remove()
+    rms = [outputs[n].grad.double().pow(2).mean().sqrt().item() for n in stages]
+    rel = [
+        (model.get_submodule(n).weight.grad.norm() / model.get_submodule(n).weight.norm()).item()
+        for n in stages
+    ]
+    model.zero_grad()
+    assert rms[0] / rms[-1] < 0.1 and rel[0] / rel[-1] > 1.0, (rms, rel)
+    diagnosis = vanishing.inspect(
+        model, {"pixel_values": x, "labels": y}, None, lambda o, t: o.loss
+    )
+    assert "vanishing_gradient" not in diagnosis.kinds, str(diagnosis)
+    assert any("no vanishing gradient" in n and "'norm'" in n for n in diagnosis.notes)
+
+    layers = []
+    for _ in range(10):
+        layers += [torch.nn.Linear(32, 32), torch.nn.Sigmoid()]
+    chain = torch.nn.Sequential(*layers, torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    diagnosis = vanishing.inspect(
+        chain, torch.randn(64, 32), torch.randint(0, 4, (64,)), torch.nn.functional.cross_entropy
+    )
+    assert "vanishing_gradient" in diagnosis.kinds, str(diagnosis)

@@ -14,6 +14,7 @@ from vanishing.diagnose.view import (
     is_squashing,
     max_derivative_text,
 )
+from vanishing.recorder.semantics import is_normalization
 
 #: the first hidden layer gets at most this share of the last hidden layer's gradient (per unit)
 MAX_FIRST_TO_LAST = 0.1
@@ -33,7 +34,7 @@ KEEP_GATE_BIAS = 0.5
 def check(view: RunView) -> RuleResult:
     """The rule: its findings and its notes (see the module doc)."""
     notes: list[str] = []
-    found = _through_depth(view) + _through_time(view, notes)
+    found = _through_depth(view, notes) + _through_time(view, notes)
     notes.extend(_stack_notes(view))
     return RuleResult(found, notes)
 
@@ -67,7 +68,45 @@ def _stack_notes(view: RunView) -> list[str]:
     return out
 
 
-def _through_depth(view: RunView) -> list[Finding]:
+def _normalised_before_head(view: RunView) -> str | None:
+    """The normalisation layer between the last hidden layer and the output layer, outside the
+    model's stack of blocks (PoolFormer's ``norm``, a ViT's final LayerNorm, a chain's last
+    BatchNorm), or None: with one, the loss does not depend on the scale the hidden layers hand
+    on, so a gradient that shrinks back toward the input may only mirror activations that
+    shrink forward."""
+    hidden = view.hidden
+    if not hidden:
+        return None
+    names = [x["name"] for x in view.layers]
+    try:
+        start = names.index(hidden[-1])
+    except ValueError:
+        return None
+    for x in view.layers[start + 1 :]:
+        if is_normalization(x.get("type", "")):
+            return x["name"] if x["name"] not in view.stack else None
+        if (x.get("num_params") or 0) > 0:
+            return None  # the output layer, reached with no normalisation before it
+    return None
+
+
+def _relative_weight_gradient_ratio(view: RunView) -> float | None:
+    """The first hidden layer's (or block's, role by role) weight gradient relative to its
+    weight, over the last one's: the least-squares line's first/last (as for the depth
+    signals); None where fewer than three are recorded."""
+    table = view.profile("grad_ratio", "weight")
+    if table.empty:
+        return None
+    table = table.dropna(axis=1, how="all")
+    if view.depth_unit == "block":
+        table = view.by_block(table)
+    if table.shape[1] < 3:
+        return None
+    fitted = depth_trend(table)["fitted_span"]
+    return 10**-fitted if math.isfinite(fitted) else None
+
+
+def _through_depth(view: RunView, notes: list[str]) -> list[Finding]:
     # the error signal, or the speed of learning (which sums the error over examples and
     # positions): early layers learning far more slowly is the problem, whichever shows it
     chosen = None
@@ -84,6 +123,21 @@ def _through_depth(view: RunView) -> list[Finding]:
         return []
     label, table, trend, ratio, fitted = chosen
     layers = list(table.columns)
+    norm = _normalised_before_head(view)
+    relative = _relative_weight_gradient_ratio(view) if norm is not None else None
+    if relative is not None and relative > MAX_FITTED_FIRST_TO_LAST:
+        # each layer's weight gradient is its error signal times its input: when the inputs
+        # grow toward the input as the error signal shrinks, the first layers learn as fast
+        # relative to their weights as the last (PoolFormer at init: error signal 1/74 of the
+        # last stage's, relative weight gradient 2.5x); the norm makes that scale harmless
+        notes.append(
+            f"the {label} shrinks back through depth ('{layers[0]}' gets {ratio:.1e} of "
+            f"'{layers[-1]}''s), but the layers' weight gradients relative to their weights do "
+            f"not (first / last {relative:.2g}): the activations shrink forward by as much, "
+            f"and '{norm}' before the output layer makes the loss independent of their scale; "
+            "the first layers learn as fast as the last, so this is no vanishing gradient"
+        )
+        return []
     blocks = view.depth_unit == "block"
     members = view.members(layers)
     per_layer = 10 ** trend["slope"]
