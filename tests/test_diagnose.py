@@ -862,3 +862,62 @@ def test_a_diverging_run_has_no_stalled_layer_that_moves_many_times_its_own_norm
     diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
     assert "non_finite" in diagnosis.kinds
     assert "stalled_layers" not in diagnosis.kinds, str(diagnosis)
+
+
+def test_a_stall_not_behind_a_small_gain_is_still_found(tmp_path):
+    """The control of the layer-scale note: a sigmoid chain whose first layer stalls (weights
+    of std 50 saturate its sigmoid: its gradient is ~1e-7 of the others') beside a side branch
+    scaled by a 1e-6 gain vector. The branch's layer is behind the gain (held at 1e-6); the
+    chain's stalled layer is not, and stays a finding."""
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+            self.gain = nn.Parameter(torch.full((32,), 1e-6))
+
+        def forward(self, x):
+            return self.gain * self.lin(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(32, 32), nn.Sigmoid()]
+            self.chain = nn.Sequential(*layers)
+            self.side = Branch()
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.chain(x) + self.side(x))
+
+    torch.manual_seed(0)
+    model = Net()
+    for m in model.chain:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0)
+    nn.init.normal_(model.chain[0].weight, std=50.0)
+    rest = [p for n, p in model.named_parameters() if n != "side.gain"]
+    # the gain held at 1e-6 (at lr 0.5 it would grow to ~0.1 in a step, freeing the branch)
+    held = {"params": [model.side.gain], "lr": 0.0}
+    opt = torch.optim.SGD([{"params": rest, "lr": 0.5}, held])
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+    rates = {}
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(30):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            for n, p in model.named_parameters():
+                if n.endswith("weight"):
+                    d = (p.detach() - before[n]).double().norm() / before[n].double().norm()
+                    rates.setdefault(n, []).append(float(d))
+    med = {n: float(np.median(v)) for n, v in rates.items()}
+    line = 1e-3 * float(np.quantile(list(med.values()), 0.9))
+    assert med["side.lin.weight"] < line and med["chain.0.weight"] < line, med
+    diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
+    (finding,) = [f for f in diagnosis.findings if f.kind == "stalled_layers"]
+    assert "chain.0" in finding.layers and "side.lin" not in finding.layers
+    assert any("'side.gain' (RMS 1.0e-06)" in n for n in diagnosis.notes), diagnosis.notes

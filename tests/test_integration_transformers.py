@@ -786,8 +786,9 @@ def test_a_gradient_that_mirrors_shrinking_activations_before_a_final_norm_is_no
     relative to its weight is larger at the first stage than at the last: the activations
     shrink forward as the error signal shrinks back, and the final norm makes their scale
     irrelevant. `inspect` said vanishing_gradient (warning) for it; now it is a note. The
-    control: a deep sigmoid chain with the same final norm still vanishes (its relative
-    weight gradients shrink too)."""
+    controls: a stock EfficientNet, whose blocks' weight gradients underflow to zero at init
+    (its BatchNorm gains start at ~0.02), and a deep sigmoid chain with the same final norm
+    (its relative weight gradients shrink too) still vanish."""
     from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
     from helpers import retain_outputs
@@ -816,6 +817,24 @@ def test_a_gradient_that_mirrors_shrinking_activations_before_a_final_norm_is_no
     assert "vanishing_gradient" not in diagnosis.kinds, str(diagnosis)
     assert any("no vanishing gradient" in n and "'norm'" in n for n in diagnosis.notes)
 
+    # a stock EfficientNet (transformers draws its BatchNorm gains from N(0, 0.02)) with its
+    # BatchNorm before the head: at init every block's conv weights get a gradient below
+    # 1e-20 of their norm (or an underflowed 0), so nothing says the first blocks learn
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    torch.manual_seed(0)
+    config = EfficientNetConfig(
+        image_size=32, width_coefficient=0.25, depth_coefficient=0.5, hidden_dim=320, num_labels=3
+    )
+    net = EfficientNetForImageClassification(config)
+    net(pixel_values=x, labels=y).loss.backward()
+    convs = [p for n, p in net.named_parameters() if ".blocks." in n and p.dim() == 4]
+    rates = [float(p.grad.norm() / p.detach().norm()) for p in convs]
+    assert convs and max(rates) < 1e-20, max(rates)  # nothing in the blocks learns
+    net.zero_grad()
+    diagnosis = vanishing.inspect(net, {"pixel_values": x, "labels": y}, None, lambda o, t: o.loss)
+    assert "vanishing_gradient" in diagnosis.kinds, str(diagnosis)
+
     layers = []
     for _ in range(10):
         layers += [torch.nn.Linear(32, 32), torch.nn.Sigmoid()]
@@ -824,3 +843,44 @@ def test_a_gradient_that_mirrors_shrinking_activations_before_a_final_norm_is_no
         chain, torch.randn(64, 32), torch.randint(0, 4, (64,)), torch.nn.functional.cross_entropy
     )
     assert "vanishing_gradient" in diagnosis.kinds, str(diagnosis)
+
+
+def test_layers_behind_a_small_layer_scale_are_not_stalled_layers(tmp_path):
+    """A stock ConvNeXt multiplies each block's branch by a layer scale started at 1e-6, so
+    under SGD every conv inside a block gets its gradient scaled by 1e-6 and, measured from the
+    loop's own weights, moves less than 1/1000 as fast as the layers that learn (it was a
+    critical stalled_layers finding with he_init advised). The gain is a design choice that
+    grows as it learns: the diagnosis names it in a note instead."""
+    import numpy as np
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    config = ConvNextConfig(
+        num_channels=3, hidden_sizes=[16, 32], depths=[2, 2], num_labels=3, image_size=32,
+        num_stages=2,
+    )  # fmt: skip
+    model = ConvNextForImageClassification(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    rates = {}
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(6):
+            x = torch.randn(8, 3, 32, 32, generator=gen)
+            y = torch.randint(0, 3, (8,), generator=gen)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            model(pixel_values=x, labels=y).loss.backward()
+            opt.step()
+            for n, p in model.named_parameters():
+                if n.endswith(".weight") and p.dim() >= 2:
+                    d = (p.detach() - before[n]).double().norm() / before[n].double().norm()
+                    rates.setdefault(n, []).append(float(d))
+    med = {n: float(np.median(v)) for n, v in rates.items()}
+    line = 1e-3 * float(np.quantile(list(med.values()), 0.9))  # the rule's line
+    below = sorted(n for n, v in med.items() if v < line)
+    assert len(below) >= 6 and all(".layers." in n for n in below), below
+    gains = [p for n, p in model.named_parameters() if n.endswith("layer_scale_parameter")]
+    assert gains and all(float(g.detach().abs().max()) < 1e-3 for g in gains)
+    diagnosis = vanishing.load_run(tmp_path / "r").diagnose(model=model)
+    assert "stalled_layers" not in diagnosis.kinds, str(diagnosis)
+    assert any("layer_scale_parameter" in n and "small gain" in n for n in diagnosis.notes)

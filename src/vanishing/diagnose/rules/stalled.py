@@ -10,6 +10,7 @@ from vanishing.recorder.semantics import (
     attention_score_projections,
     is_embedding,
     is_normalization,
+    is_weight_param,
 )
 
 MAX_RELATIVE = 1e-3  # a stalled layer's update ratio over the learning layers' (90th percentile)
@@ -30,6 +31,52 @@ def check(view: RunView) -> RuleResult:
 
 def _judged(layer_type: str) -> bool:
     return not is_embedding(layer_type) and not is_normalization(layer_type)
+
+
+#: a gain vector this small (RMS) scales the gradient of the branch it multiplies by as much:
+#: a layer scale (ConvNeXt starts it at 1e-6, PoolFormer and CaiT at 1e-5)
+MAX_GAIN = 1e-2
+
+
+def _small_gains(view: RunView) -> dict[str, tuple[str, float]]:
+    """Per module, the small gain vector it sits behind: ``{module: (gain, rms)}``.
+
+    A gain is a vector or scalar parameter (at most one axis longer than 1: ``[C]``,
+    ``[C, 1, 1]``, ``[]``) that is not a bias and not a normalisation's, embedding's or
+    activation's, whose RMS at the window's start is below MAX_GAIN. It multiplies the output of the layers of its owner module
+    (ConvNeXt's ``layer_scale_parameter`` on ``stages.0.layers.0``), or, when its owner has no
+    layer of its own (timm's ``LayerScale`` module ``ls1``), of its owner's siblings.
+    """
+    names = [x["name"] for x in view.layers]
+    out: dict[str, tuple[str, float]] = {}
+    for x in view.layers:
+        kind = x.get("type", "")
+        if is_normalization(kind) or is_embedding(kind) or x.get("role") == "activation":
+            continue
+        for p in x.get("params", []):
+            shape = [int(d) for d in p.get("shape", [])]
+            if p["name"] == "bias" or is_weight_param(p["name"]) and len(shape) >= 2:
+                continue
+            if int(p["numel"]) != max(shape, default=1):
+                continue  # a matrix, not a gain (a scalar one, ReZero's alpha, is one)
+            norms = view.recent_values(x["name"], p["name"], "param_norm")
+            if not len(norms) or not math.isfinite(norms[0]):
+                continue
+            rms = float(norms[0]) / math.sqrt(int(p["numel"]))
+            if rms >= MAX_GAIN:
+                continue
+            owner = x["name"]
+            if not owner:
+                continue  # the model's own parameter: which output it scales is not known
+            inside = [n for n in names if n.startswith(owner + ".")]
+            if not inside:  # a gain module of its own: it scales its siblings' output
+                parent = owner.rpartition(".")[0]
+                inside = [n for n in names if n.startswith(parent + ".") and n != owner]
+            gain = f"{owner}.{p['name']}"
+            for n in inside:
+                if n not in out or rms < out[n][1]:
+                    out[n] = (gain, rms)
+    return out
 
 
 def _structural_roles(
@@ -139,6 +186,24 @@ def _findings(view: RunView, notes: list[str]) -> list[Finding]:
             math.isfinite(rel_grad) and rel_grad > MAX_RELATIVE and rel_grad >= LR_GAP * rel_update
         )
 
+    gains = _small_gains(view)
+    gated = [n for n in stalled.index if module_of[n] in gains and not step_bound(n)]
+    if gated:
+        behind: dict[tuple[str, float], list[str]] = {}
+        for n in gated:
+            behind.setdefault(gains[module_of[n]], []).append(n)
+        notes.append(
+            f"{len(gated)} layer(s) move slowly behind a small gain: "
+            + ", ".join(f"'{g}' (RMS {r:.1e})" for g, r in list(behind)[:3])
+            + (", ..." if len(behind) > 3 else "")
+            + " multiplies their output, so their gradient is scaled by as much until the "
+            "gain grows (a layer scale, started small on purpose: AdamW, which these models "
+            "train with, moves it at its learning rate from the first step); not judged as "
+            "stalled"
+        )
+        stalled = stalled.drop(gated)
+        if stalled.empty:
+            return []
     structural = _structural_roles(view, med, set(stalled.index), module_of, step_bound)
     if structural:
         notes.append(

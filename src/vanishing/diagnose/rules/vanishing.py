@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import (
@@ -21,6 +23,10 @@ MAX_FIRST_TO_LAST = 0.1
 #: ... and the least-squares line through all hidden layers confirms a shrink (so one outlying
 #: endpoint cannot make the finding); a little looser, the fit smooths the endpoints
 MAX_FITTED_FIRST_TO_LAST = 0.2
+#: a gradient shrinking before a final norm is the activations' scale only while the first
+#: layers' weight gradient (relative to the weight) is at least this share of the output
+#: layer's: the stalled rule's line (an output layer's reads 10-100x a healthy hidden one's)
+MIN_HEAD_SHARE = 1e-3
 #: through time (plain RNN cells): gradient at t=0 over gradient at t=T-1
 MAX_FIRST_TO_LAST_TIME = 1e-3
 #: gated cells (LSTM, GRU) whose profile decays are a finding only when the loss also sits at
@@ -68,12 +74,12 @@ def _stack_notes(view: RunView) -> list[str]:
     return out
 
 
-def _normalised_before_head(view: RunView) -> str | None:
-    """The normalisation layer between the last hidden layer and the output layer, outside the
-    model's stack of blocks (PoolFormer's ``norm``, a ViT's final LayerNorm, a chain's last
-    BatchNorm), or None: with one, the loss does not depend on the scale the hidden layers hand
-    on, so a gradient that shrinks back toward the input may only mirror activations that
-    shrink forward."""
+def _normalised_before_head(view: RunView) -> tuple[str, str] | None:
+    """``(norm, head)``: the normalisation layer between the last hidden layer and the output
+    layer, outside the model's stack of blocks (PoolFormer's ``norm``, a ViT's final LayerNorm,
+    a chain's last BatchNorm), and that output layer; or None. With such a norm the loss does
+    not depend on the scale the hidden layers hand on, so a gradient that shrinks back toward
+    the input may only mirror activations that shrink forward."""
     hidden = view.hidden
     if not hidden:
         return None
@@ -82,22 +88,42 @@ def _normalised_before_head(view: RunView) -> str | None:
         start = names.index(hidden[-1])
     except ValueError:
         return None
+    norm = None
     for x in view.layers[start + 1 :]:
         if is_normalization(x.get("type", "")):
-            return x["name"] if x["name"] not in view.stack else None
-        if (x.get("num_params") or 0) > 0:
-            return None  # the output layer, reached with no normalisation before it
+            if x["name"] in view.stack:
+                return None
+            norm = norm or x["name"]
+        elif (x.get("num_params") or 0) > 0:
+            return (norm, x["name"]) if norm is not None else None  # the output layer
     return None
 
 
-def _relative_weight_gradient_ratio(view: RunView) -> float | None:
+def _relative_weight_gradient_ratio(view: RunView, head: str) -> float | None:
     """The first hidden layer's (or block's, role by role) weight gradient relative to its
     weight, over the last one's: the least-squares line's first/last (as for the depth
-    signals); None where fewer than three are recorded."""
+    signals). None where fewer than three are recorded, or where the first layers do not
+    learn at least MIN_HEAD_SHARE as fast as the output layer ``head`` (relative to their
+    weights): a
+    profile of gradients that are all tiny (a stock EfficientNet's blocks at init, 1e-35 of
+    their weights, its BatchNorm gains drawn from N(0, 0.02)) says nothing of health."""
     table = view.profile("grad_ratio", "weight")
     if table.empty:
         return None
     table = table.dropna(axis=1, how="all")
+    values = table.to_numpy(dtype=float)
+    recorded = values[~np.isnan(values)]
+    if not (np.isfinite(recorded).all() and (recorded > 0).all()):
+        return None  # an exactly zero (underflowed) weight gradient learns nothing
+    head_rate = view.recent_values(head, "weight", "grad_ratio")
+    head_rate = head_rate[np.isfinite(head_rate)]
+    if view.depth_unit == "block":
+        first_cols = [c for c in table.columns if view.stack.get(c, ("", -1, ""))[1] == 0]
+    else:
+        first_cols = list(table.columns[:1])
+    first_rate = float(np.nanmedian(table[first_cols].to_numpy(dtype=float))) if first_cols else 0.0
+    if not len(head_rate) or not first_rate >= MIN_HEAD_SHARE * float(np.median(head_rate)):
+        return None
     if view.depth_unit == "block":
         table = view.by_block(table)
     if table.shape[1] < 3:
@@ -123,9 +149,10 @@ def _through_depth(view: RunView, notes: list[str]) -> list[Finding]:
         return []
     label, table, trend, ratio, fitted = chosen
     layers = list(table.columns)
-    norm = _normalised_before_head(view)
-    relative = _relative_weight_gradient_ratio(view) if norm is not None else None
-    if relative is not None and relative > MAX_FITTED_FIRST_TO_LAST:
+    end = _normalised_before_head(view)
+    relative = _relative_weight_gradient_ratio(view, end[1]) if end is not None else None
+    if end is not None and relative is not None and relative > MAX_FITTED_FIRST_TO_LAST:
+        norm = end[0]
         # each layer's weight gradient is its error signal times its input: when the inputs
         # grow toward the input as the error signal shrinks, the first layers learn as fast
         # relative to their weights as the last (PoolFormer at init: error signal 1/74 of the
