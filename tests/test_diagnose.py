@@ -921,3 +921,73 @@ def test_a_stall_not_behind_a_small_gain_is_still_found(tmp_path):
     (finding,) = [f for f in diagnosis.findings if f.kind == "stalled_layers"]
     assert "chain.0" in finding.layers and "side.lin" not in finding.layers
     assert any("'side.gain' (RMS 1.0e-06)" in n for n in diagnosis.notes), diagnosis.notes
+
+
+def test_small_gains_are_vectors_that_scale_a_branch_not_a_layers_own_filters(tmp_path):
+    """What the stalled rule counts as a gain: a block's small vector parameter (its layers
+    are behind it) or a gain module's (its siblings are); a depthwise 1x1 convolution's
+    [C, 1, 1] filters are small too but scale only that layer's own output."""
+    from vanishing.diagnose.rules.stalled import _small_gains
+    from vanishing.diagnose.view import RunView
+
+    class LayerScale(nn.Module):  # timm's: a module holding only the gain
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((8,), 1e-5))
+
+        def forward(self, x):
+            return self.gamma * x
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.scale = nn.Parameter(torch.full((8,), 1e-6))  # ConvNeXt's layer_scale_parameter
+
+        def forward(self, x):
+            return x + self.scale * self.lin(x)
+
+    class Depthwise(nn.Module):  # small [8, 1, 1] filters beside a layer: no gain
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv1d(8, 8, 1, groups=8)
+            nn.init.normal_(self.dw.weight, std=1e-3)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.lin(self.dw(x.unsqueeze(-1)).squeeze(-1))
+
+    class Branch(nn.Module):  # timm's block: the gain module beside the layer it scales
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Linear(8, 8)
+            self.ls = LayerScale()
+
+        def forward(self, x):
+            return x + self.ls(self.mlp(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = Block()
+            self.branch = Branch()
+            self.depthwise = Depthwise()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.depthwise(self.branch(self.blk(x))))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the gains stay as initialised
+    with vanishing.watch(model, opt, run_dir=tmp_path / "r"):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+    gains = _small_gains(RunView(vanishing.load_run(tmp_path / "r")))
+    assert {k: g for k, (g, _) in gains.items()} == {
+        "blk.lin": "blk.scale",
+        "branch.mlp": "branch.ls.gamma",
+    }  # not the head: a gain scales its block's layers, nothing outside it
+    assert gains["blk.lin"][1] == pytest.approx(1e-6, rel=1e-3)

@@ -56,7 +56,7 @@ def _small_gains(view: RunView) -> dict[str, tuple[str, float]]:
         for p in x.get("params", []):
             shape = [int(d) for d in p.get("shape", [])]
             if p["name"] == "bias" or is_weight_param(p["name"]) and len(shape) >= 2:
-                continue
+                continue  # a layer's own filters, even a [C, 1, 1] depthwise one
             if int(p["numel"]) != max(shape, default=1):
                 continue  # a matrix, not a gain (a scalar one, ReZero's alpha, is one)
             norms = view.recent_values(x["name"], p["name"], "param_norm")
@@ -71,6 +71,8 @@ def _small_gains(view: RunView) -> dict[str, tuple[str, float]]:
             inside = [n for n in names if n.startswith(owner + ".")]
             if not inside:  # a gain module of its own: it scales its siblings' output
                 parent = owner.rpartition(".")[0]
+                if not parent:
+                    continue  # beside everything: which output it scales is not known
                 inside = [n for n in names if n.startswith(parent + ".") and n != owner]
             gain = f"{owner}.{p['name']}"
             for n in inside:
