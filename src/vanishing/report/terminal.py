@@ -245,7 +245,7 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
 
     from vanishing.recorder.reader import Run, load_run
     from vanishing.report.data import distinct_labels
-    from vanishing.report.formatting import RATIO_LABEL_BY_ROLE, ratio_label
+    from vanishing.report.formatting import ratio_label
 
     runs = [r if isinstance(r, Run) else load_run(getattr(r, "path", r)) for r in runs]
     labels = list(labels) if labels is not None else distinct_labels([r.path for r in runs])
@@ -258,7 +258,7 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
     table.add_column("final loss", justify="right")
     table.add_column("first / last", justify="right")
     table.add_column("findings", overflow="fold")
-    by_role = False
+    ratio_labels: dict[str, None] = {}  # what each run's ratio compares, in order, once
     for run, label, diag in zip(runs, labels, diagnoses):
         loss = run.all_steps.get("loss", [])
         # one line per kind, in the order found, styled by its worst finding: a run can hold
@@ -269,7 +269,7 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
         findings = Text()
         for i, (kind, worst) in enumerate(critical.items()):
             findings += Text(("\n" if i else "") + kind, style="bold red" if worst else "yellow")
-        by_role = by_role or ratio_label(run.layer_info) == RATIO_LABEL_BY_ROLE
+        ratio_labels[ratio_label(run.layer_info)] = None
         table.add_row(
             label,
             str(len(run.all_steps)),
@@ -277,9 +277,7 @@ def compare_table(runs: Any, labels: list[str] | None = None, diagnoses: Any = N
             _fmt(run.first_last_ratio()),
             findings if diag.findings else Text("healthy", style="green"),
         )
-    table.caption = "first / last: speed of learning, first over last hidden layer" + (
-        " (a stack of blocks: first over last block, role by role)" if by_role else ""
-    )
+    table.caption = "first / last: " + "; ".join(ratio_labels)
     return table
 
 

@@ -43,9 +43,10 @@ def _small_gains(view: RunView) -> dict[str, tuple[str, float]]:
 
     A gain is a vector or scalar parameter (at most one axis longer than 1: ``[C]``,
     ``[C, 1, 1]``, ``[]``) that is not a bias and not a normalisation's, embedding's or
-    activation's, whose RMS at the window's start is below MAX_GAIN. It multiplies the output of the layers of its owner module
-    (ConvNeXt's ``layer_scale_parameter`` on ``stages.0.layers.0``), or, when its owner has no
-    layer of its own (timm's ``LayerScale`` module ``ls1``), of its owner's siblings.
+    activation's, whose RMS at the window's start is below MAX_GAIN. It multiplies the output
+    of the layers of its owner module (ConvNeXt's ``layer_scale_parameter`` on
+    ``stages.0.layers.0``), or, when its owner has no layer of its own (timm's ``LayerScale``
+    module ``ls1``), of its owner's siblings.
     """
     names = [x["name"] for x in view.layers]
     out: dict[str, tuple[str, float]] = {}

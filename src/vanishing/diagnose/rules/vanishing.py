@@ -64,10 +64,8 @@ def _stack_notes(view: RunView) -> list[str]:
         both = " bidirectional" if len(forward) < len(subs) else ""
         out.append(
             f"{x['name'] or 'the model'} ({x.get('type', '')}, {len(forward)}{both} stacked "
-            "layers), "
-            f"per layer: weight gradient {grads} ({forward[0]} gets {low:.2g}x of "
-            f"{forward[-1]}'s), "
-            f"update/weight {ups}; its time profile is measured at the stack's input, through "
+            f"layers), per layer: weight gradient {grads} ({forward[0]} gets {low:.2g}x of "
+            f"{forward[-1]}'s), update/weight {ups}; its time profile is measured at the stack's input, through "
             "every layer: torch runs the layers in one fused op, so no profile per layer "
             "through time is recorded"
         )
@@ -104,9 +102,8 @@ def _relative_weight_gradient_ratio(view: RunView, head: str) -> float | None:
     weight, over the last one's: the least-squares line's first/last (as for the depth
     signals). None where fewer than three are recorded, or where the first layers do not
     learn at least MIN_HEAD_SHARE as fast as the output layer ``head`` (relative to their
-    weights): a
-    profile of gradients that are all tiny (a stock EfficientNet's blocks at init, 1e-35 of
-    their weights, its BatchNorm gains drawn from N(0, 0.02)) says nothing of health."""
+    weights): a profile of gradients that are all tiny (a stock EfficientNet's blocks at init,
+    1e-35 of their weights, its BatchNorm gains drawn from N(0, 0.02)) says nothing of health."""
     table = view.profile("grad_ratio", "weight")
     if table.empty:
         return None
