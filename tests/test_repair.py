@@ -468,6 +468,45 @@ def test_lower_learning_rate_is_measured_from_the_first_update():
     assert "group['lr'] *=" in best.code
 
 
+def test_clipping_threshold_on_an_exploding_first_step_bounds_that_step():
+    # SGD at lr 1e4: the first step's norm is already the exploded one, so its median would
+    # clip nothing that matters; the threshold is the norm that makes the first relative
+    # update 1e-3 (SGD's update scales with the gradient): g0 * 1e-3 / u0, and clipping at it
+    # moves the weights by 1e-3 of their norm (brute force: one clipped step by hand)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    diag = Diagnosis(
+        [
+            Finding(
+                "exploding_gradient",
+                [""],
+                "critical",
+                "huge updates",
+                remedies=[Remedy("gradient_clipping", "bound each update")],
+            )
+        ]
+    )
+    rep = repair(
+        model, [(x, y)], F.mse_loss, optimizer=sgd(1e4), steps=10, diagnosis=diag, progress=False
+    )
+    again = copy.deepcopy(model)
+    w0 = torch.cat([p.detach().flatten().clone() for p in again.parameters()])
+    _, norms = plain_train(again, [(x, y)], F.mse_loss, sgd(1e4)(again.parameters()), 1)
+    w1 = torch.cat([p.detach().flatten() for p in again.parameters()])
+    u0 = float((w1 - w0).norm() / w0.norm())
+    expected = float(f"{norms[0] * 1e-3 / u0:.3g}")
+    clip = next(c for c in rep.candidates if c.remedy == "gradient_clipping")
+    assert clip.options["clip"] == pytest.approx(expected, rel=1e-6)
+    assert expected < norms[0] / 100  # far below the median of the (exploded) early norms
+    clipped = copy.deepcopy(model)
+    plain_train(clipped, [(x, y)], F.mse_loss, sgd(1e4)(clipped.parameters()), 1, clip=expected)
+    w1 = torch.cat([p.detach().flatten() for p in clipped.parameters()])
+    assert float((w1 - w0).norm() / w0.norm()) == pytest.approx(1e-3, rel=1e-2)
+
+
 def test_parameter_groups_far_apart_get_one_learning_rate():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))

@@ -23,8 +23,9 @@ normalisation, residual connections, ...) are transformations of the module, don
 :func:`vanishing.repair.transforms.apply_remedy` on a deep copy; one that cannot apply to this
 model is skipped with its reason (:attr:`Repair.skipped`). *Recipe* remedies change the training
 loop instead and leave the model as it is: ``gradient_clipping`` (at the median pre-clip total
-gradient norm of the baseline's first 10% of steps), ``lower_learning_rate`` (x0.1 and x0.01,
-one candidate each; the second is measured instead when the baseline's first update was over
+gradient norm of the baseline's first 10% of steps; lower when the first update was already
+over :data:`UPDATE_BAND`'s top, 10% of the weights: the norm that would have made it
+:data:`TARGET_UPDATE`), ``lower_learning_rate`` (x0.1 and x0.01, one candidate each; the second is measured instead when the baseline's first update was over
 10% of the weights: the power of ten bringing it to about 1e-3), ``higher_learning_rate`` (x3
 and x10; first, when parameter groups' rates differ by 10x or more, every group at the largest
 rate) and ``learning_rate_warmup`` (linear over the first K/4 steps).
@@ -774,15 +775,36 @@ def _recipe_plans(remedy, prompted, base: Probe, steps: int, lrs: list[float]) -
         if not early or max(early) == 0:
             return []
         early.sort()
-        threshold = float(f"{early[len(early) // 2]:.3g}")
+        threshold, why = early[len(early) // 2], "the median of the first 10% of steps' norms"
+        first = base.norms[0] if base.norms else None
+        u = base.first_update
+        if (
+            u is not None
+            and math.isfinite(u)
+            and u > UPDATE_BAND[1]
+            and first is not None
+            and math.isfinite(first)
+            and first > 0
+        ):
+            # the first step already moved the weights by more than UPDATE_BAND allows (an
+            # exploding init): the early norms' median would clip nothing that matters. Where an update scales with the
+            # gradient (SGD), this norm makes the first update about TARGET_UPDATE of the
+            # weights, as the measured learning-rate factor aims at
+            scaled = first * TARGET_UPDATE / u
+            if scaled < threshold:
+                threshold = scaled
+                why = (
+                    f"the first step's norm {first:.3g} x {TARGET_UPDATE:g} / its relative "
+                    f"update {u:.3g}"
+                )
+        threshold = float(f"{threshold:.3g}")
         return [
             _Plan(
                 remedy,
                 False,
                 prompted,
                 {"clip": threshold},
-                f"clip the gradient norm at {threshold:g} (the median of the first 10% "
-                "of steps' norms)",
+                f"clip the gradient norm at {threshold:g} ({why})",
                 f"torch.nn.utils.clip_grad_norm_(model.parameters(), {threshold:g})"
                 "  # after loss.backward(), before optimizer.step()",
             )
