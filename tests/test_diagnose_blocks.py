@@ -155,3 +155,64 @@ def test_torchvision_resnet_stages_are_one_stack_of_blocks_judged_through_depth(
     assert "vanishing_gradient" in diagnosis.kinds, str(diagnosis)
     finding = next(f for f in diagnosis.findings if f.kind == "vanishing_gradient")
     assert finding.layers[0] == "layer1.0" and finding.layers[-1] == "layer4.1"
+
+
+def _Encoder(stack):
+    """A stack of transformer layers and a head (its blocks are ``enc.layers.N``)."""
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = stack, nn.Linear(16, 1)
+
+        def forward(self, t):
+            return self.head(self.enc(t))
+
+    return Encoder()
+
+
+def _block_norms(model, x, y, loss_fn, tmp_path):
+    import torch
+
+    import vanishing
+    from vanishing.diagnose.view import RunView
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with vanishing.watch(model, optimizer=opt, run_dir=tmp_path) as mon:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        mon.flush()
+    return RunView(vanishing.load_run(tmp_path)).block_norms
+
+
+def test_post_ln_is_a_layer_norm_after_the_sum_not_a_cnn_block_ending_in_batch_norm(tmp_path):
+    """A ResNet block ends with bn2 (the branch is normalised before the sum), so "the block
+    ends with a norm" made it post-LN, and a vanishing CNN of such blocks was advised
+    pre_layer_norm and a learning-rate warm-up, remedies for a transformer's norm(x + f(x))
+    (the stock EfficientNet of test_integration_transformers was). Post-LN is a layer norm
+    ending the block: torch's TransformerEncoderLayer with norm_first=False, not with
+    norm_first=True, and not a block whose last norm is a BatchNorm."""
+    import torch
+    from torch import nn
+
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    resnet = _staged_resnet(skip=True, act=nn.ReLU)
+    assert _block_norms(resnet, x, y, nn.functional.cross_entropy, tmp_path / "r") == (
+        True,
+        False,
+    )
+
+    tokens = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(2))
+    for norm_first, post in [(False, True), (True, False)]:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                           norm_first=norm_first)  # fmt: skip
+        enc = _Encoder(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False))
+        got = _block_norms(
+            enc, tokens, torch.zeros(4, 6, 1), nn.functional.mse_loss, tmp_path / f"t{norm_first}"
+        )
+        assert got == (True, post), norm_first

@@ -834,6 +834,18 @@ def test_a_gradient_that_mirrors_shrinking_activations_before_a_final_norm_is_no
     net.zero_grad()
     diagnosis = vanishing.inspect(net, {"pixel_values": x, "labels": y}, None, lambda o, t: o.loss)
     assert "vanishing_gradient" in diagnosis.kinds, str(diagnosis)
+    # its blocks end with a BatchNorm on the branch, not a layer norm of the sum: no post-LN
+    # remedies; the convs' activation is the SiLU after their BatchNorm, and He init of the
+    # convs alone (the remedy named) takes the finding away
+    finding = next(f for f in diagnosis.findings if f.kind == "vanishing_gradient")
+    names = [r.name for r in finding.remedies]
+    assert "pre_layer_norm" not in names and "learning_rate_warmup" not in names, names
+    assert "he_init" in names and "silu" in finding.cause, finding.cause
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    diagnosis = vanishing.inspect(net, {"pixel_values": x, "labels": y}, None, lambda o, t: o.loss)
+    assert "vanishing_gradient" not in diagnosis.kinds, str(diagnosis)
 
     layers = []
     for _ in range(10):

@@ -309,3 +309,48 @@ def test_step_ratios_are_the_median_over_pairs_of_the_finite_ratios():
     assert got[:2].tolist() == [4.0, 1.5] and np.isnan(got[2]) and np.isnan(got[3])
     one = step_ratios([[1.0, 3.0]], [[2.0, 0.0]])
     assert one[0] == 0.5 and np.isnan(one[1])
+
+
+def test_the_activation_after_a_layer_reads_through_its_norm_in_every_reader(tmp_path):
+    """conv -> BatchNorm -> ReLU: the conv's activation is the ReLU (its gain, its derivative),
+    as the repair's traced forward says; the manifest recorded none (the norm ended the chain),
+    so a BatchNorm CNN's layers were judged as linear maps. A shared activation module (one
+    nn.Tanh called after two layers) counts after each; a layer with no activation before the
+    next layer has none."""
+    from vanishing.diagnose.view import RunView
+    from vanishing.repair.transforms import describe_activations
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 8)
+            self.act = nn.Tanh()
+            self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.relu(self.bn(self.conv(x))).mean((2, 3))
+            h = self.act(self.fc2(self.act(self.fc1(h))))
+            return self.head(self.proj(h))
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 1, 6, 6)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with vanishing.watch(net, optimizer=opt, run_dir=tmp_path / "r") as mon:
+        nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 0, 1])).backward()
+        opt.step()
+        mon.flush()
+    run = vanishing.load_run(tmp_path / "r")
+    recorded = {x["name"]: x["activation"] for x in run.layer_info if x["role"] == "layer"}
+    expected = {"conv": "relu", "bn": "relu", "fc1": "tanh", "fc2": "tanh", "proj": None}
+    assert {k: recorded[k] for k in expected} == expected
+    traced = describe_activations(net, x)
+    assert {k: traced[k] for k in ("conv", "fc1", "fc2", "proj")} == {
+        "conv": "relu", "fc1": "tanh", "fc2": "tanh", "proj": "linear"
+    }  # fmt: skip
+    after = RunView(run).activation_after
+    assert after["conv"] == after["bn"] == "relu" and after["fc1"] == "act"
+    assert "proj" not in after

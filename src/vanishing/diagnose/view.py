@@ -11,6 +11,7 @@ import pandas as pd
 
 from vanishing import activations
 from vanishing.recorder.semantics import (
+    FollowingActivation,
     error_source,
     first_nonfinite_step,
     hidden_layers,
@@ -304,7 +305,11 @@ class RunView:
     @cached_property
     def block_norms(self) -> tuple[bool, bool]:
         """(the stack's blocks have a normalization layer, the block ends with one: post-LN,
-        where the sum ``x + f(x)`` is normalised, unlike pre-LN's ``x + f(norm(x))``)."""
+        where the sum ``x + f(x)`` is normalised, unlike pre-LN's ``x + f(norm(x))``).
+
+        Post-LN needs that last norm to be a layer norm (LayerNorm, RMSNorm: a transformer's
+        ``norm(x + f(x))``): a block of a CNN that ends with a BatchNorm (a ResNet's ``bn2``,
+        an EfficientNet's projection BN) normalises its branch before the sum, not the sum."""
         if not self.stack_blocks:
             return False, False
         first = self.stack_blocks[0]
@@ -314,7 +319,9 @@ class RunView:
             if self.stack.get(x["name"], ("",))[0] == first and x.get("role") == "layer"
         ]
         norms = [is_normalization(x.get("type", "")) for x in inside]
-        return any(norms), bool(norms) and norms[-1] and not norms[0]
+        last = str(inside[-1].get("type", "")) if inside else ""
+        layer_norm = "LayerNorm" in last or "RMSNorm" in last
+        return any(norms), bool(norms) and norms[-1] and not norms[0] and layer_norm
 
     @property
     def residual_model(self) -> bool | None:
@@ -461,16 +468,13 @@ class RunView:
     @cached_property
     def activation_after(self) -> dict[str, str]:
         """Each layer's activation module: the first one that runs after it, before the next
-        parameter-owning layer (forward order)."""
-        out: dict[str, str] = {}
-        last = None
+        parameter-owning layer other than a norm right after it (forward order; the
+        definition: :class:`vanishing.recorder.semantics.FollowingActivation`)."""
+        follow = FollowingActivation()
         for layer in self.layers:
-            if layer["role"] == "activation":
-                if last is not None and last not in out:
-                    out[last] = layer["name"]
-            elif layer["num_params"] > 0:
-                last = layer["name"]
-        return out
+            act = layer["name"] if layer["role"] == "activation" else None
+            follow.call(layer["name"], act, layer["num_params"] > 0, layer.get("type", ""))
+        return follow.after
 
     def activation_stat(self, layer: str, stat: str) -> float:
         """Median over the window of an activation statistic of the layer's activation module."""

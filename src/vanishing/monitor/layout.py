@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vanishing import activations
+from vanishing.recorder.semantics import FollowingActivation
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -97,7 +98,8 @@ class Layout:
         self.ran: set[str] = set()
         self.order_final = False
         self.last_layer: str | None = None  # the last parameter-owning module to start
-        self.following_activation: dict[str, str] = {}
+        self._follow = FollowingActivation()
+        self.following_activation: dict[str, str] = self._follow.after
 
     # -------------------------------------------------------------- forward order
     def module_started(self, name: str) -> None:
@@ -110,10 +112,7 @@ class Layout:
             return
         if row.owns_params and row.kind is None:
             self.last_layer = name
-        elif row.kind is not None:
-            prev = self.last_layer
-            if prev is not None and prev not in self.following_activation:
-                self.following_activation[prev] = row.kind
+        self._follow.call(name, row.kind, row.owns_params, type(row.module).__name__)
 
     def finish_discovery(self) -> None:
         """Fix the forward order (at the end of the first backward pass, or at close)."""

@@ -91,6 +91,45 @@ def is_normalization(layer_type: str) -> bool:
 _NORMALIZATION_NAME = re.compile(rf"(?:{'|'.join(NORMALIZATION_TYPES)})(?:[123]d)?$")
 
 
+class FollowingActivation:
+    """Which activation follows each layer, read off module calls in forward order: the first
+    activation module that runs after a parameter-owning layer, before the next one; a
+    normalisation layer in between does not end the chain (conv -> BatchNorm -> ReLU: the
+    conv's activation is the ReLU, as it is the norm's), which is also how the repair's
+    transformations read it (``vanishing.repair.transforms``). The monitor feeds it every call
+    of its first step (a shared activation module then counts after each layer that calls
+    it); the diagnosis, the manifest's forward order.
+
+    Example:
+        >>> from vanishing.recorder.semantics import FollowingActivation
+        >>> follow = FollowingActivation()
+        >>> for name, kind, params, t in [("conv", None, True, "Conv2d"),
+        ...                               ("bn", None, True, "BatchNorm2d"),
+        ...                               ("act", "relu", False, "ReLU"),
+        ...                               ("fc", None, True, "Linear")]:
+        ...     follow.call(name, kind, params, t)
+        >>> follow.after
+        {'conv': 'relu', 'bn': 'relu'}
+    """
+
+    def __init__(self) -> None:
+        self.after: dict[str, Any] = {}
+        self._pending: list[str] = []  # the layer (and any norms right after it) awaiting one
+
+    def call(self, name: str, activation: Any, owns_params: bool, layer_type: str) -> None:
+        """One module call: ``activation`` is what to record for the layers before it (its
+        kind or its name; None when the module is not an activation)."""
+        if activation is not None:
+            for layer in self._pending:
+                self.after.setdefault(layer, activation)
+            self._pending = []
+        elif owns_params:
+            if is_normalization(layer_type) and self._pending:
+                self._pending.append(name)
+            else:
+                self._pending = [name]
+
+
 def is_embedding(layer_type: str) -> bool:
     """Whether a module type name is an embedding table.
 
