@@ -991,3 +991,69 @@ def test_small_gains_are_vectors_that_scale_a_branch_not_a_layers_own_filters(tm
         "branch.mlp": "branch.ls.gamma",
     }  # not the head: a gain scales its block's layers, nothing outside it
     assert gains["blk.lin"][1] == pytest.approx(1e-6, rel=1e-3)
+
+
+#: torchvision's VGG-16 ("D") with its channels / 4 and 1024-wide classifier layers
+_VGG16 = [16, 16, "M", 32, 32, "M", 64, 64, 64, "M", 128, 128, 128, "M", 128, 128, 128, "M"]
+
+
+def _vgg16(batch_norm: bool, torchvision_init: bool) -> nn.Module:
+    """torchvision's VGG layout as an ``nn.Sequential(features, pool, flatten, classifier)``,
+    and its init (kaiming_normal_ fan_out for the convs, N(0, 0.01) for the Linear layers)."""
+    torch.manual_seed(0)
+    layers, c = [], 3
+    for v in _VGG16:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers += [nn.Conv2d(c, v, 3, padding=1), *([nn.BatchNorm2d(v)] if batch_norm else [])]
+        layers.append(nn.ReLU(inplace=True))
+        c = v
+    classifier = [nn.Linear(c * 49, 1024), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(1024, 1024)]
+    classifier += [nn.ReLU(True), nn.Dropout(0.5), nn.Linear(1024, 10)]
+    net = nn.Sequential(
+        nn.Sequential(*layers), nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Sequential(*classifier)
+    )
+    if torchvision_init:
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+    return net
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_vgg16_at_torchvision_init_is_not_vanishing(batch_norm):
+    """A VGG-16 at torchvision's init (He init of the convs, the init He et al. show trains
+    such plain nets) read as vanishing: its error signal per entry at the first conv is ~1/80
+    of the classifier's (plain), or its BatchNorm bias gradient 2e-5 (BN), because five max
+    pools spread the gradient over 4x the positions each time and BatchNorm divides it by its
+    input's spread. What matters, its weight gradients relative to the weights, does not
+    shrink (autograd below), and the activations keep their spread forward: a note, not a
+    finding. Control: the same net at PyTorch's default init, whose activations shrink
+    geometrically forward, stays vanishing; so does the net as two numbered children of one
+    Sequential, which is no stack of two blocks (features against classifier)."""
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    net = _vgg16(batch_norm, torchvision_init=True)
+    nn.functional.cross_entropy(net(x), y).backward()
+    weights = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    rates = [float(w.grad.norm() / w.detach().norm()) for w in weights]
+    assert rates[0] >= 0.2 * rates[-2], rates  # the first conv learns as fast as the classifier
+    net.zero_grad()
+    diagnosis = vanishing.inspect(net, x, y, nn.functional.cross_entropy)
+    assert "vanishing_gradient" not in diagnosis.kinds, str(diagnosis)
+    assert any("no vanishing gradient" in n and "per layer" in n for n in diagnosis.notes)
+
+    net = _vgg16(batch_norm, torchvision_init=False)
+    if not batch_norm:  # BatchNorm makes the convs' scale irrelevant
+        nn.functional.cross_entropy(net(x), y).backward()
+        weights = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        rates = [float(w.grad.norm() / w.detach().norm()) for w in weights]
+        assert rates[0] < 1e-3 * rates[-2], rates  # really vanishing
+        net.zero_grad()
+        diagnosis = vanishing.inspect(net, x, y, nn.functional.cross_entropy)
+        assert "vanishing_gradient" in diagnosis.kinds, str(diagnosis)

@@ -18,10 +18,10 @@ from vanishing.recorder.semantics import (
     is_embedding,
     is_normalization,
     is_weight_param,
+    layer_blocks,
     layer_placement,
     param_unit,
     recurrent_layer_of,
-    repeated_blocks,
 )
 from vanishing.recorder.tables import step_table
 from vanishing.stats.names import ACTIVATION_STATS
@@ -263,7 +263,7 @@ class RunView:
     @cached_property
     def stack(self) -> dict[str, tuple[str, int, str]]:
         """The main stack of repeated blocks: per module in it, (block, block index, role)."""
-        blocks = repeated_blocks([x["name"] for x in self.layers])
+        blocks = layer_blocks(self.layers)
         main = {b[0] for n, b in blocks.items() if self.placement.get(n) == "block"}
         return {n: b for n, b in blocks.items() if b[0] in main}
 
@@ -503,6 +503,24 @@ class RunView:
             for layer, v in medians[stat].items()
             if not math.isnan(v)
         }
+
+    @cached_property
+    def activation_spread(self) -> pd.DataFrame:
+        """The forward side of the depth profiles: step x activation module (forward order)
+        of the activations' spread (``act_std``); per role across the blocks of a stack (an
+        FFN's GELU against the FFN's GELU); empty when not comparable (two blocks) or not
+        recorded (activations called as functions)."""
+        arows = self.activation_rows()
+        if arows.empty:
+            return pd.DataFrame()
+        order = [n["name"] for n in self.layers]
+        std = step_table(arows, "act_std", dropna=True)
+        std = std[[c for c in order if c in std.columns]]
+        if self.depth_unit == "block":
+            return self.by_block(std)
+        if self.stack_blocks:
+            return pd.DataFrame()
+        return std
 
     @cached_property
     def normalization_layers(self) -> list[str]:

@@ -41,6 +41,7 @@ __all__ = [
     "hidden_layers",
     "tied_owners",
     "repeated_blocks",
+    "layer_blocks",
     "layer_placement",
     "attention_score_projections",
     "speed_source",
@@ -193,7 +194,9 @@ def tied_owners(layer_info: Sequence[Mapping[str, Any]]) -> set[str]:
     return out
 
 
-def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
+def repeated_blocks(
+    names: Iterable[str], types: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, int, str]]:
     """The repeated structure of a model, from its module names: per module inside a numbered
     block, ``(block, block index, role)``. A block is a numbered child of one container
     (``encoder.layer.3``) with modules inside it; its role is the name with the block index
@@ -204,6 +207,11 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
     alike but for a trailing number (torchvision's ResNet ``layer1`` ... ``layer4``) are the
     stages of one stack: their blocks are numbered on across the stages, and a role is a name
     inside a block (``layer*.*.conv1``).
+
+    ``types`` (the parameter-owning layers' module types, by name: :func:`layer_blocks`
+    passes them): blocks must then share a role that is such a layer of the same type, so
+    ``nn.Sequential(features, classifier)`` (children ``0`` and ``3``: convs in one, Linear
+    layers in the other, a ReLU at ``1`` in both) is no stack of two blocks.
 
     Example:
         >>> from vanishing.recorder.semantics import repeated_blocks
@@ -230,13 +238,19 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
         nested = any(rest for _, members in blocks for _, rest in members)
         if len(blocks) < 2 or not nested:
             continue
+
         # a numbered sibling with nothing in common with the others (a Sequential's final
         # Linear after its numbered blocks) is not one of the blocks
-        count: dict[str, int] = {}
+        def keys(members):
+            if types is None:
+                return {r for _, r in members}
+            return {(r, types[n]) for n, r in members if n in types}
+
+        count: dict[Any, int] = {}
         for _, members in blocks:
-            for rest in {r for _, r in members}:
-                count[rest] = count.get(rest, 0) + 1
-        blocks = [(b, m) for b, m in blocks if any(count[r] >= 2 for _, r in m)]
+            for key in keys(members):
+                count[key] = count.get(key, 0) + 1
+        blocks = [(b, m) for b, m in blocks if any(count[k] >= 2 for k in keys(m))]
         if len(blocks) < 2:
             continue
         for index, (block, members) in enumerate(blocks):
@@ -244,6 +258,23 @@ def repeated_blocks(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
                 role = ".".join(x for x in (stack, "*", rest) if x)
                 out[name] = (block, index, role)
     return out
+
+
+def layer_blocks(layer_info: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, int, str]]:
+    """:func:`repeated_blocks` of a run's layers (its manifest's ``layers``), the
+    parameter-owning layers' types telling blocks from unrelated numbered children.
+
+    Example:
+        >>> from vanishing.recorder.semantics import layer_blocks
+        >>> info = [{"name": n, "type": t, "num_params": p} for n, t, p in [
+        ...     ("0.0", "Conv2d", 8), ("0.1", "ReLU", 0), ("0.2", "Conv2d", 8),
+        ...     ("3.0", "Linear", 8), ("3.1", "ReLU", 0), ("3.3", "Linear", 8)]]
+        >>> layer_blocks(info)
+        {}
+    """
+    names = [str(x["name"]) for x in layer_info]
+    types = {str(x["name"]): str(x.get("type", "")) for x in layer_info if x.get("num_params")}
+    return repeated_blocks(names, types)
 
 
 _STAGE = re.compile(r"^(.*\D)(\d+)$")
@@ -342,7 +373,7 @@ def layer_placement(layer_info: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         ('head', 'head')
     """
     names = [str(x["name"]) for x in layer_info]
-    blocks = repeated_blocks(names)
+    blocks = layer_blocks(layer_info)
     stacks: dict[str, set[int]] = {}
     for _block, index, role in blocks.values():
         stacks.setdefault(role.split("*")[0], set()).add(index)
@@ -634,7 +665,7 @@ def ratio_pairs(layer_info: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]
     if len(units) < 2:
         return []
     placement = layer_placement(layer_info)
-    blocks = repeated_blocks([str(x["name"]) for x in layer_info])
+    blocks = layer_blocks(layer_info)
     roles: dict[str, dict[int, str]] = {}
     for unit in units:
         if unit in blocks and placement.get(unit) == "block":

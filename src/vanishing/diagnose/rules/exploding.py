@@ -11,7 +11,6 @@ from vanishing.diagnose.causes import attribute
 from vanishing.diagnose.findings import Finding, Remedy, RuleResult, unique
 from vanishing.diagnose.view import RunView, depth_trend, gain_target
 from vanishing.recorder.semantics import error_source
-from vanishing.recorder.tables import step_table
 
 #: the first hidden layer gets at least this multiple of the last one's gradient (per unit),
 #: as measured and on the least-squares line through the hidden layers
@@ -80,33 +79,23 @@ def _through_depth(view: RunView, notes: list[str]) -> list[Finding]:
                 growth_per_layer=10 ** -trend["slope"],
             )
     # the forward side: activations whose spread grows geometrically with depth (over-gain init)
-    arows = view.activation_rows()
     forward_growth = False
-    if not arows.empty:
-        order = [n["name"] for n in view.layers]
-        std = step_table(arows, "act_std", dropna=True)
-        std = std[[c for c in order if c in std.columns]]
-        if blocks:  # per role across blocks (an FFN's GELU against the FFN's GELU)
-            std = view.by_block(std)
-        elif view.stack_blocks:
-            std = pd.DataFrame()
-        if std.shape[1] >= 3:
-            trend_f = depth_trend(std)
-            lim = math.log10(MIN_FIRST_TO_LAST)
-            per_layer = math.log10(MIN_ACTIVATION_GROWTH_PER_LAYER)
-            if (
-                trend_f["span"] >= lim
-                and trend_f["fitted_span"] >= math.log10(MIN_FITTED_FIRST_TO_LAST)
-                and trend_f["slope"] >= per_layer
-            ):
-                forward_growth = True
-                layers = (
-                    layers or (list(std.columns) if blocks else view.hidden) or list(std.columns)
-                )
-                evidence.update(
-                    activation_growth_per_layer=10 ** trend_f["slope"],
-                    last_to_first_activation_std=10 ** trend_f["span"],
-                )
+    std = view.activation_spread
+    if std.shape[1] >= 3:
+        trend_f = depth_trend(std)
+        lim = math.log10(MIN_FIRST_TO_LAST)
+        per_layer = math.log10(MIN_ACTIVATION_GROWTH_PER_LAYER)
+        if (
+            trend_f["span"] >= lim
+            and trend_f["fitted_span"] >= math.log10(MIN_FITTED_FIRST_TO_LAST)
+            and trend_f["slope"] >= per_layer
+        ):
+            forward_growth = True
+            layers = layers or (list(std.columns) if blocks else view.hidden) or list(std.columns)
+            evidence.update(
+                activation_growth_per_layer=10 ** trend_f["slope"],
+                last_to_first_activation_std=10 ** trend_f["span"],
+            )
     if not (grows_back or forward_growth):
         return []
     if grows_back and not forward_growth and _bounded_and_training(view, table, evidence, blocks):

@@ -27,6 +27,12 @@ MAX_FITTED_FIRST_TO_LAST = 0.2
 #: layers' weight gradient (relative to the weight) is at least this share of the output
 #: layer's: the stalled rule's line (an output layer's reads 10-100x a healthy hidden one's)
 MIN_HEAD_SHARE = 1e-3
+#: the activations keep their spread forward when it shrinks by less than this factor per
+#: layer (the least-squares line through the forward profile): not the geometric shrink of an
+#: init gain below the activation's (PyTorch's default init under ReLU: 2.1-2.4x a layer, and
+#: then every layer learns slowly, the first as slowly as the last); a torchvision VGG-16's
+#: 1.2x a layer (its small-init classifier) is not that
+MAX_FORWARD_SHRINK_PER_LAYER = 1.5
 #: through time (plain RNN cells): gradient at t=0 over gradient at t=T-1
 MAX_FIRST_TO_LAST_TIME = 1e-3
 #: gated cells (LSTM, GRU) whose profile decays are a finding only when the loss also sits at
@@ -97,6 +103,37 @@ def _normalised_before_head(view: RunView) -> tuple[str, str] | None:
     return None
 
 
+def _output_layer(view: RunView) -> str | None:
+    """The output layer: the first parameter-owning layer after the last hidden one that is
+    not a normalisation layer (None when there is none)."""
+    hidden = view.hidden
+    names = [x["name"] for x in view.layers]
+    if not hidden or hidden[-1] not in names:
+        return None
+    for x in view.layers[names.index(hidden[-1]) + 1 :]:
+        if (x.get("num_params") or 0) > 0 and not is_normalization(x.get("type", "")):
+            return x["name"]
+    return None
+
+
+def _forward_spread_kept(view: RunView) -> float | None:
+    """The factor by which the activations' spread changes per layer forward (least-squares
+    line through :attr:`RunView.activation_spread`) when it shrinks by less than
+    :data:`MAX_FORWARD_SHRINK_PER_LAYER`: no geometric shrink of the forward signal. None when
+    it shrinks faster, or is not recorded at three or more activations (nothing is known)."""
+    std = view.activation_spread
+    if std.shape[1] < 3:
+        return None
+    values = std.to_numpy(dtype=float)
+    recorded = values[~np.isnan(values)]
+    if not (np.isfinite(recorded).all() and (recorded > 0).all()):
+        return None
+    per_layer = 10 ** depth_trend(std)["slope"]
+    if not math.isfinite(per_layer) or per_layer < 1 / MAX_FORWARD_SHRINK_PER_LAYER:
+        return None
+    return per_layer
+
+
 def _relative_weight_gradient_ratio(view: RunView, head: str) -> float | None:
     """The first hidden layer's (or block's, role by role) weight gradient relative to its
     weight, over the last one's: the least-squares line's first/last (as for the depth
@@ -147,21 +184,41 @@ def _through_depth(view: RunView, notes: list[str]) -> list[Finding]:
     label, table, trend, ratio, fitted = chosen
     layers = list(table.columns)
     end = _normalised_before_head(view)
-    relative = _relative_weight_gradient_ratio(view, end[1]) if end is not None else None
-    if end is not None and relative is not None and relative > MAX_FITTED_FIRST_TO_LAST:
-        norm = end[0]
-        # each layer's weight gradient is its error signal times its input: when the inputs
-        # grow toward the input as the error signal shrinks, the first layers learn as fast
-        # relative to their weights as the last (PoolFormer at init: error signal 1/74 of the
-        # last stage's, relative weight gradient 2.5x); the norm makes that scale harmless
-        notes.append(
+    head = end[1] if end is not None else _output_layer(view)
+    relative = _relative_weight_gradient_ratio(view, head) if head is not None else None
+    if relative is not None and relative > MAX_FITTED_FIRST_TO_LAST:
+        shown = (
             f"the {label} shrinks back through depth ('{layers[0]}' gets {ratio:.1e} of "
             f"'{layers[-1]}''s), but the layers' weight gradients relative to their weights do "
-            f"not (first / last {relative:.2g}): the activations shrink forward by as much, "
-            f"and '{norm}' before the output layer makes the loss independent of their scale; "
-            "the first layers learn as fast as the last, so this is no vanishing gradient"
+            f"not (first / last {relative:.2g})"
         )
-        return []
+        if end is not None:
+            # each layer's weight gradient is its error signal times its input: when the
+            # inputs grow toward the input as the error signal shrinks, the first layers learn
+            # as fast relative to their weights as the last (PoolFormer at init: error signal
+            # 1/74 of the last stage's, relative weight gradient 2.5x); the norm makes that
+            # scale harmless
+            notes.append(
+                f"{shown}: the activations shrink forward by as much, and '{end[0]}' before "
+                "the output layer makes the loss independent of their scale; the first layers "
+                "learn as fast as the last, so this is no vanishing gradient"
+            )
+            return []
+        kept = _forward_spread_kept(view)
+        if kept is not None:
+            # the activations keep their spread forward (He init, a norm in every layer), so
+            # the decline is in the gradient per entry, not in how fast the layers learn: each
+            # pooling or stride hands it to more positions, a norm divides it by its input's
+            # spread (VGG-16 at torchvision's init: the first conv's error signal per entry
+            # 1/30 of the classifier's, its weight gradient relative to the weight 1.2x)
+            notes.append(
+                f"{shown}, and the activations keep their spread forward ({kept:.2f}x per "
+                f"{'block' if view.depth_unit == 'block' else 'layer'}): what shrinks is the "
+                "gradient per entry (pooling and strides spread it over more positions, a "
+                "norm divides it by its input's spread), not the layers' speed; the first "
+                "layers learn as fast as the last, so this is no vanishing gradient"
+            )
+            return []
     blocks = view.depth_unit == "block"
     members = view.members(layers)
     per_layer = 10 ** trend["slope"]
