@@ -433,9 +433,10 @@ def test_bad_input_is_one_clear_value_error(kw, match):
 
 
 # ------------------------------------------------------------------ measured learning rates
-def test_lower_learning_rate_is_measured_from_the_first_update():
-    # SGD at lr 1e4 on least squares: the first step moves the weights by far more than their
-    # size; the measured factor is the power of ten bringing that to about 1e-3
+def _exploding_least_squares(remedy: str):
+    """SGD at lr 1e4 on least squares, repaired with one remedy: the first step moves the
+    weights by far more than their size. Returns (model, data, repair, first step by hand:
+    its relative update u0, its pre-clip gradient norm, the weights before it)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g)
@@ -448,44 +449,7 @@ def test_lower_learning_rate_is_measured_from_the_first_update():
                 [""],
                 "critical",
                 "huge updates",
-                remedies=[Remedy("lower_learning_rate", "smaller steps")],
-            )
-        ]
-    )
-    rep = repair(
-        model, [(x, y)], F.mse_loss, optimizer=sgd(1e4), steps=10, diagnosis=diag, progress=False
-    )
-    again = copy.deepcopy(model)
-    w0 = torch.cat([p.detach().flatten().clone() for p in again.parameters()])
-    plain_train(again, [(x, y)], F.mse_loss, sgd(1e4)(again.parameters()), 1)
-    w1 = torch.cat([p.detach().flatten() for p in again.parameters()])
-    u0 = float((w1 - w0).norm() / w0.norm())
-    expected = 10.0 ** math.floor(math.log10(1e-3 / u0))
-    factors = [c.options["lr_factor"] for c in rep.candidates]
-    assert sorted(factors, reverse=True) == [0.1, expected] and expected < 1e-2
-    best = rep.best
-    assert best is not None and best.options["lr_factor"] == expected
-    assert "group['lr'] *=" in best.code
-
-
-def test_clipping_threshold_on_an_exploding_first_step_bounds_that_step():
-    # SGD at lr 1e4: the first step's norm is already the exploded one, so its median would
-    # clip nothing that matters; the threshold is the norm that makes the first relative
-    # update 1e-3 (SGD's update scales with the gradient): g0 * 1e-3 / u0, and clipping at it
-    # moves the weights by 1e-3 of their norm (brute force: one clipped step by hand)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 8, generator=g)
-    y = x @ torch.randn(8, 1, generator=g)
-    torch.manual_seed(0)
-    model = nn.Linear(8, 1)
-    diag = Diagnosis(
-        [
-            Finding(
-                "exploding_gradient",
-                [""],
-                "critical",
-                "huge updates",
-                remedies=[Remedy("gradient_clipping", "bound each update")],
+                remedies=[Remedy(remedy, "bound each update")],
             )
         ]
     )
@@ -497,12 +461,32 @@ def test_clipping_threshold_on_an_exploding_first_step_bounds_that_step():
     _, norms = plain_train(again, [(x, y)], F.mse_loss, sgd(1e4)(again.parameters()), 1)
     w1 = torch.cat([p.detach().flatten() for p in again.parameters()])
     u0 = float((w1 - w0).norm() / w0.norm())
-    expected = float(f"{norms[0] * 1e-3 / u0:.3g}")
+    return model, [(x, y)], rep, (u0, norms[0], w0)
+
+
+def test_lower_learning_rate_is_measured_from_the_first_update():
+    # the measured factor is the power of ten bringing the first relative update to about 1e-3
+    _, _, rep, (u0, _, _) = _exploding_least_squares("lower_learning_rate")
+    expected = 10.0 ** math.floor(math.log10(1e-3 / u0))
+    factors = [c.options["lr_factor"] for c in rep.candidates]
+    assert sorted(factors, reverse=True) == [0.1, expected] and expected < 1e-2
+    best = rep.best
+    assert best is not None and best.options["lr_factor"] == expected
+    assert "group['lr'] *=" in best.code
+
+
+def test_clipping_threshold_on_an_exploding_first_step_bounds_that_step():
+    # the first step's norm is already the exploded one, so its median would clip nothing
+    # that matters; the threshold is the norm that makes the first relative update 1e-3
+    # (SGD's update scales with the gradient): g0 * 1e-3 / u0, and clipping at it moves the
+    # weights by 1e-3 of their norm (brute force: one clipped step by hand)
+    model, batches, rep, (u0, g0, w0) = _exploding_least_squares("gradient_clipping")
+    expected = float(f"{g0 * 1e-3 / u0:.3g}")
     clip = next(c for c in rep.candidates if c.remedy == "gradient_clipping")
     assert clip.options["clip"] == pytest.approx(expected, rel=1e-6)
-    assert expected < norms[0] / 100  # far below the median of the (exploded) early norms
+    assert expected < g0 / 100  # far below the median of the (exploded) early norms
     clipped = copy.deepcopy(model)
-    plain_train(clipped, [(x, y)], F.mse_loss, sgd(1e4)(clipped.parameters()), 1, clip=expected)
+    plain_train(clipped, batches, F.mse_loss, sgd(1e4)(clipped.parameters()), 1, clip=expected)
     w1 = torch.cat([p.detach().flatten() for p in clipped.parameters()])
     assert float((w1 - w0).norm() / w0.norm()) == pytest.approx(1e-3, rel=1e-2)
 

@@ -98,8 +98,7 @@ class Layout:
         self.ran: set[str] = set()
         self.order_final = False
         self.last_layer: str | None = None  # the last parameter-owning module to start
-        self._follow = FollowingActivation()
-        self.following_activation: dict[str, str] = self._follow.after
+        self.following = FollowingActivation()  # each layer's activation kind, by name
 
     # -------------------------------------------------------------- forward order
     def module_started(self, name: str) -> None:
@@ -112,7 +111,7 @@ class Layout:
             return
         if row.owns_params and row.kind is None:
             self.last_layer = name
-        self._follow.call(name, row.kind, row.owns_params, type(row.module).__name__)
+        self.following.call(name, row.kind, row.owns_params, type(row.module).__name__)
 
     def finish_discovery(self) -> None:
         """Fix the forward order (at the end of the first backward pass, or at close)."""
@@ -183,7 +182,7 @@ class Layout:
                 "depth": depth[r.name],
                 "type": type(r.module).__name__,
                 "role": "activation" if r.kind is not None and not params else "layer",
-                "activation": r.kind or self.following_activation.get(r.name),
+                "activation": r.kind or self.following.after.get(r.name),
                 "recurrent": r.recurrent,
                 "params": params,
                 "num_params": sum(p["numel"] for p in params),

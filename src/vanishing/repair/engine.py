@@ -25,10 +25,11 @@ model is skipped with its reason (:attr:`Repair.skipped`). *Recipe* remedies cha
 loop instead and leave the model as it is: ``gradient_clipping`` (at the median pre-clip total
 gradient norm of the baseline's first 10% of steps; lower when the first update was already
 over :data:`UPDATE_BAND`'s top, 10% of the weights: the norm that would have made it
-:data:`TARGET_UPDATE`), ``lower_learning_rate`` (x0.1 and x0.01, one candidate each; the second is measured instead when the baseline's first update was over
-10% of the weights: the power of ten bringing it to about 1e-3), ``higher_learning_rate`` (x3
-and x10; first, when parameter groups' rates differ by 10x or more, every group at the largest
-rate) and ``learning_rate_warmup`` (linear over the first K/4 steps).
+:data:`TARGET_UPDATE`), ``lower_learning_rate`` (x0.1 and x0.01, one candidate each; the
+second is measured instead when the baseline's first update was over 10% of the weights: the
+power of ten bringing it to about 1e-3), ``higher_learning_rate`` (x3 and x10; first, when
+parameter groups' rates differ by 10x or more, every group at the largest rate) and
+``learning_rate_warmup`` (linear over the first K/4 steps).
 
 The candidates are the diagnosis' remedies in its order (finding by finding, each remedy best
 first), each once; when it names an activation swap, the other swaps follow (which activation
@@ -787,9 +788,9 @@ def _recipe_plans(remedy, prompted, base: Probe, steps: int, lrs: list[float]) -
             and first > 0
         ):
             # the first step already moved the weights by more than UPDATE_BAND allows (an
-            # exploding init): the early norms' median would clip nothing that matters. Where an update scales with the
-            # gradient (SGD), this norm makes the first update about TARGET_UPDATE of the
-            # weights, as the measured learning-rate factor aims at
+            # exploding init): the early norms' median would clip nothing that matters. Where
+            # an update scales with the gradient (SGD), this norm makes the first update about
+            # TARGET_UPDATE of the weights, as the measured learning-rate factor aims at
             scaled = first * TARGET_UPDATE / u
             if scaled < threshold:
                 threshold = scaled

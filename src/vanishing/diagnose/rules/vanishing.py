@@ -78,42 +78,47 @@ def _stack_notes(view: RunView) -> list[str]:
     return out
 
 
+def _after_last_hidden(view: RunView) -> list[dict]:
+    """The layers after the last hidden layer, in forward order (empty when there is none)."""
+    hidden = view.hidden
+    names = [x["name"] for x in view.layers]
+    if not hidden or hidden[-1] not in names:
+        return []
+    return view.layers[names.index(hidden[-1]) + 1 :]
+
+
+def _output_layer(view: RunView) -> str | None:
+    """The output layer: the first parameter-owning layer after the last hidden one that is
+    not a normalisation layer (None when there is none)."""
+    for x in _after_last_hidden(view):
+        if (x.get("num_params") or 0) > 0 and not is_normalization(x.get("type", "")):
+            return x["name"]
+    return None
+
+
 def _normalised_before_head(view: RunView) -> tuple[str, str] | None:
     """``(norm, head)``: the normalisation layer between the last hidden layer and the output
     layer, outside the model's stack of blocks (PoolFormer's ``norm``, a ViT's final LayerNorm,
     a chain's last BatchNorm), and that output layer; or None. With such a norm the loss does
     not depend on the scale the hidden layers hand on, so a gradient that shrinks back toward
     the input may only mirror activations that shrink forward."""
-    hidden = view.hidden
-    if not hidden:
-        return None
-    names = [x["name"] for x in view.layers]
-    try:
-        start = names.index(hidden[-1])
-    except ValueError:
-        return None
+    head = _output_layer(view)
     norm = None
-    for x in view.layers[start + 1 :]:
+    for x in _after_last_hidden(view):
+        if x["name"] == head:
+            return (norm, head) if norm is not None else None
         if is_normalization(x.get("type", "")):
             if x["name"] in view.stack:
                 return None
             norm = norm or x["name"]
-        elif (x.get("num_params") or 0) > 0:
-            return (norm, x["name"]) if norm is not None else None  # the output layer
     return None
 
 
-def _output_layer(view: RunView) -> str | None:
-    """The output layer: the first parameter-owning layer after the last hidden one that is
-    not a normalisation layer (None when there is none)."""
-    hidden = view.hidden
-    names = [x["name"] for x in view.layers]
-    if not hidden or hidden[-1] not in names:
-        return None
-    for x in view.layers[names.index(hidden[-1]) + 1 :]:
-        if (x.get("num_params") or 0) > 0 and not is_normalization(x.get("type", "")):
-            return x["name"]
-    return None
+def _finite_positive(table) -> bool:
+    """Every recorded (non-NaN) entry of a step x layer table is finite and above zero."""
+    values = table.to_numpy(dtype=float)
+    recorded = values[~np.isnan(values)]
+    return bool(np.isfinite(recorded).all() and (recorded > 0).all())
 
 
 def _forward_spread_kept(view: RunView) -> float | None:
@@ -122,11 +127,7 @@ def _forward_spread_kept(view: RunView) -> float | None:
     :data:`MAX_FORWARD_SHRINK_PER_LAYER`: no geometric shrink of the forward signal. None when
     it shrinks faster, or is not recorded at three or more activations (nothing is known)."""
     std = view.activation_spread
-    if std.shape[1] < 3:
-        return None
-    values = std.to_numpy(dtype=float)
-    recorded = values[~np.isnan(values)]
-    if not (np.isfinite(recorded).all() and (recorded > 0).all()):
+    if std.shape[1] < 3 or not _finite_positive(std):
         return None
     per_layer = 10 ** depth_trend(std)["slope"]
     if not math.isfinite(per_layer) or per_layer < 1 / MAX_FORWARD_SHRINK_PER_LAYER:
@@ -145,9 +146,7 @@ def _relative_weight_gradient_ratio(view: RunView, head: str) -> float | None:
     if table.empty:
         return None
     table = table.dropna(axis=1, how="all")
-    values = table.to_numpy(dtype=float)
-    recorded = values[~np.isnan(values)]
-    if not (np.isfinite(recorded).all() and (recorded > 0).all()):
+    if not _finite_positive(table):
         return None  # an exactly zero (underflowed) weight gradient learns nothing
     head_rate = view.recent_values(head, "weight", "grad_ratio")
     head_rate = head_rate[np.isfinite(head_rate)]
