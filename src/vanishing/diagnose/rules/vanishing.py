@@ -187,8 +187,8 @@ def _through_depth(view: RunView, notes: list[str]) -> list[Finding]:
     relative = _relative_weight_gradient_ratio(view, head) if head is not None else None
     if relative is not None and relative > MAX_FITTED_FIRST_TO_LAST:
         shown = (
-            f"the {label} shrinks back through depth ('{layers[0]}' gets {ratio:.1e} of "
-            f"'{layers[-1]}''s), but the layers' weight gradients relative to their weights do "
+            f"the {label} shrinks back through depth ('{layers[0]}' gets {ratio:.1e} of what "
+            f"'{layers[-1]}' gets), but the layers' weight gradients relative to their weights do "
             f"not (first / last {relative:.2g})"
         )
         if end is not None:
