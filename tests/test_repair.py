@@ -422,6 +422,20 @@ def test_candidate_and_repair_defaults():
         (dict(batches=[torch.zeros(2, 16)]), r"\(inputs, targets\) pair"),
         (dict(model="net"), "model must be a torch.nn.Module"),
         (dict(margin=2.0), "margin must be a fraction"),
+        (dict(max_candidates=True), "max_candidates must be a non-negative integer"),
+        (dict(seed="a"), "seed must be an integer, got 'a'"),
+        (dict(diagnosis="x"), "diagnosis must be a vanishing Diagnosis"),
+        (dict(batches=blobs()[:2] + [(torch.zeros(2, 16),)]), "batch 2 is a 1-tuple"),
+        (
+            dict(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")),
+            r"must return a scalar tensor, got shape \(64,\) \(reduce it",
+        ),
+        (dict(loss_fn=lambda out, y: float(F.cross_entropy(out, y))), "scalar tensor, got float"),
+        (dict(loss_fn=lambda out, y: F.cross_entropy(out, y).detach()), "does not depend"),
+        (
+            dict(batches=[(torch.zeros(8, 5), torch.zeros(8, dtype=torch.long))]),
+            "training the model as given failed, before any remedy.*RuntimeError: mat1 and mat2",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_value_error(kw, match):
@@ -430,6 +444,18 @@ def test_bad_input_is_one_clear_value_error(kw, match):
     rest = {k: v for k, v in kw.items() if k not in args}
     with pytest.raises(ValueError, match=match):
         repair(args["model"], args["batches"], args["loss_fn"], progress=False, **rest)
+
+
+def test_a_model_without_trainable_parameters_or_that_cannot_be_copied_is_a_clear_error():
+    import threading
+
+    frozen = deep_sigmoid(depth=2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        repair(frozen, blobs(), F.cross_entropy, progress=False)
+    locked = deep_sigmoid(depth=2)
+    locked.lock = threading.Lock()  # a model holding something copy.deepcopy refuses
+    with pytest.raises(ValueError, match=r"deep copies of the model \(copy.deepcopy\).*lock"):
+        repair(locked, blobs(), F.cross_entropy, steps=2, progress=False)
 
 
 # ------------------------------------------------------------------ measured learning rates
@@ -489,6 +515,63 @@ def test_clipping_threshold_on_an_exploding_first_step_bounds_that_step():
     plain_train(clipped, batches, F.mse_loss, sgd(1e4)(clipped.parameters()), 1, clip=expected)
     w1 = torch.cat([p.detach().flatten() for p in clipped.parameters()])
     assert float((w1 - w0).norm() / w0.norm()) == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_optimizer_groups_follow_their_parameters_through_a_model_change():
+    # batch_norm renames every layer (NAME -> NAME.0), residual renumbers the Sequential: each
+    # parameter of the changed copy must still get its own group's rate (oracle: the copy's
+    # unchanged tensors found by value among the user's parameters), new ones the first group's
+    from vanishing.repair.engine import _copy, _optimizer_factory
+    from vanishing.repair.transforms import apply_remedy
+
+    model = deep_sigmoid(depth=4)
+    head = list(model[8].parameters())
+    body = [p for i in range(8) for p in model[i].parameters()]
+    opt = torch.optim.SGD([{"params": head, "lr": 1e-3}, {"params": body, "lr": 0.1}])
+    rate = {id(p): 1e-3 for p in head} | {id(p): 0.1 for p in body}
+    make = _optimizer_factory(opt, model)
+    for remedy, new in (("batch_norm", 8), ("residual", 0)):  # 4 norms x (weight, bias)
+        changed = _copy(model)
+        apply_remedy(changed, remedy, example_inputs=blobs()[0][0])
+        got = {id(p): g["lr"] for g in make(changed).param_groups for p in g["params"]}
+        inserted = 0
+        for name, p in changed.named_parameters():
+            same = [q for q in model.parameters() if q.shape == p.shape and torch.equal(q, p)]
+            if same:
+                assert got[id(p)] == rate[id(same[0])], (remedy, name)
+            else:
+                inserted += 1
+                assert got[id(p)] == 1e-3, (remedy, name)
+        assert inserted == new
+    assert not any(hasattr(p, "_vanishing_repair_origin") for p in model.parameters())
+
+
+def test_repair_never_runs_the_users_forward():
+    # a stateful forward (a cache, a step counter) must not see repair's tracing or training
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = deep_sigmoid(depth=4)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.net(x)
+
+    model = Counting()
+    diag = Diagnosis(
+        [
+            Finding(
+                "vanishing_gradient",
+                ["net.0"],
+                "critical",
+                "shrinks",
+                remedies=[Remedy("batch_norm", "."), Remedy("relu", ".")],
+            )
+        ]
+    )
+    rep = repair(model, blobs(), F.cross_entropy, steps=5, diagnosis=diag, progress=False)
+    assert rep.candidates and int(model.calls) == 0
 
 
 def test_parameter_groups_far_apart_get_one_learning_rate():
@@ -557,6 +640,10 @@ def test_a_candidate_that_cannot_train_is_worse_with_the_reason(monkeypatch):
     bad = next(c for c in rep.candidates if c.remedy == "relu")
     assert bad.verdict == "worse" and bad.steps_run == 0
     assert "training failed" in bad.why and bad.error
+    # it never trained: not "diverged", and the table says so
+    assert not bad.diverged and not bad.diagnosed and bad.to_dict()["diverged"] is False
+    row = next(line for line in str(rep).splitlines() if line.startswith("relu "))
+    assert "-> failed" in row and "diverged" not in row
     assert any(c.remedy == "gradient_clipping" and c.steps_run == 10 for c in rep.candidates)
     # the other activation swaps follow the named one, and are skipped with the reason given
     assert [r for r, _ in rep.skipped] == ["selu", "elu", "gelu", "leaky_relu"]

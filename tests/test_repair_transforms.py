@@ -244,6 +244,23 @@ def test_the_original_is_untouched(remedy):
     assert [m.training for m in original.modules()] == training
 
 
+@pytest.mark.parametrize("remedy", MODEL_REMEDIES)
+def test_snippet_makes_the_same_float64_model(remedy):
+    # the snippet's new modules (norms, PReLU, LSTM/GRU) take the model's dtype, as apply does
+    factory, inputs = CASES[remedy]
+    a = factory().double()
+    b = copy.deepcopy(a)
+    inputs = inputs.double()
+    done = apply_remedy(a, remedy, example_inputs=inputs, generator=gen(3))
+    torch.manual_seed(3)
+    b = run_snippet(done.code, b)
+    assert_same_model(a, b)
+    assert all(t.dtype == torch.float64 for t in b.state_dict().values() if t.is_floating_point())
+    with torch.no_grad():
+        a.eval(), b.eval()
+        assert torch.equal(a(inputs), b(inputs))
+
+
 # ------------------------------------------------------------------------------ re-init
 def test_he_init_std_is_the_following_activations_gain_over_sqrt_fan_in():
     model, names = wide_mlp()
@@ -303,6 +320,84 @@ def test_orthogonal_init_of_an_lstm_orthogonal_recurrence_per_gate_xavier_input(
                 assert block.abs().max() <= math.sqrt(6 / (block.shape[1] + h))
         else:
             assert torch.count_nonzero(p) == 0, name
+
+
+def test_reinit_keeps_frozen_layers_and_says_so():
+    # a frozen layer is a pretrained one the user keeps: neither the init remedies nor the
+    # swaps' re-init may overwrite it (its snippet leaves it out too)
+    model = mlp([nn.Tanh(), nn.Sigmoid()])
+    model[0].requires_grad_(False)
+    frozen = copy.deepcopy(model[0].state_dict())
+    twin = copy.deepcopy(model)
+    for remedy in ("he_init", "relu"):
+        done = apply_remedy(model, remedy, example_inputs=X, generator=gen(1))
+        assert "kept 0 (frozen)" in done.description
+        assert all(torch.equal(v, model[0].state_dict()[k]) for k, v in frozen.items())
+        torch.manual_seed(1)
+        twin = run_snippet(done.code, twin)
+        assert_same_model(model, twin)
+        assert '"0"' not in done.code
+    assert model[2].weight.std() > 0 and torch.count_nonzero(model[2].bias) == 0
+    model[2].requires_grad_(False), model[4].requires_grad_(False)
+    with pytest.raises(NotApplicable, match="no Linear/Conv layer may be re-initialised.*frozen"):
+        apply_remedy(model, "he_init")
+
+
+class TiedLM(nn.Module):
+    """An embedding, a hidden layer, and an output layer sharing the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.act = nn.Tanh()
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.act(self.hidden(self.emb(ids))))
+
+
+def test_reinit_keeps_a_layer_tied_to_an_embedding():
+    model = TiedLM()
+    emb = model.emb.weight.detach().clone()
+    ids = torch.randint(0, 20, (3, 5))
+    done = apply_remedy(model, "he_init", example_inputs=ids, generator=gen())
+    assert done.layers == ["hidden"] and "kept out (weight tied to emb)" in done.description
+    assert torch.equal(model.emb.weight, emb) and model.out.weight is model.emb.weight
+    assert_std(model.hidden.weight, 0.0 + GAIN["tanh"] / math.sqrt(8), rel=0.6)
+
+
+def test_he_init_under_weight_norm_sets_the_effective_weight():
+    # the weight of a parametrized layer is computed from its originals (g, v): the init must
+    # land in what the forward uses, m.weight, and the snippet must do the same
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model, names = wide_mlp()
+    for name in names:
+        weight_norm(model.get_submodule(name))
+    twin = copy.deepcopy(model)
+    done = apply_remedy(model, "he_init", example_inputs=torch.randn(2, 300), generator=gen())
+    assert done.layers == names and "kept" not in done.description
+    for name, kind in zip(names, WIDE_KINDS, strict=True):
+        layer = model.get_submodule(name)
+        assert_std(layer.weight, GAIN[kind] / math.sqrt(layer.in_features))
+    torch.manual_seed(0)
+    assert_same_model(model, run_snippet(done.code, twin))
+
+
+def test_reinit_keeps_layers_under_old_style_weight_norm_hooks():
+    import warnings
+
+    model = mlp([nn.Tanh(), nn.Tanh()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm: deprecated
+        nn.utils.weight_norm(model[2])
+    v = model[2].weight_v.detach().clone()
+    done = apply_remedy(model, "he_init", example_inputs=X, generator=gen())
+    assert "kept 2 (old-style torch.nn.utils.weight_norm hook)" in done.description
+    assert done.layers == ["0", "4"] and torch.equal(model[2].weight_v, v)
 
 
 def test_he_init_on_a_recurrent_only_model_points_to_orthogonal_init():

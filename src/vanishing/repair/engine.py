@@ -351,7 +351,7 @@ class Repair:
                 (
                     c.label + ("" if c.changes_model else " (loop)"),
                     c.verdict,
-                    f"{_num(c.loss_before)} -> {_num(c.loss_after)}",
+                    f"{_num(c.loss_before)} -> {'failed' if c.error else _num(c.loss_after)}",
                     f"{_num(c.ratio_before)} -> {_num(c.ratio_after)}",
                     c.description if len(c.description) <= 90 else c.description[:87] + "...",
                 )
@@ -485,6 +485,30 @@ def _final_loss(losses: Sequence[float], diverged: bool) -> float:
     return float(sum(losses[-tail:]) / tail)
 
 
+class _InputError(ValueError):
+    """What the caller passed cannot train (said in one line); not wrapped again."""
+
+
+def _check_loss(loss) -> None:
+    """``loss_fn``'s first result is a scalar tensor that backpropagates, or a one-line error."""
+    import torch
+
+    if not isinstance(loss, torch.Tensor):
+        raise _InputError(
+            f"loss_fn(outputs, targets) must return a scalar tensor, got {type(loss).__name__}"
+        )
+    if loss.numel() != 1:
+        raise _InputError(
+            "loss_fn(outputs, targets) must return a scalar tensor, got shape "
+            f"{tuple(loss.shape)} (reduce it, e.g. .mean())"
+        )
+    if not loss.requires_grad:
+        raise _InputError(
+            "loss_fn(outputs, targets) returned a tensor that does not depend on the model's "
+            "trainable parameters (no grad_fn: detached, or .item() made into a tensor)"
+        )
+
+
 def _train(
     model,
     batches,
@@ -542,6 +566,8 @@ def _train(
             inputs, targets = batches[step % len(batches)]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(call_model(model, inputs), targets)
+            if step == 0:
+                _check_loss(loss)
             loss.backward()
             if record_norms and step < norm_steps:
                 grads = [p.grad.detach().norm() for p in params if p.grad is not None]
@@ -640,7 +666,7 @@ def probe(
     root = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="probe-"))
     try:
         with torch.random.fork_rng(devices=_devices(model)):
-            copy_ = copy.deepcopy(model)
+            copy_ = _copy(model)
             if remedies:
                 from vanishing.repair import transforms
 
@@ -871,7 +897,7 @@ def _model_plan(model, remedy, prompted, example_inputs, seed) -> _Plan | str:
         from vanishing.repair import transforms
     except ImportError as e:  # the transformations are being written alongside the engine
         return f"the model transformations are not available ({e})"
-    candidate = copy.deepcopy(model)
+    candidate = _copy(model)
     try:
         torch.manual_seed(seed)
         applied = transforms.apply_remedy(
@@ -970,14 +996,41 @@ def _rate_plans(tried, model, example_inputs, seed, lrs: list[float]) -> list[_P
 
 
 # ---------------------------------------------------------------------------- optimizers
+#: The attribute on a copy's parameter that holds its qualified name in the user's model (see
+#: :func:`_copy`): the transformations rename parameters (``0.weight`` becomes ``0.0.weight``
+#: inside an inserted ``Sequential``, a residual wrapper renumbers a Sequential), so a copy's
+#: names cannot say which of the user's optimizer groups a parameter belongs to; this can. Only
+#: copies carry it (the user's parameters are never tagged).
+_ORIGIN = "_vanishing_repair_origin"
+
+
+def _copy(model):
+    """``copy.deepcopy(model)``, each copied parameter remembering its name in ``model``;
+    a model that cannot be deep-copied gets a one-line ValueError."""
+    memo: dict[int, Any] = {}
+    try:
+        clone = copy.deepcopy(model, memo)
+    except Exception as e:  # a lock, an open file, a C handle held by the model
+        raise ValueError(
+            "repair trains deep copies of the model (copy.deepcopy), and this one cannot be "
+            f"copied: {type(e).__name__}: {e}"
+        ) from e
+    for name, p in model.named_parameters():
+        q = memo.get(id(p))
+        if q is not None:
+            setattr(q, _ORIGIN, name)
+    return clone
+
+
 def _optimizer_factory(optimizer, model):
     """``f(module) -> Optimizer`` from the user's factory or an optimizer instance."""
     import torch
 
     if isinstance(optimizer, torch.optim.Optimizer):
         # a fresh optimizer of the same class and hyperparameters (its state is not copied);
-        # each parameter keeps its group, found by name, and new parameters (an inserted norm
-        # layer) join the first group
+        # each parameter keeps its group, found by its name in the user's model (a copy's
+        # parameters remember it, whatever a transformation renamed them to), and new
+        # parameters (an inserted norm layer) join the first group
         names = {id(p): n for n, p in model.named_parameters()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         where = {
@@ -992,7 +1045,7 @@ def _optimizer_factory(optimizer, model):
             buckets: list[list] = [[] for _ in groups]
             for n, p in module.named_parameters():
                 if p.requires_grad:
-                    buckets[where.get(n, 0)].append(p)
+                    buckets[where.get(getattr(p, _ORIGIN, n), 0)].append(p)
             spec = [dict(g, params=b) for g, b in zip(groups, buckets) if b]
             return cls(spec)
 
@@ -1107,15 +1160,23 @@ def repair(
     """
     import torch
 
+    from vanishing.diagnose.findings import Diagnosis
+
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-    if not isinstance(max_candidates, int) or max_candidates < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if (
+        not isinstance(max_candidates, int)
+        or isinstance(max_candidates, bool)
+        or max_candidates < 0
+    ):
         raise ValueError(f"max_candidates must be a non-negative integer, got {max_candidates!r}")
-    if not isinstance(workers, int) or workers < 0:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise ValueError(f"margin must be a fraction in [0, 1), got {margin!r}")
@@ -1141,10 +1202,24 @@ def repair(
         batches = list(itertools.islice(iter(batches), steps))
     if not batches:
         raise ValueError("batches is empty; pass at least one (inputs, targets) pair")
-    first = batches[0]
-    if not (isinstance(first, (tuple, list)) and len(first) == 2):
-        raise ValueError("each batch must be an (inputs, targets) pair")
-    example_inputs = first[0]
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            what = (
+                f"a {len(batch)}-tuple"
+                if isinstance(batch, (tuple, list))
+                else type(batch).__name__
+            )
+            raise ValueError(f"each batch must be an (inputs, targets) pair; batch {i} is {what}")
+    example_inputs = batches[0][0]
+    if diagnosis is not None and not isinstance(diagnosis, Diagnosis):
+        raise ValueError(
+            "diagnosis must be a vanishing Diagnosis (e.g. mon.diagnose()) or None, "
+            f"got {type(diagnosis).__name__}"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=True): nothing to repair"
+        )
 
     started = time.perf_counter()
     root = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="repair-"))
@@ -1207,17 +1282,27 @@ def _run(
     steps, seed = rep.steps, rep.seed
     with _progress(progress, steps * (max_candidates + 1)) as advance:
         torch.manual_seed(seed)
-        base = _train(
-            copy.deepcopy(model),
-            batches,
-            loss_fn,
-            make_optimizer,
-            steps,
-            root / "baseline",
-            every=rep.every,
-            record_norms=True,
-            tick=lambda: advance("baseline"),
-        )
+        baseline = _copy(model)
+        try:
+            base = _train(
+                baseline,
+                batches,
+                loss_fn,
+                make_optimizer,
+                steps,
+                root / "baseline",
+                every=rep.every,
+                record_norms=True,
+                tick=lambda: advance("baseline"),
+            )
+        except _InputError:
+            raise
+        except Exception as e:  # a shape mismatch, a loss_fn that reads the wrong output...
+            raise ValueError(
+                "training the model as given failed, before any remedy was tried (check that "
+                "model(inputs) and loss_fn(outputs, targets) work on these batches): "
+                f"{type(e).__name__}: {e}"
+            ) from e
         rep.baseline_seconds = base.seconds
         rep.loss_before, rep.ratio_before = base.loss, base.ratio
         rep.profile_before = base.profile
@@ -1226,9 +1311,11 @@ def _run(
         if rep.diagnosis.healthy:
             rep.healthy = True
             return
-        lrs = [g["lr"] for g in make_optimizer(copy.deepcopy(model)).param_groups]
+        lrs = [g["lr"] for g in make_optimizer(_copy(model)).param_groups]
         plans: list[_Plan] = []
-        saturating = _saturating_hidden(model, example_inputs)
+        # on a copy: tracing runs the forward, and a stateful one (a cache, a step counter)
+        # must not see it on the user's model
+        saturating = _saturating_hidden(_copy(model), example_inputs)
         for remedy, prompted in _remedy_order(rep.diagnosis, saturating):
             if len(plans) >= max_candidates:
                 break
@@ -1333,7 +1420,7 @@ def _probe(job, index: int, plan: _Plan, advance) -> Probe:
     """Train one candidate: the same batches, the same seed, K steps."""
     import torch
 
-    model = plan.model if plan.model is not None else copy.deepcopy(job["model"])
+    model = plan.model if plan.model is not None else _copy(job["model"])
     torch.manual_seed(job["seed"])
     label = f"{plan.remedy} {plan.options.get('lr_factor', '')}".strip()
     try:
@@ -1342,7 +1429,9 @@ def _probe(job, index: int, plan: _Plan, advance) -> Probe:
         # loss_fn, ...): the candidate is worse, with the reason; the others still run
         from vanishing.diagnose.findings import Diagnosis
 
-        return Probe([], [], Diagnosis([]), None, {}, True, 0.0, None, f"{type(e).__name__}: {e}")
+        # not "diverged": it never trained (its loss is inf, its verdict worse, its why the error)
+        error = f"{type(e).__name__}: {e}"
+        return Probe([], [], Diagnosis([]), None, {}, False, 0.0, None, error, diagnosed=False)
 
 
 def _run_probe(job, index, plan, model, advance, label) -> Probe:

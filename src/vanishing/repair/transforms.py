@@ -36,7 +36,12 @@ Details a user of the result should know:
 
 - The init remedies touch Linear and Conv1d/2d/3d weights (biases zeroed) and nothing else
   (embeddings, norms, attention's in_proj keep theirs); only ``orthogonal_init`` re-initialises
-  recurrent layers (orthogonal ``weight_hh`` and Xavier ``weight_ih`` per gate block).
+  recurrent layers (orthogonal ``weight_hh`` and Xavier ``weight_ih`` per gate block). Layers
+  whose weights the user chose are kept and named in the description: frozen ones, one whose
+  weight is tied to another module's (an output layer sharing the embedding), and those under
+  the hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``. A parametrized weight
+  (``parametrizations.weight_norm``) gets the init through its ``right_inverse``; one whose
+  parametrization does not give the assigned weight back (spectral norm) is kept.
 - Activation swaps skip the activation after the output layer (the last Linear/Conv in forward
   order): it is the model's output map (probabilities for a BCE loss), not a hidden layer. They
   re-initialise the layers just before each swapped module with the new activation's init.
@@ -410,8 +415,74 @@ def _fan_in(w: Tensor) -> int:
     return w[0].numel()  # in_features (x the kernel's size): torch's fan_in
 
 
-def _init_layer(m: nn.Module, scheme: str, gain: float, generator) -> None:
-    w = m.weight
+def _kept_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The layers of ``names`` whose weight a re-init must not touch, each with the reason:
+    frozen (``requires_grad=False``: a pretrained backbone), tied to another module's weight
+    (a language model's output layer shares the embedding's), or under an old-style
+    ``torch.nn.utils.weight_norm``/``spectral_norm`` hook (its weight is recomputed from other
+    parameters at every forward)."""
+    from torch.nn.utils import parametrize
+
+    owners: dict[int, list[str]] = {}
+    for n, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+    mods = dict(model.named_modules())
+    kept = {}
+    for name in names:
+        m = mods[name]
+        hooks = [type(h).__name__ for h in m._forward_pre_hooks.values()]
+        if "WeightNorm" in hooks or "SpectralNorm" in hooks:
+            which = "weight_norm" if "WeightNorm" in hooks else "spectral_norm"
+            kept[name] = f"old-style torch.nn.utils.{which} hook"
+            continue
+        if parametrize.is_parametrized(m, "weight"):
+            sources = list(m.parametrizations.weight.parameters())
+        else:
+            sources = [m.weight]
+        if any(not p.requires_grad for p in sources + [getattr(m, "bias", None)] if p is not None):
+            kept[name] = "frozen"
+            continue
+        # owners outside the layer (its own parametrizations hold weight_norm's originals)
+        outside = {o for p in sources for o in owners.get(id(p), [])}
+        if name:
+            outside = {o for o in outside if o != name and not o.startswith(name + ".")}
+        else:
+            outside = set()
+        tied = sorted(outside)
+        if tied:
+            kept[name] = f"weight tied to {_summary(tied, 2)}"
+    return kept
+
+
+def _init_layer(m: nn.Module, scheme: str, gain: float, generator) -> str | None:
+    """Re-initialise ``m`` in place (its weight, and its bias to zero); None, or why it was
+    left as it was (a weight parametrization that does not reproduce an assigned weight)."""
+    from torch.nn.utils import parametrize
+
+    para = parametrize.is_parametrized(m, "weight")
+    # a parametrized weight (weight_norm) is computed at each access: the init is drawn into a
+    # tensor of its shape and assigned, which sets the originals through right_inverse
+    w = torch.empty_like(m.weight) if para else m.weight
+    _draw(w, scheme, gain, generator)
+    if para:
+        originals = [p.detach().clone() for p in m.parametrizations.weight.parameters()]
+        try:
+            m.weight = w
+            ok = torch.allclose(m.weight, w, rtol=1e-4, atol=1e-6)
+        except Exception:  # noqa: BLE001 - no right_inverse: the layer is kept, said why
+            ok = False
+        if not ok:
+            for p, o in zip(m.parametrizations.weight.parameters(), originals):
+                p.copy_(o)
+            kinds = ", ".join(type(q).__name__ for q in m.parametrizations.weight)
+            return f"its weight parametrization ({kinds}) does not take an assigned weight"
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+    return None
+
+
+def _draw(w: Tensor, scheme: str, gain: float, generator) -> None:
     if scheme == "he_init":
         nn.init.normal_(w, 0.0, gain / math.sqrt(_fan_in(w)), generator=generator)
     elif scheme == "lecun_init":
@@ -420,8 +491,6 @@ def _init_layer(m: nn.Module, scheme: str, gain: float, generator) -> None:
         nn.init.xavier_uniform_(w, gain=gain, generator=generator)
     else:
         nn.init.orthogonal_(w, gain=gain, generator=generator)
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
 
 
 _LAYER_CODE = {
@@ -434,32 +503,65 @@ _LAYER_CODE = {
 
 def _reinit(
     model: nn.Module, scheme: str, gains: dict[str, float], generator
-) -> tuple[list[str], str]:
-    """Re-initialise the layers named in ``gains`` (in that order); the names and the code."""
+) -> tuple[list[str], str, dict[str, str]]:
+    """Re-initialise the layers named in ``gains`` (in that order) but those that must keep
+    their weights (:func:`_kept_layers`); the names re-initialised, the code, and the kept
+    layers with their reasons."""
+    from torch.nn.utils import parametrize
+
     mods = dict(model.named_modules())
+    kept = _kept_layers(model, list(gains))
     with torch.no_grad():
         for name, g in gains.items():
-            _init_layer(mods[name], scheme, g, generator)
+            if name not in kept:
+                why = _init_layer(mods[name], scheme, g, generator)
+                if why is not None:
+                    kept[name] = why
+    gains = {n: g for n, g in gains.items() if n not in kept}
+    if not gains:
+        return [], "", kept
+    para = any(parametrize.is_parametrized(mods[n], "weight") for n in gains)
     if scheme == "lecun_init":
         head = f"layers = {_names_list(list(gains))}\n"
         loop = "for name, m in model.named_modules():\n    if name in layers:\n"
     else:
         head = f"gain = {_dict_literal(gains)}  # the gain of the activation after each layer\n"
         loop = "for name, m in model.named_modules():\n    if name in gain:\n"
-    code = (
-        "import math\nfrom torch import nn\n"
-        + head
-        + loop
-        + f"        {_LAYER_CODE[scheme]}\n"
-        + "        if m.bias is not None:\n            nn.init.zeros_(m.bias)\n"
-    )
-    return list(gains), code
+    if para:
+        # weight_norm'ed layers: drawn apart, assigned through the parametrization
+        code = (
+            "import math\nimport torch\nfrom torch import nn\n"
+            "from torch.nn.utils import parametrize\n"
+            + head
+            + loop
+            + '        para = parametrize.is_parametrized(m, "weight")\n'
+            + "        w = torch.empty_like(m.weight) if para else m.weight\n"
+            + f"        {_LAYER_CODE[scheme].replace('m.weight', 'w')}\n"
+            + "        if para:\n"
+            + "            with torch.no_grad():\n"
+            + "                m.weight = w  # sets the parametrization's originals\n"
+        )
+    else:
+        code = (
+            "import math\nfrom torch import nn\n" + head + loop + f"        {_LAYER_CODE[scheme]}\n"
+        )
+    code += "        if m.bias is not None:\n            nn.init.zeros_(m.bias)\n"
+    return list(gains), code, kept
+
+
+def _kept_text(kept: dict[str, str]) -> str:
+    return "kept " + _summary([f"{n or '(model)'} ({why})" for n, why in kept.items()])
 
 
 def _recurrent_orthogonal(model: nn.Module, generator) -> tuple[list[str], str]:
     """Orthogonal recurrent weights (each gate's H x H block), Xavier input weights (each
     gate's block), zero biases, for every RNN/LSTM/GRU (and cell) module."""
-    names = [n for n, m in model.named_modules() if isinstance(m, _RECURRENT)]
+    # a frozen recurrent layer (pretrained) keeps its weights
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, _RECURRENT) and all(p.requires_grad for p in m.parameters())
+    ]
     mods = dict(model.named_modules())
     with torch.no_grad():
         for name in names:
@@ -513,21 +615,31 @@ def _init_remedy(scheme: str):
         if not gains and not (recurrent and scheme == "orthogonal_init"):
             extra = "; recurrent layers take orthogonal_init" if recurrent else ""
             raise NotApplicable(f"no nn.Linear or nn.Conv1d/2d/3d layer to re-initialise{extra}")
-        layers, code = _reinit(model, scheme, gains, generator) if gains else ([], "")
+        layers, code, kept = _reinit(model, scheme, gains, generator) if gains else ([], "", {})
+        if gains and not layers and not (recurrent and scheme == "orthogonal_init"):
+            raise NotApplicable(f"no Linear/Conv layer may be re-initialised: {_kept_text(kept)}")
         if scheme == "lecun_init":
-            labels = list(gains)
+            labels = list(layers)
         else:
-            labels = [f"{n or '(model)'} ({_gain_label(kinds[n], gains[n])})" for n in gains]
+            labels = [f"{n or '(model)'} ({_gain_label(kinds[n], gains[n])})" for n in layers]
         parts = [f"{_SCHEMES[scheme]} of {_plural(len(layers), 'layer')}"]
         if labels:
             parts[0] += ": " + _summary(labels)
+        if kept:
+            parts.append(_kept_text(kept))
         if scheme == "orthogonal_init" and recurrent:
             rnames, rcode = _recurrent_orthogonal(model, generator)
-            layers += rnames
-            code = (code or "from torch import nn\n") + rcode
-            parts.append(
-                f"orthogonal recurrent / Xavier input weights per gate of {_summary(rnames)}"
-            )
+            if rnames:
+                layers += rnames
+                code = (code or "from torch import nn\n") + rcode
+                parts.append(
+                    f"orthogonal recurrent / Xavier input weights per gate of {_summary(rnames)}"
+                )
+            frozen = [n for n in recurrent if n not in rnames]
+            if frozen:
+                parts.append(f"kept {_summary(frozen)} (frozen)")
+            if not layers:
+                raise NotApplicable(f"every layer is frozen or tied: {'; '.join(parts[1:])}")
         elif recurrent:
             parts.append(f"recurrent layers left as they are ({_summary(recurrent)})")
         parts.append("biases zeroed")
@@ -594,7 +706,12 @@ def _swap_remedy(target: str):
         old = sorted({_kind(m) for m in found.values()})
         desc = f"{'/'.join(old)} -> {target} in {_plural(len(names), 'module')}: {_summary(names)}"
         code = f"from torch import nn\nfor name in {_names_list(names)}:\n"
-        code += f"    model.set_submodule(name, nn.{cls.__name__}())\n"
+        if any(True for _ in cls().parameters()):  # PReLU's slope: the model's device and dtype
+            code += (
+                f"    model.set_submodule(name, nn.{cls.__name__}().to(next(model.parameters())))\n"
+            )
+        else:
+            code += f"    model.set_submodule(name, nn.{cls.__name__}())\n"
         # the old init was for the old activation: re-initialise each layer followed by a
         # swapped module with the init of the new one (the registry's init_remedy: He for the
         # ReLU family, LeCun for SELU), in named_modules order like the snippet
@@ -604,11 +721,14 @@ def _swap_remedy(target: str):
         gains = {n: _gain(target, after[n]) for n, _ in model.named_modules() if n in after}
         if reinit and gains:
             scheme = activations.get(target).init_remedy
-            _, init_code = _reinit(model, scheme, gains, generator)
-            code += f"# the old init was for {'/'.join(old)}: re-initialise for {target}\n"
-            code += init_code.replace("from torch import nn\n", "")
-            name = _SCHEMES[scheme].split(" (")[0]
-            desc += f"; {name} of the {_plural(len(gains), 'layer')} before them, biases zeroed"
+            done, init_code, kept = _reinit(model, scheme, gains, generator)
+            if done:
+                code += f"# the old init was for {'/'.join(old)}: re-initialise for {target}\n"
+                code += init_code.replace("from torch import nn\n", "")
+                name = _SCHEMES[scheme].split(" (")[0]
+                desc += f"; {name} of the {_plural(len(done), 'layer')} before them, biases zeroed"
+            if kept:
+                desc += f"; {_kept_text(kept)}"
         return Applied(target, names, desc, code)
 
     return apply
@@ -715,7 +835,8 @@ def _norm_remedy(kind: str):
         code = (
             "from torch import nn\n"
             f"for name, norm in [{pairs}]:\n"
-            "    model.set_submodule(name, nn.Sequential(model.get_submodule(name), norm))\n"
+            "    layer = model.get_submodule(name)  # the norm on the layer's device and dtype\n"
+            "    model.set_submodule(name, nn.Sequential(layer, norm.to(layer.weight)))\n"
         )
         return Applied(kind, inserted, desc, code)
 
@@ -957,7 +1078,8 @@ def _pre_layer_norm(
             "    stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))\n"
             "    if stack and m.norm is None:\n"
             "        first = m.layers[0]\n"
-            "        m.norm = nn.LayerNorm(first.linear1.in_features, eps=first.norm1.eps)\n"
+            "        norm = nn.LayerNorm(first.linear1.in_features, eps=first.norm1.eps)\n"
+            "        m.norm = norm.to(first.linear1.weight)  # its device and dtype\n"
             "        m.use_nested_tensor = False\n"
         )
     return Applied("pre_layer_norm", post + added, desc, code)
@@ -1071,7 +1193,12 @@ def _gated_remedy(target: str):
         for name in names:
             args, kw = specs[name]
             a = ", ".join([*map(str, args), *(f"{k}={v!r}" for k, v in kw.items())])
-            lines.append(f'model.set_submodule("{name}", nn.{cls.__name__}({a}))')
+            # drawn on the old layer's device and in its dtype (as the probe drew them)
+            lines.append(f'w = model.get_submodule("{name}").weight_ih_l0')
+            lines.append(
+                f'model.set_submodule("{name}", nn.{cls.__name__}({a}, device=w.device, '
+                "dtype=w.dtype))"
+            )
         return Applied(target, names, desc, "\n".join(lines) + "\n")
 
     return apply
@@ -1139,7 +1266,8 @@ def apply_remedy(
         >>> print(done.code, end="")
         from torch import nn
         for name, norm in [("0", nn.BatchNorm1d(8)), ("2", nn.BatchNorm1d(8))]:
-            model.set_submodule(name, nn.Sequential(model.get_submodule(name), norm))
+            layer = model.get_submodule(name)  # the norm on the layer's device and dtype
+            model.set_submodule(name, nn.Sequential(layer, norm.to(layer.weight)))
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
