@@ -187,9 +187,13 @@ def autotrainer(case: Case, rep, steps: int) -> dict:
 
 def timed_repair(case: Case, steps: int, **options):
     """``vanishing.repair`` on a fresh build of the case: (the Repair, its wall seconds)."""
+    return timed_job_repair(case.build(), steps, **options)
+
+
+def timed_job_repair(job, steps: int, **options):
+    """``vanishing.repair`` on a built job (model, optimizer, batches, loss): (Repair, seconds)."""
     from vanishing.repair import repair
 
-    job = case.build()
     start = time.perf_counter()
     rep = repair(
         job.model,

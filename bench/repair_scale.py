@@ -22,12 +22,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cases.catalog import Job, blobs, mlp, train  # noqa: E402
+from repair import timed_job_repair  # noqa: E402  (bench/repair.py)
 
 
 def build(width: int, batch: int) -> Job:
@@ -49,20 +51,7 @@ def plain_seconds(width: int, batch: int, steps: int, repeats: int = 3) -> float
 
 
 def repair_seconds(width: int, batch: int, steps: int, workers: int):
-    from vanishing.repair import repair
-
-    job = build(width, batch)
-    start = time.perf_counter()
-    rep = repair(
-        job.model,
-        job.batches,
-        job.loss_fn,
-        optimizer=job.optimizer,
-        steps=steps,
-        progress=False,
-        workers=workers,
-    )
-    return rep, time.perf_counter() - start
+    return timed_job_repair(build(width, batch), steps, workers=workers)
 
 
 def main(argv: list[str] | None = None) -> int:
