@@ -434,8 +434,14 @@ def test_candidate_and_repair_defaults():
         (dict(loss_fn=lambda out, y: F.cross_entropy(out, y).detach()), "does not depend"),
         (
             dict(batches=[(torch.zeros(8, 5), torch.zeros(8, dtype=torch.long))]),
-            "training the model as given failed, before any remedy.*RuntimeError: mat1 and mat2",
+            r"training the model as given failed at step 0 \(batch 0\).*RuntimeError: mat1 and mat2",
         ),
+        (
+            dict(batches=blobs()[:2] + [(torch.zeros(8, 5), torch.zeros(8, dtype=torch.long))]),
+            r"failed at step 2 \(batch 2\).*mat1 and mat2",
+        ),
+        # the optimizer's own error, not relabelled as a model/loss mismatch
+        (dict(optimizer=lambda p: "sgd"), r"^optimizer\(params\) must return a torch.optim"),
     ],
 )
 def test_bad_input_is_one_clear_value_error(kw, match):
@@ -444,6 +450,16 @@ def test_bad_input_is_one_clear_value_error(kw, match):
     rest = {k: v for k, v in kw.items() if k not in args}
     with pytest.raises(ValueError, match=match):
         repair(args["model"], args["batches"], args["loss_fn"], progress=False, **rest)
+
+
+def test_a_numpy_integer_seed_is_a_seed():
+    import numpy as np
+
+    model = deep_sigmoid(depth=2)
+    kw = dict(steps=3, diagnosis=recipe_diagnosis(), max_candidates=1, progress=False)
+    a = repair(model, blobs(), F.cross_entropy, seed=np.int64(4), **kw)
+    b = repair(model, blobs(), F.cross_entropy, seed=4, **kw)
+    assert a.loss_before == b.loss_before and a.seed == 4
 
 
 def test_a_model_without_trainable_parameters_or_that_cannot_be_copied_is_a_clear_error():

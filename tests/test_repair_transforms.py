@@ -387,6 +387,40 @@ def test_he_init_under_weight_norm_sets_the_effective_weight():
     assert_same_model(model, run_snippet(done.code, twin))
 
 
+@pytest.mark.parametrize("kind", ["orthogonal", "spectral_norm"])
+@pytest.mark.parametrize("remedy", ["he_init", "xavier_init", "relu"])
+def test_a_parametrization_that_rejects_an_assigned_weight_keeps_its_layer_untouched(kind, remedy):
+    # orthogonal and spectral norm do not give an assigned weight back: the layer is kept,
+    # its parameters and buffers (power-iteration vectors) exactly as they were, and the draws
+    # of the other layers are those of the snippet, which skips it too
+    from torch.nn.utils import parametrizations
+
+    model = mlp([nn.Sigmoid(), nn.Sigmoid()])
+    getattr(parametrizations, kind)(model[2])
+    twin = copy.deepcopy(model)
+    layer = copy.deepcopy(model[2].state_dict())
+    done = apply_remedy(model, remedy, example_inputs=X, generator=gen(5))
+    assert "kept 2 (its weight parametrization" in done.description and "2" not in done.layers
+    assert all(torch.equal(v, model[2].state_dict()[k]) for k, v in layer.items())
+    torch.manual_seed(5)
+    assert_same_model(model, run_snippet(done.code, twin))
+
+
+def test_a_weight_tied_to_the_root_module_names_it():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.shared = self.lin.weight  # a parameter of the root itself
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.lin(x) @ self.shared))
+
+    done = apply_remedy(Root(), "he_init", example_inputs=X)
+    assert "kept lin (weight tied to (model))" in done.description
+
+
 def test_reinit_keeps_layers_under_old_style_weight_norm_hooks():
     import warnings
 

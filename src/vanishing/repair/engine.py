@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -509,6 +510,33 @@ def _check_loss(loss) -> None:
         )
 
 
+def _step(model, inputs, targets, loss_fn, judged: bool, step: int, n_batches: int):
+    """One step's forward, loss (checked at step 0) and backward. The unchanged model's
+    (``judged`` False) failing here is the caller's input not fitting (a shape, a loss_fn
+    reading the wrong output): one line saying so, with the batch. A candidate's failure
+    propagates (it is that candidate's ``error``)."""
+    import torch
+
+    from vanishing.modules import call_model
+
+    try:
+        loss = loss_fn(call_model(model, inputs), targets)
+        if step == 0:
+            _check_loss(loss)
+        loss.backward()
+    except (_InputError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        if judged:
+            raise
+        raise _InputError(
+            f"training the model as given failed at step {step} (batch {step % n_batches}), "
+            "before any remedy was tried (check that model(inputs) and loss_fn(outputs, "
+            f"targets) work on these batches): {type(e).__name__}: {e}"
+        ) from e
+    return loss
+
+
 def _train(
     model,
     batches,
@@ -539,7 +567,6 @@ def _train(
 
     import vanishing
     from vanishing.diagnose.findings import Diagnosis
-    from vanishing.modules import call_model
     from vanishing.recorder.reader import load_run
 
     start = time.perf_counter()
@@ -565,10 +592,7 @@ def _train(
         for step in range(steps):
             inputs, targets = batches[step % len(batches)]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(call_model(model, inputs), targets)
-            if step == 0:
-                _check_loss(loss)
-            loss.backward()
+            loss = _step(model, inputs, targets, loss_fn, judged, step, len(batches))
             if record_norms and step < norm_steps:
                 grads = [p.grad.detach().norm() for p in params if p.grad is not None]
                 norms.append(float(torch.stack(grads).norm()) if grads else 0.0)
@@ -1168,7 +1192,7 @@ def repair(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if (
         not isinstance(max_candidates, int)
@@ -1282,27 +1306,17 @@ def _run(
     steps, seed = rep.steps, rep.seed
     with _progress(progress, steps * (max_candidates + 1)) as advance:
         torch.manual_seed(seed)
-        baseline = _copy(model)
-        try:
-            base = _train(
-                baseline,
-                batches,
-                loss_fn,
-                make_optimizer,
-                steps,
-                root / "baseline",
-                every=rep.every,
-                record_norms=True,
-                tick=lambda: advance("baseline"),
-            )
-        except _InputError:
-            raise
-        except Exception as e:  # a shape mismatch, a loss_fn that reads the wrong output...
-            raise ValueError(
-                "training the model as given failed, before any remedy was tried (check that "
-                "model(inputs) and loss_fn(outputs, targets) work on these batches): "
-                f"{type(e).__name__}: {e}"
-            ) from e
+        base = _train(
+            _copy(model),  # not kept: freed (with its gradients) before the candidates train
+            batches,
+            loss_fn,
+            make_optimizer,
+            steps,
+            root / "baseline",
+            every=rep.every,
+            record_norms=True,
+            tick=lambda: advance("baseline"),
+        )
         rep.baseline_seconds = base.seconds
         rep.loss_before, rep.ratio_before = base.loss, base.ratio
         rep.profile_before = base.profile
@@ -1421,6 +1435,7 @@ def _probe(job, index: int, plan: _Plan, advance) -> Probe:
     import torch
 
     model = plan.model if plan.model is not None else _copy(job["model"])
+    plan.model = None  # the plan no longer holds it: freed (with its gradients) once trained
     torch.manual_seed(job["seed"])
     label = f"{plan.remedy} {plan.options.get('lr_factor', '')}".strip()
     try:

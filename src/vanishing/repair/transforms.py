@@ -420,7 +420,9 @@ def _kept_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
     frozen (``requires_grad=False``: a pretrained backbone), tied to another module's weight
     (a language model's output layer shares the embedding's), or under an old-style
     ``torch.nn.utils.weight_norm``/``spectral_norm`` hook (its weight is recomputed from other
-    parameters at every forward)."""
+    parameters at every forward), or under a parametrization that does not take an assigned
+    weight (:func:`_takes_assigned_weight`). Decided before anything is drawn, so the snippet,
+    which skips the same layers, draws the same weights."""
     from torch.nn.utils import parametrize
 
     owners: dict[int, list[str]] = {}
@@ -449,15 +451,39 @@ def _kept_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
             outside = {o for o in outside if o != name and not o.startswith(name + ".")}
         else:
             outside = set()
-        tied = sorted(outside)
+        tied = sorted(o or "(model)" for o in outside)
         if tied:
             kept[name] = f"weight tied to {_summary(tied, 2)}"
+            continue
+        if parametrize.is_parametrized(m, "weight") and not _takes_assigned_weight(m):
+            kinds = ", ".join(type(q).__name__ for q in m.parametrizations.weight)
+            kept[name] = f"its weight parametrization ({kinds}) does not take an assigned weight"
     return kept
 
 
-def _init_layer(m: nn.Module, scheme: str, gain: float, generator) -> str | None:
-    """Re-initialise ``m`` in place (its weight, and its bias to zero); None, or why it was
-    left as it was (a weight parametrization that does not reproduce an assigned weight)."""
+def _takes_assigned_weight(m: nn.Module) -> bool:
+    """Whether assigning ``m.weight = w`` makes the forward's weight ``w`` (weight_norm: yes,
+    through its right_inverse; orthogonal, spectral norm: no). Tried on a copy with a weight of
+    its own random source, so that the layer itself, its buffers (power-iteration vectors) and
+    the re-init's random stream are left alone."""
+    import copy
+
+    trial = copy.deepcopy(m)
+    w = trial.weight
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(w.shape, generator=g, dtype=torch.float64).mul_(0.1)
+    target = target.to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            trial.weight = target
+            return bool(torch.allclose(trial.weight, target, rtol=1e-4, atol=1e-6))
+    except Exception:  # noqa: BLE001 - no right_inverse, or one that rejects it
+        return False
+
+
+def _init_layer(m: nn.Module, scheme: str, gain: float, generator) -> None:
+    """Re-initialise ``m`` in place: its weight, and its bias to zero (a layer
+    :func:`_kept_layers` passed)."""
     from torch.nn.utils import parametrize
 
     para = parametrize.is_parametrized(m, "weight")
@@ -466,20 +492,9 @@ def _init_layer(m: nn.Module, scheme: str, gain: float, generator) -> str | None
     w = torch.empty_like(m.weight) if para else m.weight
     _draw(w, scheme, gain, generator)
     if para:
-        originals = [p.detach().clone() for p in m.parametrizations.weight.parameters()]
-        try:
-            m.weight = w
-            ok = torch.allclose(m.weight, w, rtol=1e-4, atol=1e-6)
-        except Exception:  # noqa: BLE001 - no right_inverse: the layer is kept, said why
-            ok = False
-        if not ok:
-            for p, o in zip(m.parametrizations.weight.parameters(), originals):
-                p.copy_(o)
-            kinds = ", ".join(type(q).__name__ for q in m.parametrizations.weight)
-            return f"its weight parametrization ({kinds}) does not take an assigned weight"
+        m.weight = w
     if m.bias is not None:
         nn.init.zeros_(m.bias)
-    return None
 
 
 def _draw(w: Tensor, scheme: str, gain: float, generator) -> None:
@@ -514,9 +529,7 @@ def _reinit(
     with torch.no_grad():
         for name, g in gains.items():
             if name not in kept:
-                why = _init_layer(mods[name], scheme, g, generator)
-                if why is not None:
-                    kept[name] = why
+                _init_layer(mods[name], scheme, g, generator)
     gains = {n: g for n, g in gains.items() if n not in kept}
     if not gains:
         return [], "", kept
