@@ -562,6 +562,29 @@ def test_optimizer_groups_follow_their_parameters_through_a_model_change():
     assert not any(hasattr(p, "_vanishing_repair_origin") for p in model.parameters())
 
 
+def test_one_candidate_copy_is_alive_at_a_time():
+    # a large model: N candidates must not mean N copies held at once (each is built when
+    # probed, freed once trained); oracle: the garbage collector's count of the model's class
+    import gc
+
+    class Net(nn.Sequential):
+        pass
+
+    model = Net(*deep_sigmoid(depth=4))
+    remedies = [Remedy(r, ".") for r in ("batch_norm", "he_init", "xavier_init", "layer_norm")]
+    diag = Diagnosis([Finding("vanishing_gradient", ["0"], "critical", ".", remedies=remedies)])
+    alive = []
+
+    def progress(label, done, total):
+        if done % 3 == 1:
+            gc.collect()
+            alive.append(sum(type(o) is Net for o in gc.get_objects()))
+
+    rep = repair(model, blobs(), F.cross_entropy, steps=3, diagnosis=diag, progress=progress)
+    assert len([c for c in rep.candidates if c.changes_model]) >= 4
+    assert max(alive) == 2  # the user's model and the one copy being trained
+
+
 def test_repair_never_runs_the_users_forward():
     # a stateful forward (a cache, a step counter) must not see repair's tracing or training
     class Counting(nn.Module):

@@ -1004,6 +1004,7 @@ def _rate_plans(tried, model, example_inputs, seed, lrs: list[float]) -> list[_P
             now = ", ".join(f"{lr:.3g}" for lr in lrs)
             new = ", ".join(f"{lr * factor:.3g}" for lr in lrs)
             measured = "" if probe.first_update is None else f"{probe.first_update:.2g}"
+            fresh.model = None  # built again when probed (_candidate_model)
             fresh.options = {"lr_factor": factor}
             fresh.description = (
                 f"{fresh.description}; and learning rate x{factor:g} ({now} -> {new}; at the "
@@ -1343,6 +1344,7 @@ def _run(
             if isinstance(plan, str):
                 rep.skipped.append((remedy, plan))
             else:
+                plan.model = None  # built again when probed (_candidate_model): one at a time
                 plans.append(plan)
         job = dict(
             batches=batches,
@@ -1351,6 +1353,7 @@ def _run(
             model=model,
             steps=steps,
             seed=seed,
+            example_inputs=example_inputs,
             root=root,
             base=base,
             every=rep.every,
@@ -1434,11 +1437,10 @@ def _probe(job, index: int, plan: _Plan, advance) -> Probe:
     """Train one candidate: the same batches, the same seed, K steps."""
     import torch
 
-    model = plan.model if plan.model is not None else _copy(job["model"])
-    plan.model = None  # the plan no longer holds it: freed (with its gradients) once trained
-    torch.manual_seed(job["seed"])
     label = f"{plan.remedy} {plan.options.get('lr_factor', '')}".strip()
     try:
+        model = _candidate_model(job, plan)
+        torch.manual_seed(job["seed"])
         return _run_probe(job, index, plan, model, advance, label)
     except Exception as e:  # the changed model does not train (its output no longer fits
         # loss_fn, ...): the candidate is worse, with the reason; the others still run
@@ -1447,6 +1449,23 @@ def _probe(job, index: int, plan: _Plan, advance) -> Probe:
         # not "diverged": it never trained (its loss is inf, its verdict worse, its why the error)
         error = f"{type(e).__name__}: {e}"
         return Probe([], [], Diagnosis([]), None, {}, False, 0.0, None, error, diagnosed=False)
+
+
+def _candidate_model(job, plan: _Plan):
+    """The copy a plan trains: built now, not when it was planned, so that one candidate's
+    copy is alive at a time (a large model, N candidates: not N copies at once). The same
+    transformation from the same seed as when planned (:func:`_model_plan`), so the same model."""
+    if plan.model is not None:
+        model, plan.model = plan.model, None  # the plan no longer holds it: freed once trained
+        return model
+    if not plan.changes_model:
+        return _copy(job["model"])
+    built = _model_plan(
+        job["model"], plan.remedy, plan.prompted_by, job["example_inputs"], job["seed"]
+    )
+    if isinstance(built, str):  # it applied when planned: the same call applies again
+        raise RuntimeError(f"{plan.remedy} no longer applies: {built}")
+    return built.model
 
 
 def _run_probe(job, index, plan, model, advance, label) -> Probe:
