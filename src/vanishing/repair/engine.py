@@ -510,31 +510,14 @@ def _check_loss(loss) -> None:
         )
 
 
-def _step(model, inputs, targets, loss_fn, judged: bool, step: int, n_batches: int):
-    """One step's forward, loss (checked at step 0) and backward. The unchanged model's
-    (``judged`` False) failing here is the caller's input not fitting (a shape, a loss_fn
-    reading the wrong output): one line saying so, with the batch. A candidate's failure
-    propagates (it is that candidate's ``error``)."""
-    import torch
-
-    from vanishing.modules import call_model
-
-    try:
-        loss = loss_fn(call_model(model, inputs), targets)
-        if step == 0:
-            _check_loss(loss)
-        loss.backward()
-    except (_InputError, torch.OutOfMemoryError):
-        raise
-    except Exception as e:
-        if judged:
-            raise
-        raise _InputError(
-            f"training the model as given failed at step {step} (batch {step % n_batches}), "
-            "before any remedy was tried (check that model(inputs) and loss_fn(outputs, "
-            f"targets) work on these batches): {type(e).__name__}: {e}"
-        ) from e
-    return loss
+def _input_failure(e: Exception, step: int, n_batches: int) -> _InputError:
+    """The unchanged model failing in a step's forward, loss or backward: the caller's input
+    does not fit (a shape, a loss_fn reading the wrong output), said in one line."""
+    return _InputError(
+        f"training the model as given failed at step {step} (batch {step % n_batches}), "
+        "before any remedy was tried (check that model(inputs) and loss_fn(outputs, "
+        f"targets) work on these batches): {type(e).__name__}: {e}"
+    )
 
 
 def _train(
@@ -567,6 +550,7 @@ def _train(
 
     import vanishing
     from vanishing.diagnose.findings import Diagnosis
+    from vanishing.modules import call_model
     from vanishing.recorder.reader import load_run
 
     start = time.perf_counter()
@@ -592,7 +576,17 @@ def _train(
         for step in range(steps):
             inputs, targets = batches[step % len(batches)]
             opt.zero_grad(set_to_none=True)
-            loss = _step(model, inputs, targets, loss_fn, judged, step, len(batches))
+            try:
+                loss = loss_fn(call_model(model, inputs), targets)
+                if step == 0:
+                    _check_loss(loss)
+                loss.backward()
+            except (_InputError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:
+                if judged:  # a candidate's failure is that candidate's error (see _probe)
+                    raise
+                raise _input_failure(e, step, len(batches)) from e
             if record_norms and step < norm_steps:
                 grads = [p.grad.detach().norm() for p in params if p.grad is not None]
                 norms.append(float(torch.stack(grads).norm()) if grads else 0.0)
@@ -1326,11 +1320,13 @@ def _run(
         if rep.diagnosis.healthy:
             rep.healthy = True
             return
-        lrs = [g["lr"] for g in make_optimizer(_copy(model)).param_groups]
+        # one scratch copy for the rates and the trace: tracing runs the forward, and a
+        # stateful one (a cache, a step counter) must not see it on the user's model
+        scratch = _copy(model)
+        lrs = [g["lr"] for g in make_optimizer(scratch).param_groups]
         plans: list[_Plan] = []
-        # on a copy: tracing runs the forward, and a stateful one (a cache, a step counter)
-        # must not see it on the user's model
-        saturating = _saturating_hidden(_copy(model), example_inputs)
+        saturating = _saturating_hidden(scratch, example_inputs)
+        del scratch
         for remedy, prompted in _remedy_order(rep.diagnosis, saturating):
             if len(plans) >= max_candidates:
                 break
@@ -1455,9 +1451,6 @@ def _candidate_model(job, plan: _Plan):
     """The copy a plan trains: built now, not when it was planned, so that one candidate's
     copy is alive at a time (a large model, N candidates: not N copies at once). The same
     transformation from the same seed as when planned (:func:`_model_plan`), so the same model."""
-    if plan.model is not None:
-        model, plan.model = plan.model, None  # the plan no longer holds it: freed once trained
-        return model
     if not plan.changes_model:
         return _copy(job["model"])
     built = _model_plan(

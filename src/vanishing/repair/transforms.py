@@ -438,27 +438,30 @@ def _kept_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
             which = "weight_norm" if "WeightNorm" in hooks else "spectral_norm"
             kept[name] = f"old-style torch.nn.utils.{which} hook"
             continue
-        if parametrize.is_parametrized(m, "weight"):
-            sources = list(m.parametrizations.weight.parameters())
-        else:
-            sources = [m.weight]
-        if any(not p.requires_grad for p in sources + [getattr(m, "bias", None)] if p is not None):
+        para = parametrize.is_parametrized(m, "weight")
+        sources = list(m.parametrizations.weight.parameters()) if para else [m.weight]
+        if _frozen([*sources, getattr(m, "bias", None)]):
             kept[name] = "frozen"
             continue
-        # owners outside the layer (its own parametrizations hold weight_norm's originals)
-        outside = {o for p in sources for o in owners.get(id(p), [])}
-        if name:
-            outside = {o for o in outside if o != name and not o.startswith(name + ".")}
-        else:
-            outside = set()
-        tied = sorted(o or "(model)" for o in outside)
+        # owners outside the layer (its own parametrizations hold weight_norm's originals;
+        # everything is inside the root)
+        tied = sorted(
+            o or "(model)"
+            for o in {o for p in sources for o in owners.get(id(p), [])}
+            if name and o != name and not o.startswith(name + ".")
+        )
         if tied:
             kept[name] = f"weight tied to {_summary(tied, 2)}"
             continue
-        if parametrize.is_parametrized(m, "weight") and not _takes_assigned_weight(m):
+        if para and not _takes_assigned_weight(m):
             kinds = ", ".join(type(q).__name__ for q in m.parametrizations.weight)
             kept[name] = f"its weight parametrization ({kinds}) does not take an assigned weight"
     return kept
+
+
+def _frozen(params) -> bool:
+    """Whether any of ``params`` (None entries skipped) is frozen: the user keeps it."""
+    return any(p is not None and not p.requires_grad for p in params)
 
 
 def _takes_assigned_weight(m: nn.Module) -> bool:
@@ -573,7 +576,7 @@ def _recurrent_orthogonal(model: nn.Module, generator) -> tuple[list[str], str]:
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, _RECURRENT) and all(p.requires_grad for p in m.parameters())
+        if isinstance(m, _RECURRENT) and not _frozen(m.parameters())
     ]
     mods = dict(model.named_modules())
     with torch.no_grad():
@@ -648,9 +651,9 @@ def _init_remedy(scheme: str):
                 parts.append(
                     f"orthogonal recurrent / Xavier input weights per gate of {_summary(rnames)}"
                 )
-            frozen = [n for n in recurrent if n not in rnames]
+            frozen = {n: "frozen" for n in recurrent if n not in rnames}
             if frozen:
-                parts.append(f"kept {_summary(frozen)} (frozen)")
+                parts.append(_kept_text(frozen))
             if not layers:
                 raise NotApplicable(f"every layer is frozen or tied: {'; '.join(parts[1:])}")
         elif recurrent:
@@ -719,7 +722,7 @@ def _swap_remedy(target: str):
         old = sorted({_kind(m) for m in found.values()})
         desc = f"{'/'.join(old)} -> {target} in {_plural(len(names), 'module')}: {_summary(names)}"
         code = f"from torch import nn\nfor name in {_names_list(names)}:\n"
-        if any(True for _ in cls().parameters()):  # PReLU's slope: the model's device and dtype
+        if list(fresh.parameters()):  # PReLU's slope: on the model's device, in its dtype
             code += (
                 f"    model.set_submodule(name, nn.{cls.__name__}().to(next(model.parameters())))\n"
             )
